@@ -1,0 +1,50 @@
+"""Hydra callbacks: a results table at the end of every sweep."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+
+def collect_sweep(sweep_dir: Path) -> list[dict[str, Any]]:
+    """metrics.json and status.json of every job under a sweep dir, in job order."""
+    jobs = []
+    for status_path in sorted(Path(sweep_dir).glob("**/status.json")):
+        job_dir = status_path.parent
+        status = json.loads(status_path.read_text())
+        metrics_path = job_dir / "metrics.json"
+        metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
+        jobs.append({"dir": str(job_dir), "status": status, "metrics": metrics})
+    return jobs
+
+
+def sweep_table(jobs: list[dict[str, Any]]) -> str:
+    from saq.utils.run_files import format_table, result_rows
+
+    rows, fp_seen = [], set()
+    for job in jobs:
+        m = job["metrics"]
+        if m is None or "fp" not in m:
+            continue
+        fp_id = (m["model"], json.dumps(m["fp"], sort_keys=True))
+        rows.extend(result_rows(m, include_fp=fp_id not in fp_seen))  # one FP row per distinct FP result
+        fp_seen.add(fp_id)
+    return format_table(rows)
+
+
+class SweepSummary(Callback):
+    """Prints and writes (summary.md) the table of a multirun when it ends."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        jobs = collect_sweep(sweep_dir)
+        failed = [j["dir"] for j in jobs if j["status"].get("state") != "completed"]
+        table = sweep_table(jobs)
+        (sweep_dir / "summary.md").write_text(table + "\n")
+        print(f"\nsweep {sweep_dir}: {len(jobs) - len(failed)}/{len(jobs)} jobs completed\n{table}")
+        for d in failed:
+            print(f"  not completed: {d}")

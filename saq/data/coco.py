@@ -1,0 +1,153 @@
+"""COCO-format instance datasets, optionally several concatenated into one evaluation set."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+from PIL import Image
+
+
+class DatasetError(ValueError):
+    """An annotation file or image folder is missing or malformed."""
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    id: int  # id in the (merged) evaluation set
+    path: Path
+    width: int
+    height: int
+    set_name: str
+    source_id: int  # id in the set's own annotation file (detector results refer to it)
+
+
+@dataclass
+class CocoInstances:
+    """Images, instance annotations and categories, in COCO ``instances`` layout."""
+
+    images: list[ImageRecord]
+    annotations: list[dict[str, Any]]
+    categories: list[dict[str, Any]]
+    set_names: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._by_image: dict[int, list[dict[str, Any]]] = {}
+        for ann in self.annotations:
+            self._by_image.setdefault(ann["image_id"], []).append(ann)
+        self._images = {img.id: img for img in self.images}
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def image(self, image_id: int) -> ImageRecord:
+        return self._images[image_id]
+
+    def annotations_of(self, image_id: int) -> list[dict[str, Any]]:
+        return self._by_image.get(image_id, [])
+
+    def subset(self, image_ids: Iterable[int]) -> "CocoInstances":
+        keep = set(image_ids)
+        return CocoInstances([i for i in self.images if i.id in keep],
+                             [a for a in self.annotations if a["image_id"] in keep], self.categories, self.set_names)
+
+    def to_coco_dict(self) -> dict[str, Any]:
+        """The ground truth as a pycocotools-ready dict."""
+        return {
+            "images": [{"id": i.id, "width": i.width, "height": i.height, "file_name": str(i.path)} for i in self.images],
+            "annotations": self.annotations,
+            "categories": self.categories,
+        }
+
+
+def load_image(path: Path) -> np.ndarray:
+    """RGB uint8 HxWx3 (grayscale, palette and RGBA images are converted)."""
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"))
+    except FileNotFoundError:
+        raise DatasetError(f"image not found: {path}") from None
+    except Exception as exc:  # PIL raises several types for unreadable files
+        raise DatasetError(f"cannot read image {path}: {exc}") from exc
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise DatasetError(f"annotation file not found: {path}. Set data.annotations to a COCO instances json")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"annotation file {path} is not valid JSON ({exc}); is it truncated or corrupt?") from exc
+    if not isinstance(data, dict) or not all(k in data for k in ("images", "annotations", "categories")):
+        raise DatasetError(f"annotation file {path} is not in COCO instances format: it needs "
+                           "'images', 'annotations' and 'categories' lists")
+    return data
+
+
+def _matches(image: Mapping[str, Any], where: Mapping[str, Any] | None) -> bool:
+    return not where or all(image.get(k) == v for k, v in where.items())
+
+
+def load_coco_set(name: str, images: str | Path, annotations: str | Path,
+                  where: Mapping[str, Any] | None = None) -> tuple[list[dict], list[dict], list[dict], Path]:
+    """Read one annotation file; ``where`` keeps images whose fields equal the given values."""
+    images_dir, ann_path = Path(images).expanduser(), Path(annotations).expanduser()
+    if not images_dir.is_dir():
+        raise DatasetError(f"image folder not found for data set '{name}': {images_dir}. Set data.images")
+    data = _read_json(ann_path)
+    for i, ann in enumerate(data["annotations"]):
+        missing = [k for k in ("image_id", "category_id", "bbox", "segmentation") if k not in ann]
+        if missing:
+            raise DatasetError(f"{ann_path}: annotation #{i} lacks {missing}")
+    imgs = [img for img in data["images"] if _matches(img, where)]
+    if where and not imgs:
+        raise DatasetError(f"{ann_path}: no image matches data.where={dict(where)}")
+    return imgs, data["annotations"], data["categories"], images_dir
+
+
+def build_dataset(sets: list[Mapping[str, Any]]) -> CocoInstances:
+    """Concatenate COCO sets into one, with fresh image/annotation/category ids.
+
+    Categories are kept apart per set (``set/name``) so that AP never mixes classes of two sets.
+    """
+    images: list[ImageRecord] = []
+    annotations: list[dict[str, Any]] = []
+    categories: list[dict[str, Any]] = []
+    names = []
+    for spec in sets:
+        name = spec["name"]
+        names.append(name)
+        raw_images, raw_anns, raw_cats, images_dir = load_coco_set(name, spec["images"], spec["annotations"],
+                                                                    spec.get("where"))
+        single = len(sets) == 1
+        cat_map = {}
+        for cat in raw_cats:
+            cat_map[cat["id"]] = cat["id"] if single else len(categories) + 1
+            categories.append({**cat, "id": cat_map[cat["id"]], "name": cat["name"] if single else f"{name}/{cat['name']}"})
+        img_map = {}
+        for img in raw_images:
+            new_id = img["id"] if single else len(images) + 1
+            img_map[img["id"]] = new_id
+            images.append(ImageRecord(new_id, images_dir / img["file_name"], int(img["width"]), int(img["height"]),
+                                      name, img["id"]))
+        for ann in raw_anns:
+            if ann["image_id"] not in img_map:
+                continue
+            if ann["category_id"] not in cat_map:
+                raise DatasetError(f"data set '{name}': annotation {ann.get('id')} has unknown category {ann['category_id']}")
+            annotations.append({**ann, "id": len(annotations) + 1, "image_id": img_map[ann["image_id"]],
+                                "category_id": cat_map[ann["category_id"]], "iscrowd": int(ann.get("iscrowd", 0)),
+                                "area": float(ann.get("area", ann["bbox"][2] * ann["bbox"][3]))})
+    if not images:
+        raise DatasetError("the data sets hold no images")
+    return CocoInstances(images, annotations, categories, names)
+
+
+def dataset_from_config(cfg: Mapping[str, Any]) -> CocoInstances:
+    """``data`` config node: one set (name/images/annotations/where) plus optional ``extra`` sets."""
+    main = {k: cfg.get(k) for k in ("name", "images", "annotations", "where")}
+    return build_dataset([main, *list(cfg.get("extra") or [])])

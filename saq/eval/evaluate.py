@@ -1,0 +1,104 @@
+"""Evaluate a SAM (FP or quantized) on a COCO set with box prompts."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from saq.data.coco import CocoInstances, load_image
+from saq.data.prompts import Prompt
+from saq.eval.metrics import coco_mask_ap, encode_mask, fidelity, gt_rle, mask_iou
+from saq.eval.predictor import decode_boxes, encode_image
+
+
+@dataclass
+class EvalResult:
+    """Per-prompt predictions and the metrics computed from them."""
+
+    records: list[dict[str, Any]]  # image_id, category_id, score, iou_pred, segmentation (RLE), iou_gt
+    metrics: dict[str, float]
+    timing: dict[str, float] = field(default_factory=dict)
+
+    def masks(self) -> list[dict[str, Any]]:
+        return [r["segmentation"] for r in self.records]
+
+
+def _best_gt_iou(rles: list[dict], gts: list[dict]) -> list[float]:
+    """For each ground-truth instance, the best IoU with any predicted mask (detector prompts)."""
+    return [max((mask_iou(p, g) for p in rles), default=0.0) for g in gts]
+
+
+def evaluate(model: torch.nn.Module, dataset: CocoInstances, prompts: dict[int, list[Prompt]],
+             desc: str = "eval", prompt_batch: int = 16, show_progress: bool = True) -> EvalResult:
+    """Predict one mask per box, then COCO mask AP and mean IoU against ground truth."""
+    records: list[dict[str, Any]] = []
+    ious: list[float] = []
+    t_encoder = t_decoder = 0.0
+    n_images = 0
+    skipped = 0
+    for img in tqdm(dataset.images, desc=desc, disable=not show_progress, leave=False):
+        boxes = prompts.get(img.id, [])
+        if not boxes:
+            skipped += 1
+            continue
+        image = load_image(img.path)
+        t0 = time.perf_counter()
+        encoded = encode_image(model, image)
+        t1 = time.perf_counter()
+        masks, iou_pred = decode_boxes(model, encoded, torch.tensor([p.box_xyxy for p in boxes]), prompt_batch)
+        t2 = time.perf_counter()
+        t_encoder, t_decoder, n_images = t_encoder + t1 - t0, t_decoder + t2 - t1, n_images + 1
+        masks_np = masks.cpu().numpy()
+        gts = {a["id"]: a for a in dataset.annotations_of(img.id)}
+        image_rles = []
+        for prompt, mask, iou in zip(boxes, masks_np, iou_pred.tolist()):
+            rle = encode_mask(mask)
+            image_rles.append(rle)
+            record = {"image_id": img.id, "category_id": prompt.category_id, "score": prompt.score * iou,
+                      "iou_pred": iou, "segmentation": rle, "iou_gt": None}
+            if prompt.ann_id is not None:
+                gt = gts[prompt.ann_id]
+                record["iou_gt"] = mask_iou(rle, gt_rle(gt, img.height, img.width))
+                ious.append(record["iou_gt"])
+            records.append(record)
+        if all(p.ann_id is None for p in boxes):
+            ious.extend(_best_gt_iou(image_rles, [gt_rle(g, img.height, img.width) for g in gts.values()
+                                                  if not g.get("iscrowd", 0)]))
+    if not records:
+        raise ValueError(f"{desc}: no image has a prompt ({skipped} images without prompts); check prompts=")
+    detections = [{k: r[k] for k in ("image_id", "category_id", "score", "segmentation")} for r in records]
+    metrics = coco_mask_ap(dataset.to_coco_dict(), detections)
+    metrics["mIoU"] = float(np.mean(ious)) if ious else float("nan")
+    metrics["num_images"] = n_images
+    metrics["num_prompts"] = len(records)
+    metrics["images_without_prompts"] = skipped
+    timing = {"encoder_s_per_image": t_encoder / max(n_images, 1), "decoder_s_per_image": t_decoder / max(n_images, 1),
+              "decoder_s_per_prompt": t_decoder / max(len(records), 1)}
+    return EvalResult(records, metrics, timing)
+
+
+def per_set_metrics(dataset: CocoInstances, result: EvalResult) -> dict[str, dict[str, float]]:
+    """Metrics of each constituent set of a concatenated evaluation set."""
+    if len(dataset.set_names) < 2:
+        return {}
+    out = {}
+    for name in dataset.set_names:
+        ids = {img.id for img in dataset.images if img.set_name == name}
+        sub = dataset.subset(ids)
+        recs = [r for r in result.records if r["image_id"] in ids]
+        dets = [{k: r[k] for k in ("image_id", "category_id", "score", "segmentation")} for r in recs]
+        m = coco_mask_ap(sub.to_coco_dict(), dets)
+        gt_ious = [r["iou_gt"] for r in recs if r["iou_gt"] is not None]
+        m["mIoU"] = float(np.mean(gt_ious)) if gt_ious else float("nan")
+        out[name] = m
+    return out
+
+
+def add_fidelity(result: EvalResult, reference: EvalResult) -> None:
+    """Mean IoU of ``result``'s masks against ``reference``'s (same prompts), stored in its metrics."""
+    result.metrics["fidelity_mIoU"] = fidelity(reference.masks(), result.masks())

@@ -1,0 +1,111 @@
+"""Quantized subclasses of the attention modules of segment-anything and TinyViT.
+
+Each keeps its parent's parameters and signature and adds four named quantization points: q, k and
+v after projection, and the softmax output. Attention logits (QK^T) and the relative-position term
+stay in floating point. With the quantizers OFF each forward performs exactly the parent's
+operations, so outputs are bit-identical to upstream.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from segment_anything.modeling import image_encoder as sam_encoder
+from segment_anything.modeling import transformer as sam_transformer
+
+from saq.nn.modules import QuantizedModule, _adopt
+from saq.quant.quantizer import FakeQuantizer, QuantSpec, Role
+
+ATTENTION_POINTS = ("q_quantizer", "k_quantizer", "v_quantizer", "softmax_quantizer")
+
+
+class _QuantAttention(QuantizedModule):
+    @classmethod
+    def from_float(cls, module, weight: QuantSpec | None, act: QuantSpec | None):
+        if act is None:
+            raise ValueError("attention quantization points need an activation spec")
+        new = _adopt(cls, module)
+        for point in ATTENTION_POINTS:
+            setattr(new, point, FakeQuantizer(act, Role.ACTIVATION))
+        return new
+
+
+class QuantViTAttention(_QuantAttention, sam_encoder.Attention):
+    """segment-anything image-encoder attention (windowed or global, decomposed rel-pos)."""
+
+    float_cls = sam_encoder.Attention
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, _ = x.shape
+        qkv = self.qkv(x).reshape(B, H * W, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.reshape(3, B * self.num_heads, H * W, -1).unbind(0)
+        q, k, v = self.q_quantizer(q), self.k_quantizer(k), self.v_quantizer(v)
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        if self.use_rel_pos:
+            attn = sam_encoder.add_decomposed_rel_pos(attn, q, self.rel_pos_h, self.rel_pos_w, (H, W), (H, W))
+        attn = self.softmax_quantizer(attn.softmax(dim=-1))
+        x = (attn @ v).view(B, self.num_heads, H, W, -1).permute(0, 2, 3, 1, 4).reshape(B, H, W, -1)
+        return self.proj(x)
+
+
+class QuantTwoWayAttention(_QuantAttention, sam_transformer.Attention):
+    """segment-anything mask-decoder attention (self, token-to-image, image-to-token)."""
+
+    float_cls = sam_transformer.Attention
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        q = self.q_quantizer(self.q_proj(q))
+        k = self.k_quantizer(self.k_proj(k))
+        v = self.v_quantizer(self.v_proj(v))
+        q = self._separate_heads(q, self.num_heads)
+        k = self._separate_heads(k, self.num_heads)
+        v = self._separate_heads(v, self.num_heads)
+        _, _, _, c_per_head = q.shape
+        attn = q @ k.permute(0, 1, 3, 2)
+        attn = attn / math.sqrt(c_per_head)
+        attn = self.softmax_quantizer(torch.softmax(attn, dim=-1))
+        out = self._recombine_heads(attn @ v)
+        return self.out_proj(out)
+
+
+def _tinyvit_attention_cls():
+    """The TinyViT attention class, or None when mobile_sam is not installed."""
+    try:
+        with warnings.catch_warnings():  # mobile_sam re-registers timm models and uses deprecated paths
+            warnings.simplefilter("ignore")
+            from mobile_sam.modeling import tiny_vit_sam
+    except ImportError:
+        return None
+    return tiny_vit_sam.Attention
+
+
+def _make_quant_tinyvit_attention():
+    base = _tinyvit_attention_cls()
+    if base is None:
+        return None
+
+    class QuantTinyViTAttention(_QuantAttention, base):
+        """TinyViT attention (pre-norm, learned attention-bias table)."""
+
+        float_cls = base
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            B, N, _ = x.shape
+            x = self.norm(x)
+            qkv = self.qkv(x)
+            q, k, v = qkv.view(B, N, self.num_heads, -1).split([self.key_dim, self.key_dim, self.d], dim=3)
+            q = self.q_quantizer(q.permute(0, 2, 1, 3))
+            k = self.k_quantizer(k.permute(0, 2, 1, 3))
+            v = self.v_quantizer(v.permute(0, 2, 1, 3))
+            bias = self.attention_biases[:, self.attention_bias_idxs] if self.training else self.ab
+            attn = (q @ k.transpose(-2, -1)) * self.scale + bias
+            attn = self.softmax_quantizer(attn.softmax(dim=-1))
+            x = (attn @ v).transpose(1, 2).reshape(B, N, self.dh)
+            return self.proj(x)
+
+    return QuantTinyViTAttention
+
+
+QuantTinyViTAttention = _make_quant_tinyvit_attention()

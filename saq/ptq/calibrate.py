@@ -1,0 +1,55 @@
+"""Calibration stage: observers turn statistics into quantization ranges."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from saq.data.calibration import CalibrationItem
+from saq.data.coco import load_image
+from saq.eval.predictor import decode_boxes, encode_image
+from saq.nn.modules import QuantizedModule
+from saq.quant.quantizer import QuantMode, Role, iter_quantizers, quant_mode, set_quant_mode
+
+
+def is_activation(_name: str, q) -> bool:
+    return q.role is Role.ACTIVATION
+
+
+@torch.no_grad()
+def calibrate_weights_(model: nn.Module) -> int:
+    """Weight ranges straight from the parameters (no data needed)."""
+    count = 0
+    for module in model.modules():
+        q = getattr(module, "weight_quantizer", None)
+        if isinstance(module, QuantizedModule) and q is not None:
+            q.set_mode(QuantMode.OBSERVE)
+            q.observer.update(module.weight)
+            q.finalize_observer()
+            count += 1
+    return count
+
+
+@torch.no_grad()
+def calibrate_activations_(model: nn.Module, items: list[CalibrationItem], show_progress: bool = True) -> int:
+    """Run the FP model on the calibration images and their boxes with activation observers on."""
+    with quant_mode(model, QuantMode.OFF):
+        set_quant_mode(model, QuantMode.OBSERVE, where=is_activation)
+        for item in tqdm(items, desc="calibrate", disable=not show_progress, leave=False):
+            encoded = encode_image(model, load_image(item.image.path))
+            decode_boxes(model, encoded, torch.tensor([p.box_xyxy for p in item.prompts]), return_masks=False)
+        count = 0
+        for _, q in iter_quantizers(model):
+            if q.mode is QuantMode.OBSERVE:
+                q.finalize_observer()
+                count += 1
+    return count
+
+
+def calibrate_(model: nn.Module, items: list[CalibrationItem], show_progress: bool = True) -> dict[str, int]:
+    """Calibrate every quantizer and switch them all to QUANTIZE."""
+    weights = calibrate_weights_(model)
+    activations = calibrate_activations_(model, items, show_progress)
+    set_quant_mode(model, QuantMode.QUANTIZE)
+    return {"weight_quantizers": weights, "activation_quantizers": activations}

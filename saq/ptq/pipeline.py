@@ -1,0 +1,118 @@
+"""One PTQ run: FP model -> quantize_ -> stages -> harden -> assert_deployable -> evaluate -> save.
+
+Every input is explicit: the resolved config and the run directory. Nothing is global.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from saq.data import dataset_from_config, prompts_from_config, select_calibration
+from saq.eval import add_fidelity, evaluate, per_set_metrics
+from saq.eval.cache import cached_evaluation, fp_cache_key
+from saq.export import save_quantized
+from saq.models import build_model
+from saq.nn import assert_deployable, harden_weights_, quantize_
+from saq.ptq.calibrate import calibrate_
+from saq.ptq.recipe import rules_from_config
+from saq.quant import QuantMode, set_quant_mode
+from saq.utils.loggers import RunLogger
+from saq.utils.run_files import format_table, result_rows, write_json
+
+METRIC_KEYS = ("mask_AP", "mask_AP50", "mask_AP75", "mask_APs", "mask_APm", "mask_APl", "mIoU")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("runtime.device=cuda but no CUDA device is visible; use runtime.device=auto or cpu")
+    return device
+
+
+def _metric_block(result_metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(result_metrics[k]) for k in METRIC_KEYS}
+
+
+def run_ptq(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict[str, Any]:
+    """Run the recipe of ``cfg``; returns the metrics written to ``run_dir/metrics.json``."""
+    start = time.perf_counter()
+    config = OmegaConf.to_container(cfg, resolve=True)
+    torch.manual_seed(int(cfg.seed))
+    if cfg.runtime.get("num_threads"):
+        torch.set_num_threads(int(cfg.runtime.num_threads))
+    device = resolve_device(str(cfg.runtime.device))
+    progress = bool(cfg.runtime.progress)
+
+    eval_set = dataset_from_config(config["data"])
+    eval_prompts = prompts_from_config(config["prompts"], eval_set)
+    calib_set = dataset_from_config(config["calib"]["data"])
+    calib_prompts = prompts_from_config(config["calib"]["prompts"], calib_set)
+    calib_items = select_calibration(calib_set, calib_prompts, int(cfg.calib.num_images), str(cfg.calib.strategy),
+                                     int(cfg.calib.seed), int(cfg.calib.max_prompts_per_image))
+    if cfg.calib.exclude_from_eval:  # hold the calibration images out of evaluation (by file)
+        used = {item.image.path for item in calib_items}
+        eval_set = eval_set.subset(img.id for img in eval_set.images if img.path not in used)
+
+    model = build_model(config["model"]).to(device)
+    fp_key = fp_cache_key(config["model"], config["data"], config["prompts"], [i.id for i in eval_set.images],
+                          device.type)
+    cache_dir = Path(cfg.eval.fp_cache_dir) if cfg.eval.cache_fp else None
+    fp, fp_cached = cached_evaluation(cache_dir, fp_key, lambda: evaluate(
+        model, eval_set, eval_prompts, "eval fp", int(cfg.eval.prompt_batch), progress))
+    logger.log_metrics({f"eval/fp/{k}": v for k, v in fp.metrics.items()})
+
+    recipe = str(cfg.ptq.name)
+    layout: dict[str, Any] = {}
+    calib_counts: dict[str, int] = {}
+    if cfg.ptq.quantize:
+        layout = quantize_(model, rules_from_config(config["quant"], config["ptq"]))
+        for stage in cfg.ptq.stages:
+            if stage == "calibrate":
+                calib_counts = calibrate_(model, calib_items, progress)
+            else:
+                raise ValueError(f"ptq.stages: unknown stage {stage!r}")
+        harden_weights_(model)
+        set_quant_mode(model, QuantMode.QUANTIZE)
+        model.eval()
+        assert_deployable(model)  # raises: no number is reported for a model that is not really quantized
+        quantized = evaluate(model, eval_set, eval_prompts, "eval quantized", int(cfg.eval.prompt_batch), progress)
+    else:
+        quantized = fp
+    add_fidelity(quantized, fp)
+    logger.log_metrics({f"eval/quantized/{k}": v for k, v in quantized.metrics.items()})
+
+    config["calib"]["selected"] = [str(item.image.path) for item in calib_items]  # lets saq.eval rebuild the split
+    checkpoint = save_quantized(run_dir / "quantized.pt", model.cpu(), layout, config) if cfg.eval.save_checkpoint else None
+    metrics = {
+        "recipe": recipe,
+        "quant": str(cfg.quant.name) if cfg.ptq.quantize else "fp32",
+        "model": str(cfg.model.name),
+        "fp": _metric_block(fp.metrics),
+        "quantized": {**_metric_block(quantized.metrics), "fidelity_mIoU": quantized.metrics["fidelity_mIoU"]},
+        "deployable": bool(cfg.ptq.quantize),
+        "wall_time_s": time.perf_counter() - start,
+        "fp_from_cache": fp_cached,
+        "per_set": {"fp": per_set_metrics(eval_set, fp), "quantized": per_set_metrics(eval_set, quantized)},
+        "eval_images": len(eval_set.images),
+        "eval_prompts": quantized.metrics["num_prompts"],
+        "calibration": {"images": [str(i.image.path.name) for i in calib_items], **calib_counts},
+        "num_quantized_modules": len(layout),
+        "timing": {"fp": fp.timing, "quantized": quantized.timing},
+        "checkpoint": str(checkpoint) if checkpoint else None,
+    }
+    write_json(run_dir / "metrics.json", metrics)
+    rows = result_rows(metrics)
+    logger.log_table("results", rows)
+    logger.log_summary({"fp/mask_AP": metrics["fp"]["mask_AP"], "quantized/mask_AP": metrics["quantized"]["mask_AP"],
+                        "quantized/mIoU": metrics["quantized"]["mIoU"], "wall_time_s": metrics["wall_time_s"]})
+    print("\n" + format_table(rows))
+    print(f"\nrun dir: {run_dir}\n  metrics: {run_dir / 'metrics.json'}" +
+          (f"\n  quantized checkpoint: {checkpoint}" if checkpoint else ""))
+    return metrics

@@ -1,0 +1,28 @@
+"""Translate the ``quant`` and ``ptq`` config nodes into quantization rules."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from saq.nn.quantize import QuantRule
+from saq.quant.quantizer import QuantSpec
+
+
+def _spec(bits: int | None, base: Mapping[str, Any], observer: Mapping[str, Any]) -> QuantSpec | None:
+    if bits is None:
+        return None
+    return QuantSpec(bits=int(bits), symmetric=bool(base.get("symmetric", False)),
+                     granularity=str(base.get("granularity", "tensor")), observer=str(observer["name"]),
+                     observer_kwargs=dict(observer.get("kwargs") or {}))
+
+
+def rules_from_config(quant: Mapping[str, Any], ptq: Mapping[str, Any]) -> list[QuantRule]:
+    """Ordered rules: each ``quant.rules`` entry is {pattern, w_bits?, a_bits?}; no bits = keep FP."""
+    rules = []
+    for entry in quant["rules"]:
+        rules.append(QuantRule(
+            pattern=str(entry["pattern"]),
+            weight=_spec(entry.get("w_bits"), quant["weight"], ptq["weight_observer"]),
+            act=_spec(entry.get("a_bits"), quant["act"], ptq["act_observer"]),
+        ))
+    return rules

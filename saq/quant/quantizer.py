@@ -1,0 +1,157 @@
+"""FakeQuantizer: a quantization point with typed state.
+
+Its mode (off / observe / quantize) and its role (weight / activation) are typed attributes that are
+set through :func:`set_quant_mode` or :func:`quant_mode`, never selected by matching module names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from saq.quant.functional import compute_qparams, fake_quantize, int_range, quantize_to_int
+from saq.quant.granularity import granularity_from_str
+from saq.quant.observers import Observer, build_observer
+
+
+class QuantMode(enum.Enum):
+    OFF = "off"  # identity: the FP model
+    OBSERVE = "observe"  # identity, statistics go to the observer
+    QUANTIZE = "quantize"  # fake-quantize with the stored scale / zero point
+
+
+class Role(enum.Enum):
+    WEIGHT = "weight"
+    ACTIVATION = "activation"
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one tensor is quantized. ``granularity`` is 'tensor' or 'channel' (output channel)."""
+
+    bits: int
+    symmetric: bool = False
+    granularity: str = "tensor"
+    observer: str = "minmax"
+    observer_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        int_range(self.bits, self.symmetric)  # validates the bit width
+        granularity_from_str(self.granularity)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "QuantSpec":
+        return cls(**{**d, "observer_kwargs": dict(d.get("observer_kwargs") or {})})
+
+
+class FakeQuantizer(nn.Module):
+    """Uniform affine fake quantizer for one tensor (a weight or an activation)."""
+
+    def __init__(self, spec: QuantSpec, role: Role) -> None:
+        super().__init__()
+        self.spec = spec
+        self.role = role
+        self.granularity = granularity_from_str(spec.granularity)
+        self.qmin, self.qmax = int_range(spec.bits, spec.symmetric)
+        # Empty until calibrated; resized on load so checkpoints restore any granularity.
+        self.register_buffer("scale", torch.empty(0))
+        self.register_buffer("zero_point", torch.empty(0))
+        self.mode = QuantMode.OFF
+        self.observer: Observer | None = None
+        # Probability of passing the FP value through (QDrop). Only reconstruction may set it > 0;
+        # deployment checks require 0.
+        self.drop_prob = 0.0
+
+    # state --------------------------------------------------------------------------------------
+    @property
+    def is_calibrated(self) -> bool:
+        return self.scale.numel() > 0
+
+    def set_mode(self, mode: QuantMode) -> None:
+        if mode is QuantMode.OBSERVE and self.observer is None:
+            self.observer = build_observer(self.spec.observer, self.spec.bits, self.spec.symmetric,
+                                           self.granularity, **self.spec.observer_kwargs)
+            self.observer.name = self.extra_repr()
+        self.mode = mode
+
+    def set_range(self, min_val: torch.Tensor, max_val: torch.Tensor) -> None:
+        """Store qparams that cover [min_val, max_val] (shapes follow the granularity)."""
+        qp = compute_qparams(min_val.detach().float(), max_val.detach().float(), self.spec.bits, self.spec.symmetric)
+        self.scale = qp.scale.to(self.scale.device)
+        self.zero_point = qp.zero_point.to(self.scale.device)
+
+    def finalize_observer(self) -> None:
+        """Turn the observer's statistics into qparams and drop the observer."""
+        if self.observer is None:
+            raise RuntimeError(f"quantizer {self.extra_repr()} has no observer to finalize")
+        self.set_range(*self.observer.compute_range())
+        self.observer = None
+
+    def int_codes(self, x: torch.Tensor) -> torch.Tensor:
+        return quantize_to_int(x, self.scale, self.zero_point, self.qmin, self.qmax)
+
+    # forward ------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode is QuantMode.OFF:
+            return x
+        if self.mode is QuantMode.OBSERVE:
+            self.observer.update(x)
+            return x
+        if not self.is_calibrated:
+            raise RuntimeError(f"quantizer {self.extra_repr()} is in QUANTIZE mode but was never calibrated")
+        xq = fake_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax)
+        if self.drop_prob > 0.0 and self.training:
+            keep_fp = torch.rand_like(x) < self.drop_prob
+            xq = torch.where(keep_fp, x, xq)
+        return xq
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # qparams are empty before calibration: take the checkpoint's shapes.
+        for name in ("scale", "zero_point"):
+            key = prefix + name
+            if key in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[key], device=getattr(self, name).device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        sym = "sym" if self.spec.symmetric else "asym"
+        return f"{self.role.value}, {self.spec.bits}-bit {sym} per-{self.spec.granularity}, mode={self.mode.value}"
+
+
+def iter_quantizers(model: nn.Module) -> Iterator[tuple[str, FakeQuantizer]]:
+    for name, module in model.named_modules():
+        if isinstance(module, FakeQuantizer):
+            yield name, module
+
+
+QuantizerFilter = Callable[[str, FakeQuantizer], bool]
+
+
+def set_quant_mode(model: nn.Module, mode: QuantMode, where: QuantizerFilter | None = None) -> int:
+    """Set the mode of every quantizer (or those ``where(name, q)`` accepts); returns the count."""
+    count = 0
+    for name, q in iter_quantizers(model):
+        if where is None or where(name, q):
+            q.set_mode(mode)
+            count += 1
+    return count
+
+
+@contextlib.contextmanager
+def quant_mode(model: nn.Module, mode: QuantMode, where: QuantizerFilter | None = None):
+    """Temporarily set quantizer modes; the previous modes come back on exit."""
+    previous = {name: q.mode for name, q in iter_quantizers(model)}
+    set_quant_mode(model, mode, where)
+    try:
+        yield model
+    finally:
+        for name, q in iter_quantizers(model):
+            q.mode = previous.get(name, q.mode)

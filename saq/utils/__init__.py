@@ -1,0 +1,1 @@
+"""Run-directory files, result tables, loggers and small helpers."""

@@ -1,0 +1,58 @@
+"""Files every run directory gets: status.json, metrics.json, and the printed results table."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Iterable
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.replace(path)
+
+
+def write_status(run_dir: Path, state: str, error: str | None = None, **extra: Any) -> None:
+    write_json(run_dir / "status.json", {"state": state, "error": error, "time": time.time(), **extra})
+
+
+def format_error(exc: BaseException) -> str:
+    return f"{exc.__class__.__name__}: {exc}\n" + "".join(traceback.format_tb(exc.__traceback__)[-3:])
+
+
+TABLE_COLUMNS = (("model", "model"), ("quant", "quant"), ("recipe", "recipe"), ("mask_AP", "AP"),
+                 ("mask_AP50", "AP50"), ("mask_AP75", "AP75"), ("mIoU", "mIoU"), ("fidelity_mIoU", "IoU vs FP"),
+                 ("wall_time_s", "time s"))
+
+
+def result_rows(metrics: dict[str, Any], include_fp: bool = True) -> list[dict[str, Any]]:
+    """Table rows of one metrics.json: the FP row (optional) and the quantized row."""
+    base = {"model": metrics.get("model"), "wall_time_s": metrics.get("wall_time_s")}
+    rows = []
+    if include_fp:
+        rows.append({**base, "quant": "fp32", "recipe": "fp", **metrics["fp"], "fidelity_mIoU": 1.0, "wall_time_s": None})
+    if metrics.get("recipe") != "fp":
+        rows.append({**base, "quant": metrics.get("quant"), "recipe": metrics.get("recipe"), **metrics["quantized"]})
+    return rows
+
+
+def _cell(key: str, value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}" if "IoU" in key else f"{value:.1f}"  # IoU in 0-1, AP in percent, seconds
+    return str(value)
+
+
+def format_table(rows: Iterable[dict[str, Any]]) -> str:
+    """A markdown table of result rows."""
+    header = [title for _, title in TABLE_COLUMNS]
+    body = [[_cell(key, row.get(key)) for key, _ in TABLE_COLUMNS] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(header)]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in body)])
