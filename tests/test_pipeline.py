@@ -1,0 +1,87 @@
+"""End-to-end runs through the real entry points (subprocesses, as a user runs them)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from saq.export import load_quantized
+from saq.nn import assert_deployable
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(module, *overrides, check=True):
+    env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "1"}
+    proc = subprocess.run([sys.executable, "-m", module, *overrides, "runtime.progress=false"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{module} {overrides} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def read(path):
+    return json.loads(Path(path).read_text())
+
+
+def test_tiny_run_writes_outputs_and_eval_reproduces(tmp_path):
+    run_dir, eval_dir = tmp_path / "run", tmp_path / "eval"
+    proc = run("saq.ptq", "debug=fast", "quant=w6a6", "ptq=percentile", f"hydra.run.dir={run_dir}")
+    assert "| tiny  | w6a6  | percentile |" in proc.stdout  # the results table is printed
+    metrics = read(run_dir / "metrics.json")
+    assert read(run_dir / "status.json") == {**read(run_dir / "status.json"), "state": "completed", "error": None}
+    for block in ("fp", "quantized"):
+        assert set(metrics[block]) >= {"mask_AP", "mask_AP50", "mask_AP75", "mIoU"}
+    assert metrics["recipe"] == "percentile" and metrics["quant"] == "w6a6" and metrics["model"] == "tiny"
+    assert metrics["deployable"] is True and metrics["wall_time_s"] > 0
+    assert (run_dir / ".hydra" / "config.yaml").is_file() and (run_dir / "log.jsonl").is_file()
+
+    model, payload = load_quantized(run_dir / "quantized.pt")
+    assert assert_deployable(model) > 0
+    assert payload["config"]["quant"]["name"] == "w6a6" and torch.__version__.startswith(payload["versions"]["torch"])
+
+    run("saq.eval", f"ckpt_path={run_dir / 'quantized.pt'}", "logger=none", f"hydra.run.dir={eval_dir}")
+    again = read(eval_dir / "metrics.json")
+    assert again["quantized"] == {k: v for k, v in metrics["quantized"].items() if k != "fidelity_mIoU"}
+
+
+def test_failed_run_reports_status(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run("saq.ptq", "model=vit_t", f"model.checkpoint={tmp_path}/missing.pt", "model.npm_fallback=false", "logger=none",
+               f"hydra.run.dir={run_dir}", check=False)
+    assert proc.returncode != 0
+    status = read(run_dir / "status.json")
+    assert status["state"] == "failed" and "checkpoint not found" in status["error"]
+
+
+def test_sweep_prints_and_writes_summary(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run("saq.ptq", "-m", "debug=fast", "quant=w8a8,w4a4", f"hydra.sweep.dir={sweep}")
+    assert "2/2 jobs completed" in proc.stdout
+    summary = (sweep / "summary.md").read_text()
+    assert "| w8a8" in summary and "| w4a4" in summary and summary.count("| fp32") == 1
+    assert {p.parent.name for p in sweep.glob("*/metrics.json")} == {"0", "1"}
+
+
+@pytest.mark.slow
+def test_vit_t_coco8_fp_reproduced_and_w8a8_close(tmp_path, vit_t_checkpoint, coco8):
+    fp_dir, eval_dir, q_dir = tmp_path / "fp", tmp_path / "eval", tmp_path / "w8a8"
+    common = ["model=vit_t", "data=coco8_seg", "prompts=gt", "logger=none"]
+    run("saq.ptq", *common, "ptq=fp", f"hydra.run.dir={fp_dir}")
+    fp = read(fp_dir / "metrics.json")
+    assert fp["fp"]["mask_AP"] > 50  # the real weights segment (reference: 60.4 AP, mIoU 0.688)
+    assert fp["fp"]["mIoU"] == pytest.approx(0.688, abs=0.005)
+
+    run("saq.eval", f"ckpt_path={fp_dir / 'quantized.pt'}", "logger=none", f"hydra.run.dir={eval_dir}")
+    assert read(eval_dir / "metrics.json")["quantized"]["mask_AP"] == pytest.approx(fp["fp"]["mask_AP"], abs=1e-6)
+
+    run("saq.ptq", *common, "quant=w8a8", "ptq=minmax", f"hydra.run.dir={q_dir}")
+    q = read(q_dir / "metrics.json")
+    assert q["fp_from_cache"] is True and q["fp"] == fp["fp"]
+    assert q["deployable"] is True
+    assert abs(q["quantized"]["mask_AP"] - q["fp"]["mask_AP"]) <= 2.0
+    assert q["quantized"]["fidelity_mIoU"] > 0.9
