@@ -16,19 +16,21 @@ from segment_anything.modeling import image_encoder as sam_encoder
 from segment_anything.modeling import transformer as sam_transformer
 
 from saq.nn.modules import QuantizedModule, _adopt
-from saq.quant.quantizer import FakeQuantizer, QuantSpec, Role
+from saq.quant.quantizer import QuantSpec, Role, make_quantizer
 
 ATTENTION_POINTS = ("q_quantizer", "k_quantizer", "v_quantizer", "softmax_quantizer")
 
 
 class _QuantAttention(QuantizedModule):
     @classmethod
-    def from_float(cls, module, weight: QuantSpec | None, act: QuantSpec | None):
+    def from_float(cls, module, weight: QuantSpec | None, act: QuantSpec | None, softmax: QuantSpec | None = None):
+        """``softmax`` overrides the spec of the post-softmax point (e.g. a log quantizer)."""
         if act is None:
             raise ValueError("attention quantization points need an activation spec")
         new = _adopt(cls, module)
         for point in ATTENTION_POINTS:
-            setattr(new, point, FakeQuantizer(act, Role.ACTIVATION))
+            spec = softmax if point == "softmax_quantizer" and softmax is not None else act
+            setattr(new, point, make_quantizer(spec, Role.ACTIVATION))
         return new
 
 
@@ -45,7 +47,7 @@ class QuantViTAttention(_QuantAttention, sam_encoder.Attention):
         attn = (q * self.scale) @ k.transpose(-2, -1)
         if self.use_rel_pos:
             attn = sam_encoder.add_decomposed_rel_pos(attn, q, self.rel_pos_h, self.rel_pos_w, (H, W), (H, W))
-        attn = self.softmax_quantizer(attn.softmax(dim=-1))
+        attn = self.softmax_quantizer(attn.softmax(dim=-1), v)
         x = (attn @ v).view(B, self.num_heads, H, W, -1).permute(0, 2, 3, 1, 4).reshape(B, H, W, -1)
         return self.proj(x)
 
@@ -65,7 +67,7 @@ class QuantTwoWayAttention(_QuantAttention, sam_transformer.Attention):
         _, _, _, c_per_head = q.shape
         attn = q @ k.permute(0, 1, 3, 2)
         attn = attn / math.sqrt(c_per_head)
-        attn = self.softmax_quantizer(torch.softmax(attn, dim=-1))
+        attn = self.softmax_quantizer(torch.softmax(attn, dim=-1), v)
         out = self._recombine_heads(attn @ v)
         return self.out_proj(out)
 
@@ -101,7 +103,7 @@ def _make_quant_tinyvit_attention():
             v = self.v_quantizer(v.permute(0, 2, 1, 3))
             bias = self.attention_biases[:, self.attention_bias_idxs] if self.training else self.ab
             attn = (q @ k.transpose(-2, -1)) * self.scale + bias
-            attn = self.softmax_quantizer(attn.softmax(dim=-1))
+            attn = self.softmax_quantizer(attn.softmax(dim=-1), v)
             x = (attn @ v).transpose(1, 2).reshape(B, N, self.dh)
             return self.proj(x)
 

@@ -27,6 +27,7 @@ class QuantRule:
     pattern: str
     weight: QuantSpec | None = None
     act: QuantSpec | None = None
+    softmax: QuantSpec | None = None  # post-softmax point of attentions; None = same as ``act``
 
     @property
     def keeps_fp(self) -> bool:
@@ -71,16 +72,18 @@ def plan_layout(model: nn.Module, rules: list[QuantRule]) -> dict[str, dict[str,
         rule = _match(rules, name)
         if rule is None or rule.keeps_fp:
             continue
-        weight, act = rule.weight, rule.act
+        weight, act, softmax = rule.weight, rule.act, None
         if kind.endswith("attention"):
             if act is None:  # attention only has activation quantization points
                 continue
-            weight = None
+            weight, softmax = None, rule.softmax
         layout[name] = {
             "kind": kind,
             "weight": weight.to_dict() if weight is not None else None,
             "act": act.to_dict() if act is not None else None,
         }
+        if softmax is not None:
+            layout[name]["softmax"] = softmax.to_dict()
     return layout
 
 
@@ -103,7 +106,10 @@ def apply_layout_(model: nn.Module, layout: dict[str, dict[str, Any]]) -> nn.Mod
             raise TypeError(f"module {name!r} is {type(module).__name__}, layout expects {cls.float_cls.__name__}")
         weight = QuantSpec.from_dict(entry["weight"]) if entry["weight"] else None
         act = QuantSpec.from_dict(entry["act"]) if entry["act"] else None
-        new = cls.from_float(module, weight, act)
+        if entry.get("softmax"):
+            new = cls.from_float(module, weight, act, softmax=QuantSpec.from_dict(entry["softmax"]))
+        else:
+            new = cls.from_float(module, weight, act)
         for quantizer in new.quantizers().values():
             quantizer.train(module.training)  # new quantizers follow the module's train/eval mode
         _set_submodule(model, name, new)

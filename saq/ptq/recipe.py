@@ -19,10 +19,19 @@ def _spec(bits: int | None, base: Mapping[str, Any], observer: Mapping[str, Any]
 def rules_from_config(quant: Mapping[str, Any], ptq: Mapping[str, Any]) -> list[QuantRule]:
     """Ordered rules: each ``quant.rules`` entry is {pattern, w_bits?, a_bits?}; no bits = keep FP."""
     rules = []
+    softmax_cfg = ptq.get("softmax_quantizer")  # e.g. {quantizer: log, observer: agq}
     for entry in quant["rules"]:
+        act = _spec(entry.get("a_bits"), quant["act"], ptq["act_observer"])
+        softmax = None
+        if act is not None and softmax_cfg:
+            softmax = QuantSpec(bits=act.bits, symmetric=False, granularity="tensor",
+                                observer=str(softmax_cfg.get("observer", act.observer)),
+                                observer_kwargs=dict(softmax_cfg.get("kwargs") or {}),
+                                quantizer=str(softmax_cfg.get("quantizer", "uniform")))
         rules.append(QuantRule(
             pattern=str(entry["pattern"]),
             weight=_spec(entry.get("w_bits"), quant["weight"], ptq["weight_observer"]),
-            act=_spec(entry.get("a_bits"), quant["act"], ptq["act_observer"]),
+            act=act,
+            softmax=softmax,
         ))
     return rules

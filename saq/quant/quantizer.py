@@ -39,6 +39,7 @@ class QuantSpec:
     granularity: str = "tensor"
     observer: str = "minmax"
     observer_kwargs: dict[str, Any] = field(default_factory=dict)
+    quantizer: str = "uniform"  # uniform | log (post-softmax, see saq.quant.log_quantizer)
 
     def __post_init__(self) -> None:
         int_range(self.bits, self.symmetric)  # validates the bit width
@@ -99,7 +100,8 @@ class FakeQuantizer(nn.Module):
         return quantize_to_int(x, self.scale, self.zero_point, self.qmin, self.qmax)
 
     # forward ------------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, values: torch.Tensor | None = None) -> torch.Tensor:
+        """``values``: the V an attention map is applied to (used by output-aware quantizers only)."""
         if self.mode is QuantMode.OFF:
             return x
         if self.mode is QuantMode.OBSERVE:
@@ -124,6 +126,17 @@ class FakeQuantizer(nn.Module):
     def extra_repr(self) -> str:
         sym = "sym" if self.spec.symmetric else "asym"
         return f"{self.role.value}, {self.spec.bits}-bit {sym} per-{self.spec.granularity}, mode={self.mode.value}"
+
+
+def make_quantizer(spec: QuantSpec, role: Role) -> FakeQuantizer:
+    """The quantizer class a spec asks for."""
+    if spec.quantizer == "uniform":
+        return FakeQuantizer(spec, role)
+    if spec.quantizer == "log":
+        from saq.quant.log_quantizer import LogSoftmaxQuantizer
+
+        return LogSoftmaxQuantizer(spec, role)
+    raise ValueError(f"unknown quantizer type {spec.quantizer!r}: use 'uniform' or 'log'")
 
 
 def iter_quantizers(model: nn.Module) -> Iterator[tuple[str, FakeQuantizer]]:
