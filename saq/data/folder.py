@@ -6,6 +6,7 @@ and it is evaluated by fidelity (quantized vs FP masks) only.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -15,16 +16,23 @@ from saq.data.coco import CocoInstances, DatasetError, ImageRecord
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
-# name -> (skimage.data function, index into its tuple result or None). Only 2-D photos (grey, RGB or RGBA).
-_SKIMAGE_PHOTOS: dict[str, tuple[str, int | None]] = {
-    **{n: (n, None) for n in (
-        "astronaut", "brick", "camera", "cat", "cell", "checkerboard", "chelsea", "clock", "coffee", "coins",
-        "colorwheel", "grass", "gravel", "horse", "hubble_deep_field", "immunohistochemistry", "logo",
-        "microaneurysms", "moon", "page", "retina", "rocket", "shepp_logan_phantom", "text",
-        # These two are not in the scikit-image wheel: they need pooch and a download.
-        "eagle", "skin")},
-    "motorcycle_left": ("stereo_motorcycle", 0),
-    "motorcycle_right": ("stereo_motorcycle", 1),
+# name -> (skimage.data function, index into its tuple result or None, the file it reads). 2-D photos only.
+_SKIMAGE_PHOTOS: dict[str, tuple[str, int | None, str]] = {
+    **{n: (n, None, f"{n}.png") for n in (
+        "astronaut", "brick", "camera", "cell", "chelsea", "coffee", "coins", "grass", "gravel", "horse", "logo",
+        "microaneurysms", "moon", "page", "text", "eagle")},
+    "cat": ("cat", None, "chelsea.png"),
+    "checkerboard": ("checkerboard", None, "chessboard_GRAY.png"),
+    "clock": ("clock", None, "clock_motion.png"),
+    "colorwheel": ("colorwheel", None, "color.png"),
+    "hubble_deep_field": ("hubble_deep_field", None, "hubble_deep_field.jpg"),
+    "immunohistochemistry": ("immunohistochemistry", None, "ihc.png"),
+    "retina": ("retina", None, "retina.jpg"),
+    "rocket": ("rocket", None, "rocket.jpg"),
+    "shepp_logan_phantom": ("shepp_logan_phantom", None, "phantom.png"),
+    "skin": ("skin", None, "skin.jpg"),
+    "motorcycle_left": ("stereo_motorcycle", 0, "motorcycle_left.png"),
+    "motorcycle_right": ("stereo_motorcycle", 1, "motorcycle_right.png"),
 }
 
 
@@ -93,7 +101,11 @@ def skimage_photos(dest: str | Path, names: list[str]) -> Path:
         target = dest / f"{name}.png"
         if target.is_file():
             continue
-        func, index = _SKIMAGE_PHOTOS[name]
+        func, index, filename = _SKIMAGE_PHOTOS[name]
+        # Check first: without pooch, skimage would skip the calling test under pytest instead of raising.
+        if not (Path(skimage.data.__file__).parent / filename).is_file() and importlib.util.find_spec("pooch") is None:
+            raise DatasetError(f"skimage.data photo '{name}' is not available offline: it is not bundled with "
+                               "scikit-image and needs the pooch package and a download; pick a bundled one")
         try:
             data = getattr(skimage.data, func)()
         except Exception as exc:  # ModuleNotFoundError without pooch, ConnectionError offline

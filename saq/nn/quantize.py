@@ -133,11 +133,14 @@ def dequantize_(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def harden_weights_(model: nn.Module) -> int:
-    """Replace every quantized weight by its grid value, so stored weights are the deployed ones."""
+    """Replace every quantized weight by its grid value, so stored weights are the deployed ones.
+
+    Learned (AdaRound) rounding is made hard here and switched off.
+    """
     count = 0
     for module in model.modules():
         quantizer = getattr(module, "weight_quantizer", None)
-        if isinstance(module, QuantizedModule) and quantizer is not None:
-            module.weight.copy_(module.quantized_weight())
+        if isinstance(module, QuantizedModule) and quantizer is not None and quantizer.is_calibrated:
+            module.weight.copy_(quantizer.harden(module.weight))
             count += 1
     return count

@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from saq.quant import adaround
 from saq.quant.functional import compute_qparams, fake_quantize, int_range, quantize_to_int
 from saq.quant.granularity import granularity_from_str
 from saq.quant.observers import Observer, build_observer
@@ -70,6 +71,8 @@ class FakeQuantizer(nn.Module):
         # Probability of passing the FP value through (QDrop). Only reconstruction may set it > 0;
         # deployment checks require 0.
         self.drop_prob = 0.0
+        # Learned rounding (AdaRound, weights only): alpha exists only while rounding is soft.
+        self.alpha: nn.Parameter | None = None
 
     # state --------------------------------------------------------------------------------------
     @property
@@ -96,6 +99,58 @@ class FakeQuantizer(nn.Module):
         self.set_range(*self.observer.compute_range())
         self.observer = None
 
+    # learning (reconstruction) ----------------------------------------------------------------
+    @property
+    def soft_rounding(self) -> bool:
+        return self.alpha is not None
+
+    @property
+    def scale_is_learnable(self) -> bool:
+        return isinstance(self.scale, nn.Parameter)
+
+    def make_scale_learnable(self) -> nn.Parameter:
+        """LSQ: the step becomes a Parameter (same state_dict key); the zero point stays fixed."""
+        if not self.scale_is_learnable:
+            value = self.scale.detach().clone()
+            del self._buffers["scale"]
+            self.scale = nn.Parameter(value)
+        return self.scale
+
+    def freeze_scale(self) -> None:
+        """Back to a buffer: the learned step becomes a constant."""
+        if self.scale_is_learnable:
+            value = self.scale.detach().clone()
+            del self._parameters["scale"]
+            self.register_buffer("scale", value)
+
+    def enable_soft_rounding(self, weight: torch.Tensor) -> nn.Parameter:
+        """AdaRound on ``weight`` (this quantizer must already be calibrated on it)."""
+        if self.role is not Role.WEIGHT:
+            raise ValueError("AdaRound applies to weight quantizers only")
+        self.alpha = nn.Parameter(adaround.init_alpha(weight.detach(), self.scale.detach()))
+        return self.alpha
+
+    @torch.no_grad()
+    def harden(self, weight: torch.Tensor) -> torch.Tensor:
+        """The weight with its learned rounding made hard (on the grid); soft rounding is switched off."""
+        if self.alpha is None:
+            return fake_quantize(weight, self.scale, self.zero_point, self.qmin, self.qmax)
+        hard = adaround.hard_quantize(weight, self.alpha, self.scale, self.zero_point, self.qmin, self.qmax)
+        self.alpha = None
+        return hard
+
+    def deploy_problems(self) -> list[str]:
+        problems = []
+        if self.soft_rounding:
+            problems.append("soft (AdaRound) rounding still on: weights were not hardened")
+        return problems
+
+    def _effective_scale(self, numel: int) -> torch.Tensor:
+        if not self.scale_is_learnable:
+            return self.scale
+        g = adaround.lsq_grad_scale(numel // max(self.scale.numel(), 1), self.qmax)
+        return (self.scale - self.scale * g).detach() + self.scale * g  # value s, gradient scaled by g
+
     def int_codes(self, x: torch.Tensor) -> torch.Tensor:
         return quantize_to_int(x, self.scale, self.zero_point, self.qmin, self.qmax)
 
@@ -109,7 +164,10 @@ class FakeQuantizer(nn.Module):
             return x
         if not self.is_calibrated:
             raise RuntimeError(f"quantizer {self.extra_repr()} is in QUANTIZE mode but was never calibrated")
-        xq = fake_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax)
+        if self.alpha is not None:
+            xq = adaround.soft_quantize(x, self.alpha, self.scale.detach(), self.zero_point, self.qmin, self.qmax)
+        else:
+            xq = fake_quantize(x, self._effective_scale(x.numel()), self.zero_point, self.qmin, self.qmax)
         if self.drop_prob > 0.0 and self.training:
             keep_fp = torch.rand_like(x) < self.drop_prob
             xq = torch.where(keep_fp, x, xq)
@@ -119,8 +177,13 @@ class FakeQuantizer(nn.Module):
         # qparams are empty before calibration: take the checkpoint's shapes.
         for name in ("scale", "zero_point"):
             key = prefix + name
-            if key in state_dict:
-                setattr(self, name, torch.empty_like(state_dict[key], device=getattr(self, name).device))
+            current = getattr(self, name)
+            if key in state_dict and current.shape != state_dict[key].shape:
+                resized = torch.empty_like(state_dict[key], device=current.device)
+                if isinstance(current, nn.Parameter):
+                    self._parameters[name] = nn.Parameter(resized)
+                else:
+                    self._buffers[name] = resized
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:

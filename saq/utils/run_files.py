@@ -38,6 +38,9 @@ def result_rows(metrics: dict[str, Any], include_fp: bool = True) -> list[dict[s
         rows.append({**base, "quant": "fp32", "recipe": "fp", **metrics["fp"], "fidelity_mIoU": 1.0, "wall_time_s": None})
     if metrics.get("recipe") != "fp":
         rows.append({**base, "quant": metrics.get("quant"), "recipe": metrics.get("recipe"), **metrics["quantized"]})
+    if metrics.get("reference_protocol"):
+        rows.append({**base, "quant": metrics.get("quant"), "recipe": f"{metrics.get('recipe')} (ref. protocol)",
+                     **metrics["reference_protocol"]})
     return rows
 
 

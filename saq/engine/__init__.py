@@ -1,0 +1,1 @@
+"""Lightning pieces: the per-unit reconstruction module driven by Fabric."""

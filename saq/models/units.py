@@ -1,0 +1,140 @@
+"""Reconstruction units: ordered pieces of a SAM that are optimised one after another.
+
+A unit names the module whose *input* it starts from (``entry``, captured with a forward-pre hook),
+the modules whose quantizers it trains (``trains``), and a ``run`` callable that maps the captured
+(args, kwargs) to the unit's output using the model's own submodules. Targets are the same ``run`` with
+quantizers off, so no unit needs an output hook and the FP model is never copied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from segment_anything.modeling.image_encoder import Block, ImageEncoderViT, window_partition, window_unpartition
+from torch import nn
+
+Run = Callable[[nn.Module, tuple, dict], Any]
+GRANULARITIES = ("subblock", "block", "stage")
+
+
+@dataclass(frozen=True)
+class ReconUnit:
+    name: str
+    entry: str  # module whose input is the unit's input
+    trains: tuple[str, ...]  # module-name prefixes whose quantizers this unit learns
+    run: Run
+    part: str  # "encoder" or "decoder"
+
+
+def _chain(names: list[str]) -> Run:
+    def run(model, args, kwargs):
+        x = args[0]
+        for name in names:
+            x = model.get_submodule(name)(x)
+        return x
+    return run
+
+
+def _vit_attention_part(block: Block, x: torch.Tensor) -> torch.Tensor:
+    """First half of segment-anything's Block.forward: x + attn(norm1(x)) with windowing."""
+    shortcut = x
+    x = block.norm1(x)
+    if block.window_size > 0:
+        H, W = x.shape[1], x.shape[2]
+        x, pad_hw = window_partition(x, block.window_size)
+    x = block.attn(x)
+    if block.window_size > 0:
+        x = window_unpartition(x, block.window_size, pad_hw, (H, W))
+    return shortcut + x
+
+
+def _vit_subblock_units(prefix: str, index: int) -> list[ReconUnit]:
+    name = f"{prefix}.blocks.{index}"
+
+    def attention(model, args, kwargs):
+        return _vit_attention_part(model.get_submodule(name), args[0])
+
+    def mlp(model, args, kwargs):  # starts at the block input; the attention part is already frozen
+        block = model.get_submodule(name)
+        x = _vit_attention_part(block, args[0])
+        return x + block.mlp(block.norm2(x))
+
+    return [ReconUnit(f"{name}.attn", name, (f"{name}.attn",), attention, "encoder"),
+            ReconUnit(f"{name}.mlp", name, (f"{name}.mlp",), mlp, "encoder")]
+
+
+def vit_stages(encoder: ImageEncoderViT) -> list[list[int]]:
+    """Runs of blocks that end with a global-attention block (SAM-B: [0,1,2], [3,4,5], ...)."""
+    stages, current = [], []
+    for i, block in enumerate(encoder.blocks):
+        current.append(i)
+        if block.window_size == 0:
+            stages.append(current)
+            current = []
+    if current:
+        stages.append(current)
+    return stages
+
+
+def encoder_units(model: nn.Module, granularity: str) -> list[ReconUnit]:
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"unknown reconstruction granularity {granularity!r}; choose one of {GRANULARITIES}")
+    encoder = model.image_encoder
+    prefix = "image_encoder"
+    units: list[ReconUnit] = []
+    if isinstance(encoder, ImageEncoderViT):
+        if granularity == "subblock":
+            for i in range(len(encoder.blocks)):
+                units += _vit_subblock_units(prefix, i)
+        else:
+            groups = vit_stages(encoder) if granularity == "stage" else [[i] for i in range(len(encoder.blocks))]
+            for group in groups:
+                names = [f"{prefix}.blocks.{i}" for i in group]
+                label = names[0] if len(names) == 1 else f"{prefix}.blocks.{group[0]}-{group[-1]}"
+                units.append(ReconUnit(label, names[0], tuple(names), _chain(names), "encoder"))
+    else:  # TinyViT: layers of blocks, each layer optionally ending in a downsample
+        for li, layer in enumerate(encoder.layers):
+            lname = f"{prefix}.layers.{li}"
+            if granularity == "stage":
+                units.append(ReconUnit(lname, lname, (lname,), _chain([lname]), "encoder"))
+                continue
+            children = [f"{lname}.blocks.{bi}" for bi in range(len(layer.blocks))]
+            if getattr(layer, "downsample", None) is not None:
+                children.append(f"{lname}.downsample")
+            for child in children:
+                units.append(ReconUnit(child, child, (child,), _chain([child]), "encoder"))
+    neck = f"{prefix}.neck"
+    units.append(ReconUnit(neck, neck, (neck,), _chain([neck]), "encoder"))
+    return units
+
+
+def decoder_units(model: nn.Module) -> list[ReconUnit]:
+    """Each two-way layer, then the final token-to-image attention."""
+    units = []
+    transformer = "mask_decoder.transformer"
+    for i in range(len(model.mask_decoder.transformer.layers)):
+        name = f"{transformer}.layers.{i}"
+
+        def run(model, args, kwargs, name=name):
+            return model.get_submodule(name)(*args, **kwargs)
+
+        units.append(ReconUnit(name, name, (name,), run, "decoder"))
+    final = f"{transformer}.final_attn_token_to_image"
+
+    def run_final(model, args, kwargs):
+        return model.get_submodule(final)(*args, **kwargs)
+
+    units.append(ReconUnit(final, final, (final,), run_final, "decoder"))
+    return units
+
+
+def reconstruction_units(model: nn.Module, granularity: str = "block", parts: tuple[str, ...] = ("encoder", "decoder")
+                         ) -> list[ReconUnit]:
+    units = []
+    if "encoder" in parts:
+        units += encoder_units(model, granularity)
+    if "decoder" in parts:
+        units += decoder_units(model)
+    return units

@@ -1,0 +1,64 @@
+"""Capture the inputs of modules during real forward passes, with forward-pre hooks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from saq.data.calibration import CalibrationItem
+from saq.data.coco import load_image
+from saq.eval.predictor import decode_boxes, encode_image
+
+
+def _detach(value: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
+    if isinstance(value, torch.Tensor):
+        v = value.detach().to(device)
+        return v.to(dtype) if dtype is not None and v.is_floating_point() else v
+    if isinstance(value, (tuple, list)):
+        return type(value)(_detach(v, device, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: _detach(v, device, dtype) for k, v in value.items()}
+    return value
+
+
+def run_items(model: nn.Module, items: list[CalibrationItem]) -> None:
+    """The full SAM forward (encoder + decoder with the item's boxes) for each item."""
+    for item in items:
+        encoded = encode_image(model, load_image(item.image.path))
+        decode_boxes(model, encoded, torch.tensor([p.box_xyxy for p in item.prompts]), return_masks=False)
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, entries: list[str], items: list[CalibrationItem],
+                   cache_device: torch.device, cache_dtype: torch.dtype | None = None) -> dict[str, list[tuple]]:
+    """{entry: [(args, kwargs) per call]} for every call of each entry module while running ``items``."""
+    captured: dict[str, list[tuple]] = {name: [] for name in entries}
+    handles = []
+
+    def hook_for(name):
+        def hook(module, args, kwargs):
+            captured[name].append((_detach(args, cache_device, cache_dtype), _detach(kwargs, cache_device, cache_dtype)))
+        return hook
+
+    try:
+        for name in entries:
+            handles.append(model.get_submodule(name).register_forward_pre_hook(hook_for(name), with_kwargs=True))
+        run_items(model, items)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+def to_device(value: Any, device: torch.device, dtype: torch.dtype = torch.float32) -> Any:
+    """Move a cached (args, kwargs) structure back to the compute device in float32."""
+    if isinstance(value, torch.Tensor):
+        v = value.to(device)
+        return v.to(dtype) if v.is_floating_point() else v
+    if isinstance(value, (tuple, list)):
+        return type(value)(to_device(v, device, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: to_device(v, device, dtype) for k, v in value.items()}
+    return value
