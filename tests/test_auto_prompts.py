@@ -70,8 +70,12 @@ def test_max_prompts_respected(model, dataset):
 
 
 def test_impossible_thresholds_give_empty_lists(model, dataset):
+    model.train()
+    model.mask_decoder.eval()
     prompts = auto_box_prompts(model, dataset, points_per_side=2, pred_iou_thresh=2.0, show_progress=False)
     assert prompts == {1: [], 2: []}
+    # The call runs in eval mode but gives every module its own mode back.
+    assert model.training and model.image_encoder.training and not model.mask_decoder.training
 
 
 def test_cache_hit_skips_the_model(model, dataset, tmp_path):

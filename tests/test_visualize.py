@@ -1,6 +1,7 @@
 """Side-by-side PNG of FP vs quantized masks."""
 
-import matplotlib
+import sys
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -45,7 +46,8 @@ def test_big_image_is_downscaled_and_no_pyplot_state(tmp_path):
     with Image.open(out) as png:
         assert max(png.size) <= 1000
     assert out.stat().st_size < 2_000_000
-    assert "matplotlib.pyplot" not in matplotlib.sys.modules or not matplotlib.pyplot.get_fignums()
+    pyplot = sys.modules.get("matplotlib.pyplot")
+    assert pyplot is None or not pyplot.get_fignums()  # nothing registered with pyplot
 
 
 def test_grayscale_no_prompts_and_mismatches(tmp_path):
@@ -68,3 +70,5 @@ def test_rle_round_trip():
     decoded = rle_to_mask(rle)
     assert decoded.dtype == bool and (decoded == mask).all()
     assert (rle_to_mask({**rle, "counts": rle["counts"].encode()}) == mask).all()
+    # Uncompressed RLE runs go down the columns: 1 off, 2 on, 1 off.
+    assert rle_to_mask({"size": [2, 2], "counts": [1, 2, 1]}).tolist() == [[False, True], [True, False]]

@@ -184,6 +184,20 @@ def auto_box_prompts(model: torch.nn.Module, dataset: CocoInstances, points_per_
                      min_area_frac, model.mask_threshold)
     cache = Path(cache_dir).expanduser() if cache_dir is not None else None
     fingerprint = model_fingerprint(model) if cache is not None else ""
+    # Eval mode for the call (BatchNorm in MobileSAM would otherwise use batch statistics and update its
+    # running stats); every module's own mode is restored afterwards.
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        return _prompts_per_image(model, dataset, params, cache, fingerprint, show_progress)
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
+def _prompts_per_image(model: torch.nn.Module, dataset: CocoInstances, params: dict[str, Any], cache: Path | None,
+                       fingerprint: str, show_progress: bool) -> dict[int, list[Prompt]]:
+    """The loop of :func:`auto_box_prompts`: cached prompts where present, else computed (and stored)."""
     prompts: dict[int, list[Prompt]] = {}
     for img in tqdm(dataset.images, desc="auto prompts", disable=not show_progress, leave=False):
         path = None
@@ -201,9 +215,10 @@ def auto_box_prompts(model: torch.nn.Module, dataset: CocoInstances, points_per_
         encoded = encode_image(model, image)
         height, width = encoded.original_size
         # At least one pixel: an empty mask has no box.
-        min_area = max(1.0, float(min_area_frac) * height * width)
-        candidates = _candidates(model, encoded, points_per_side, pred_iou_thresh, stability_thresh, min_area)
-        prompts[img.id] = _select(candidates, box_nms_thresh, max_prompts)
+        min_area = max(1.0, params["min_area_frac"] * height * width)
+        candidates = _candidates(model, encoded, params["points_per_side"], params["pred_iou_thresh"],
+                                 params["stability_thresh"], min_area)
+        prompts[img.id] = _select(candidates, params["box_nms_thresh"], params["max_prompts"])
         if path is not None:
             _write_cache(path, prompts[img.id], {"image": str(img.path), "params": params})
     return prompts

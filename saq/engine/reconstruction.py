@@ -123,7 +123,7 @@ class UnitReconstruction(L.LightningModule):
         self.manual_backward(loss)
         for opt in optimizers:
             opt.step()
-        return {"loss": float(loss), "rec": float(rec), "reg": float(reg), "beta": beta}
+        return {"loss": loss.item(), "rec": rec.item(), "reg": float(reg.detach()), "beta": beta}
 
     def snapshot(self) -> list[torch.Tensor]:
         return [p.detach().clone() for p in [*self.alphas, *self.scales]]
@@ -135,9 +135,10 @@ class UnitReconstruction(L.LightningModule):
 
     @torch.no_grad()
     def finalize(self, model: nn.Module) -> None:
-        """Harden rounding, freeze steps, stop dropping; then prove it."""
+        """Fix rounding, freeze steps, stop dropping; then prove it. FP weights stay untouched so later
+        units' FP targets are those of the real FP model; the pipeline hardens weights at the end."""
         for _, module in unit_weight_modules(model, self.unit):
-            module.weight.copy_(module.weight_quantizer.harden(module.weight))
+            module.weight_quantizer.fix_rounding_()
         for _, q in self.quantizers:
             q.freeze_scale()
             q.drop_prob = 0.0

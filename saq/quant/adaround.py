@@ -31,8 +31,9 @@ def soft_quantize(weight, alpha, scale, zero_point, qmin, qmax) -> torch.Tensor:
     return (q - zero_point) * scale
 
 
-def hard_quantize(weight, alpha, scale, zero_point, qmin, qmax) -> torch.Tensor:
-    q = torch.clamp(torch.floor(weight / scale) + (rectified_sigmoid(alpha) >= 0.5).float() + zero_point, qmin, qmax)
+def fixed_quantize(weight, rounding, scale, zero_point, qmin, qmax) -> torch.Tensor:
+    """Quantize with a fixed per-weight rounding decision (0 = down, 1 = up)."""
+    q = torch.clamp(torch.floor(weight / scale) + rounding + zero_point, qmin, qmax)
     return (q - zero_point) * scale
 
 

@@ -159,7 +159,8 @@ class LogSoftmaxQuantizer(FakeQuantizer):
         scale_t = torch.as_tensor(scale, dtype=torch.float32).detach().reshape(())
         tau_t = torch.as_tensor(tau, dtype=torch.float32).detach().reshape(())
         if not (torch.isfinite(scale_t) and scale_t > 0 and torch.isfinite(tau_t) and tau_t > 0):
-            raise ValueError(f"log quantizer needs finite positive scale and tau, got {float(scale_t)}, {float(tau_t)}")
+            raise ValueError(f"log quantizer needs finite positive scale and tau, "
+                             f"got {float(scale_t)}, {float(tau_t)}")
         device = self.scale.device
         self.scale = scale_t.to(device)
         self.tau = tau_t.to(device)
@@ -179,7 +180,8 @@ class LogSoftmaxQuantizer(FakeQuantizer):
         """Every representable value, ascending: 0 and s * 2^(-q / tau) for q = 0 .. 2^b - 1."""
         self._require_calibrated()
         q = torch.arange(self.n_levels - 1, -1, -1, device=self.scale.device, dtype=self.scale.dtype)
-        return torch.cat([torch.zeros(1, device=q.device, dtype=q.dtype), torch.exp2(torch.log2(self.scale) - q / self.tau)])
+        powers = torch.exp2(torch.log2(self.scale) - q / self.tau)
+        return torch.cat([torch.zeros(1, device=q.device, dtype=q.dtype), powers])
 
     def int_codes(self, x: torch.Tensor) -> torch.Tensor:
         """Integer codes as floats: 0 .. 2^b - 1, and 2^b for values quantized to exactly zero."""

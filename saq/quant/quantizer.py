@@ -73,6 +73,8 @@ class FakeQuantizer(nn.Module):
         self.drop_prob = 0.0
         # Learned rounding (AdaRound, weights only): alpha exists only while rounding is soft.
         self.alpha: nn.Parameter | None = None
+        # Fixed learned rounding (0/1 per weight) after a unit is done, until weights are hardened.
+        self.register_buffer("rounding", None)
 
     # state --------------------------------------------------------------------------------------
     @property
@@ -131,12 +133,22 @@ class FakeQuantizer(nn.Module):
         return self.alpha
 
     @torch.no_grad()
+    def fix_rounding_(self) -> None:
+        """End of a unit: the learned rounding becomes a fixed 0/1 offset; the FP weight stays intact
+        so later units still see the true FP model."""
+        if self.alpha is not None:
+            self.rounding = (adaround.rectified_sigmoid(self.alpha) >= 0.5).float()
+            self.alpha = None
+
+    @torch.no_grad()
     def harden(self, weight: torch.Tensor) -> torch.Tensor:
-        """The weight with its learned rounding made hard (on the grid); soft rounding is switched off."""
-        if self.alpha is None:
+        """The weight on its integer grid, with any learned rounding applied; afterwards nearest rounding
+        of the returned value reproduces it, so learned-rounding state is dropped."""
+        self.fix_rounding_()
+        if self.rounding is None:
             return fake_quantize(weight, self.scale, self.zero_point, self.qmin, self.qmax)
-        hard = adaround.hard_quantize(weight, self.alpha, self.scale, self.zero_point, self.qmin, self.qmax)
-        self.alpha = None
+        hard = adaround.fixed_quantize(weight, self.rounding, self.scale, self.zero_point, self.qmin, self.qmax)
+        self.rounding = None
         return hard
 
     def deploy_problems(self) -> list[str]:
@@ -166,6 +178,8 @@ class FakeQuantizer(nn.Module):
             raise RuntimeError(f"quantizer {self.extra_repr()} is in QUANTIZE mode but was never calibrated")
         if self.alpha is not None:
             xq = adaround.soft_quantize(x, self.alpha, self.scale.detach(), self.zero_point, self.qmin, self.qmax)
+        elif self.rounding is not None:
+            xq = adaround.fixed_quantize(x, self.rounding, self.scale, self.zero_point, self.qmin, self.qmax)
         else:
             xq = fake_quantize(x, self._effective_scale(x.numel()), self.zero_point, self.qmin, self.qmax)
         if self.drop_prob > 0.0 and self.training:
@@ -175,6 +189,8 @@ class FakeQuantizer(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # qparams are empty before calibration: take the checkpoint's shapes.
+        if prefix + "rounding" in state_dict and self.rounding is None:
+            self._buffers["rounding"] = torch.empty_like(state_dict[prefix + "rounding"])
         for name in ("scale", "zero_point"):
             key = prefix + name
             current = getattr(self, name)

@@ -1,0 +1,208 @@
+"""LogSoftmaxQuantizer (PTQ4SAM's AGQ): values, level set, zeros, calibration, checkpoints, end to end."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from saq.data.calibration import CalibrationItem
+from saq.data.coco import ImageRecord
+from saq.data.prompts import Prompt
+from saq.eval.predictor import decode_boxes, encode_image
+from saq.models import build_tiny_sam
+from saq.nn import QuantRule, harden_weights_, quantize_
+from saq.nn.deploy import assert_deployable
+from saq.ptq.calibrate import calibrate_
+from saq.quant import QuantMode, QuantSpec, iter_quantizers
+from saq.quant.log_quantizer import AGQObserver, LogSoftmaxQuantizer
+from saq.quant.quantizer import Role, make_quantizer
+
+LOG4 = QuantSpec(4, quantizer="log", observer="agq")
+# The prompt encoder stays FP (its mask branch never runs with box prompts, like the project's rules).
+RULES = [QuantRule("prompt_encoder*"),
+         QuantRule("*", QuantSpec(8, granularity="channel"), QuantSpec(8), softmax=LOG4)]
+
+
+def _quantizer(bits: int = 4, scale: float = 1.0, tau: float = 2.0) -> LogSoftmaxQuantizer:
+    q = LogSoftmaxQuantizer(QuantSpec(bits, quantizer="log", observer="agq"), Role.ACTIVATION)
+    q.set_params(scale, tau)
+    q.set_mode(QuantMode.QUANTIZE)
+    return q
+
+
+def _softmax_maps(seed: int, shape=(2, 3, 8, 16), temperature: float = 3.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * temperature).softmax(dim=-1)
+
+
+def test_values_by_hand():
+    q = _quantizer(bits=4, scale=1.0, tau=2.0)
+    a = torch.tensor([1.0, 0.5, 2.0**-8, 2.0**-7.5, 0.6, 2.0, 0.0])
+    expected = torch.tensor([1.0, 0.5, 0.0, 2.0**-7.5, 2.0**-0.5, 1.0, 0.0])
+    torch.testing.assert_close(q(a), expected, rtol=1e-6, atol=0.0)
+    # code 16 >= 2^4 and exact zeros both get the "zero" code 2^b
+    assert q.int_codes(a).tolist() == [0.0, 2.0, 16.0, 15.0, 1.0, 0.0, 16.0]
+
+
+def test_outputs_stay_in_level_set():
+    for tau in (1.0, 2.0, 4.0):
+        q = _quantizer(bits=4, scale=0.7, tau=tau)
+        levels = q.levels()
+        assert levels.numel() == 2**4 + 1 and levels[0] == 0 and math.isclose(float(levels[-1]), 0.7, rel_tol=1e-6)
+        out = q(_softmax_maps(int(tau)))
+        assert torch.isclose(out.reshape(-1, 1), levels.reshape(1, -1), rtol=1e-6, atol=0.0).any(dim=1).all()
+
+
+def test_zero_input_is_finite_forward_and_backward():
+    q = _quantizer(bits=4, scale=0.5, tau=2.0)
+    q.scale.requires_grad_(True)
+    a = torch.tensor([0.0, 0.0, 1e-40, 0.25, 0.5, 0.9], requires_grad=True)
+    out = q(a)
+    assert out[0] == 0 and out[1] == 0 and out[2] == 0
+    out.sum().backward()
+    assert torch.isfinite(a.grad).all() and torch.isfinite(q.scale.grad).all()
+    assert a.grad[0] == 0 and a.grad[3] > 0  # STE: gradient ~ a^/a on kept values
+
+
+def _observe(q: LogSoftmaxQuantizer, pairs) -> None:
+    q.set_mode(QuantMode.OBSERVE)
+    with torch.no_grad():
+        for attn, v in pairs:
+            assert torch.equal(q(attn, v), attn)  # observing never changes the map
+
+
+def test_calibration_picks_a_tau_and_positive_scale():
+    q = LogSoftmaxQuantizer(LOG4, Role.ACTIVATION)
+    g = torch.Generator().manual_seed(0)
+    pairs = [(_softmax_maps(i), torch.randn(2, 3, 16, 4, generator=g)) for i in range(3)]
+    _observe(q, pairs)
+    observer = q.observer
+    assert observer.num_updates == 3
+    errors = observer.total_errors()
+    q.finalize_observer()
+    assert q.observer is None and q.is_calibrated
+    assert float(q.tau) in (1.0, 2.0, 4.0) and float(q.scale) > 0
+    assert errors[float(q.tau)] == min(errors.values())
+    ti = observer.taus.index(float(q.tau))
+    expected = torch.stack(observer.best_scales)[:, ti].mean()
+    assert math.isclose(float(q.scale), float(expected), rel_tol=1e-6)
+
+
+def test_calibration_picks_the_tau_that_represents_the_map():
+    # Every value is s * 2^(-k/4) with s = max(a): exact at tau = 4 and s = max (the last grid
+    # candidate); no scale makes the 2^(-1/4) ratios representable with tau = 1 or 2.
+    g = torch.Generator().manual_seed(1)
+    codes = torch.randint(0, 12, (4, 6, 10), generator=g).float()
+    codes[..., 0] = 0.0
+    attn = 0.8 * torch.exp2(-codes / 4)
+    values = torch.randn(4, 10, 5, generator=g)
+    spec = QuantSpec(4, quantizer="log", observer="agq", observer_kwargs={"grid": 20})
+    q = LogSoftmaxQuantizer(spec, Role.ACTIVATION)
+    _observe(q, [(attn, values)])
+    errors = q.observer.total_errors()
+    q.finalize_observer()
+    assert float(q.tau) == 4.0
+    assert errors[4.0] < 1e-8 < min(errors[1.0], errors[2.0])
+    assert math.isclose(float(q.scale), 0.8, rel_tol=1e-5)
+    q.set_mode(QuantMode.QUANTIZE)
+    torch.testing.assert_close(q(attn), attn, rtol=1e-5, atol=0.0)
+
+
+def test_search_memory_blocks_do_not_change_the_result():
+    attn, values = _softmax_maps(3), torch.randn(2, 3, 16, 4, generator=torch.Generator().manual_seed(3))
+    results = []
+    for chunk in (10**9, 7):  # whole tensor at once vs. row blocks of one map
+        obs = AGQObserver(4, grid=10, chunk_elems=chunk)
+        obs.update(attn, values)
+        results.append((obs.best(), obs.total_errors()))
+    assert results[0][0][0] == results[1][0][0]
+    assert math.isclose(results[0][0][1], results[1][0][1], rel_tol=1e-6)
+    for tau, err in results[0][1].items():
+        assert math.isclose(err, results[1][1][tau], rel_tol=1e-4)
+
+
+def test_observe_without_values_raises():
+    q = LogSoftmaxQuantizer(LOG4, Role.ACTIVATION)
+    q.set_mode(QuantMode.OBSERVE)
+    with pytest.raises(ValueError, match="quantizer\\(attn, v\\)"):
+        q(_softmax_maps(0))
+
+
+def test_quantize_before_calibration_raises_and_wrong_observer_rejected():
+    q = LogSoftmaxQuantizer(LOG4, Role.ACTIVATION)
+    assert not q.is_calibrated
+    q.set_mode(QuantMode.QUANTIZE)
+    with pytest.raises(RuntimeError, match="never calibrated"):
+        q(_softmax_maps(0))
+    with pytest.raises(ValueError, match="agq"):
+        LogSoftmaxQuantizer(QuantSpec(4, quantizer="log", observer="minmax"), Role.ACTIVATION)
+
+
+def test_qdrop_keeps_some_fp_values_only_in_training():
+    q = _quantizer(bits=2, scale=1.0, tau=1.0)
+    attn = _softmax_maps(5, shape=(4, 32, 32))
+    q.drop_prob = 0.5
+    q.train()
+    mixed = q(attn)
+    assert (mixed == attn).any() and (mixed != attn).any()
+    q.eval()
+    assert torch.equal(q(attn), _quantizer(bits=2, scale=1.0, tau=1.0)(attn))
+
+
+def test_state_dict_round_trip_into_fresh_quantizer():
+    q = _quantizer(bits=4, scale=0.3, tau=4.0)
+    fresh = LogSoftmaxQuantizer(LOG4, Role.ACTIVATION)
+    assert fresh.tau.numel() == 0 and fresh.scale.numel() == 0
+    fresh.load_state_dict(q.state_dict())
+    assert fresh.is_calibrated
+    assert fresh.tau.shape == () and float(fresh.tau) == 4.0
+    assert math.isclose(float(fresh.scale), 0.3, rel_tol=1e-7)
+    fresh.set_mode(QuantMode.QUANTIZE)
+    attn = _softmax_maps(2)
+    assert torch.equal(fresh(attn), q(attn))
+    assert "tau=4" in repr(fresh) and "4-bit" in repr(fresh)
+
+
+def _calibration_items(tmp_path) -> list[CalibrationItem]:
+    rng = np.random.default_rng(0)
+    items = []
+    for i in range(2):
+        path = tmp_path / f"img{i}.png"
+        Image.fromarray(rng.integers(0, 255, size=(96, 128, 3), dtype=np.uint8)).save(path)
+        record = ImageRecord(id=i, path=path, width=128, height=96, set_name="synthetic", source_id=i)
+        prompts = [Prompt((10.0, 10.0, 60.0, 80.0), 1.0, 1), Prompt((30.0, 5.0, 120.0, 90.0), 1.0, 1)]
+        items.append(CalibrationItem(record, prompts))
+    return items
+
+
+def test_make_quantizer_and_end_to_end_calibration(tmp_path):
+    assert isinstance(make_quantizer(LOG4, Role.ACTIVATION), LogSoftmaxQuantizer)
+    model = build_tiny_sam(seed=0).eval()
+    quantize_(model, RULES)
+    log_quantizers = {n: q for n, q in iter_quantizers(model) if isinstance(q, LogSoftmaxQuantizer)}
+    assert len(log_quantizers) == 2 + 7  # 2 encoder blocks + 7 decoder attentions
+    assert all(n.endswith("softmax_quantizer") for n in log_quantizers)
+
+    items = _calibration_items(tmp_path)
+    calibrate_(model, items, show_progress=False)
+    for q in log_quantizers.values():
+        assert q.is_calibrated and q.observer is None and q.mode is QuantMode.QUANTIZE
+        assert float(q.tau) in (1.0, 2.0, 4.0) and float(q.scale) > 0
+    harden_weights_(model)
+    assert_deployable(model)  # includes the log quantizers' tau checks
+
+    image = np.asarray(Image.open(items[0].image.path).convert("RGB"))
+    masks, iou = decode_boxes(model, encode_image(model, image), torch.tensor([[10.0, 10.0, 60.0, 80.0]]))
+    assert masks.shape == (1, 96, 128) and torch.isfinite(iou).all()
+
+    # a checkpoint of the calibrated model restores into a freshly quantized one
+    fresh = build_tiny_sam(seed=0).eval()
+    quantize_(fresh, RULES)
+    fresh.load_state_dict(model.state_dict())
+    restored = dict(iter_quantizers(fresh))
+    for name, q in log_quantizers.items():
+        assert torch.equal(restored[name].tau, q.tau) and torch.equal(restored[name].scale, q.scale)

@@ -1,0 +1,103 @@
+"""Reconstruction on the tiny model: it helps, it deploys honestly, and it resumes identically."""
+
+import pytest
+import torch
+
+from saq.data import dataset_from_config, gt_prompts, select_calibration
+from saq.engine.losses import lp_loss
+from saq.models import build_tiny_sam
+from saq.models.units import reconstruction_units
+from saq.nn import QuantRule, assert_deployable, deployment_problems, harden_weights_, quantize_
+from saq.ptq.calibrate import calibrate_
+from saq.ptq.capture import capture_inputs, to_device
+from saq.ptq.reconstruct import STATE_FILE, reconstruct_
+from saq.quant import QuantMode, QuantSpec, quant_mode, set_quant_mode
+from saq.utils.loggers import RunLogger
+
+RULES = [QuantRule("prompt_encoder*"), QuantRule("image_encoder.patch_embed*"),
+         QuantRule("mask_decoder.output_upscaling*"), QuantRule("mask_decoder.output_hypernetworks_mlps*"),
+         QuantRule("mask_decoder.iou_prediction_head*"),
+         QuantRule("*", QuantSpec(4, granularity="channel", observer="minmax"), QuantSpec(4, observer="minmax"))]
+RECON = {"iters": 60, "granularity": "block", "parts": ["encoder", "decoder"], "weights": "adaround",
+         "activations": "lsq", "w_lr": 1e-2, "a_lr": 1e-3, "qdrop_prob": 0.5, "best_window": 10}
+
+
+@pytest.fixture(scope="module")
+def items(coco8):
+    ds = dataset_from_config(coco8)
+    return select_calibration(ds, gt_prompts(ds), 6, "first", max_prompts_per_image=4)
+
+
+def calibrated_tiny(items):
+    model = build_tiny_sam(seed=2).eval()
+    quantize_(model, RULES)
+    calibrate_(model, items, show_progress=False)
+    return model
+
+
+def unit_error(model, unit, items):
+    """Output error of one unit on the given items: quantized path vs FP target."""
+    with quant_mode(model, QuantMode.OFF):
+        fp_in = capture_inputs(model, [unit.entry], items, torch.device("cpu"))[unit.entry]
+        targets = [unit.run(model, *to_device(i, torch.device("cpu"))) for i in fp_in]
+    q_in = capture_inputs(model, [unit.entry], items, torch.device("cpu"))[unit.entry]
+    with torch.no_grad():
+        return sum(float(lp_loss(unit.run(model, *i), t)) for i, t in zip(q_in, targets)) / len(q_in)
+
+
+def test_reconstruction_lowers_held_out_error_and_deploys(items, tmp_path):
+    train, held_out = items[:4], items[4:]
+    model = calibrated_tiny(train)
+    unit = reconstruction_units(model, "block")[0]
+    with torch.no_grad():
+        before_model = calibrated_tiny(train)
+        harden_weights_(before_model)
+        before = unit_error(before_model, unit, held_out)
+    stats = reconstruct_(model, train, {**RECON, "iters": 150, "parts": ["encoder"]}, tmp_path, RunLogger(tmp_path),
+                         show_progress=False, units=[unit])
+    assert stats[0]["unit"] == unit.name and stats[0]["time_s"] > 0
+    after = unit_error(model, unit, held_out)
+    assert after < before
+    harden_weights_(model)
+    set_quant_mode(model, QuantMode.QUANTIZE)
+    assert deployment_problems(model.eval()) == []
+
+
+def test_full_pipeline_leaves_no_soft_or_dropping_quantizer(items, tmp_path):
+    model = calibrated_tiny(items[:3])
+    reconstruct_(model, items[:3], RECON, tmp_path, RunLogger(tmp_path), show_progress=False)
+    for m in model.modules():
+        q = getattr(m, "weight_quantizer", None)
+        if q is not None:
+            assert not q.soft_rounding
+    harden_weights_(model)
+    assert assert_deployable(model.eval()) > 0
+
+
+def test_soft_rounding_is_refused_by_the_gate(items):
+    model = calibrated_tiny(items[:2])
+    linear = model.mask_decoder.transformer.layers[0].mlp.lin1
+    linear.weight_quantizer.enable_soft_rounding(linear.weight)
+    harden_weights_(model)  # hardening switches it off ...
+    assert assert_deployable(model.eval()) > 0
+    linear.weight_quantizer.enable_soft_rounding(linear.weight)  # ... turning it on again is caught
+    with pytest.raises(Exception, match="soft \\(AdaRound\\) rounding"):
+        assert_deployable(model)
+
+
+def test_killed_run_resumes_identically(items, tmp_path):
+    cfg = {**RECON, "iters": 20}
+    full = calibrated_tiny(items[:2])
+    reconstruct_(full, items[:2], cfg, tmp_path / "full", RunLogger(tmp_path / "full"), seed=5, show_progress=False)
+
+    killed = calibrated_tiny(items[:2])
+    reconstruct_(killed, items[:2], cfg, tmp_path / "resumed", RunLogger(tmp_path / "resumed"), seed=5,
+                 show_progress=False, stop_after=2)
+    assert (tmp_path / "resumed" / STATE_FILE).is_file()
+    resumed = calibrated_tiny(items[:2])  # a new process: calibration again, then the checkpoint
+    stats = reconstruct_(resumed, items[:2], cfg, tmp_path / "resumed", RunLogger(tmp_path / "resumed"), seed=5,
+                         show_progress=False)
+    assert len(stats) == len([u for u in reconstruction_units(full, "block")])
+    a, b = full.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
