@@ -38,6 +38,10 @@ class ReconSettings:
     p: float = 2.0
     keep_best: bool = True
     best_window: int = 50
+    encoder_loss: str = "mse"  # mse | par (prompt-aware, stage units of a ViT)
+    par_mse_weight: float = 0.0  # optional weight of the plain stage-output MSE next to PAR
+    decoder_loss: str = "mse"  # mse | clm
+    final_attn_iters: int | None = None  # iterations of the final token-to-image attention unit
 
 
 def _in_unit(name: str, prefixes: tuple[str, ...]) -> bool:
@@ -66,8 +70,11 @@ def _mix(quantized: Any, fp: Any, prob: float) -> Any:
 
 class UnitReconstruction(L.LightningModule):
     def __init__(self, model: nn.Module, unit: ReconUnit, fp_inputs: list, q_inputs: list, targets: list,
-                 settings: ReconSettings) -> None:
+                 settings: ReconSettings, head=None, head_targets: list | None = None) -> None:
+        """``head`` (optional) maps the unit output of item i to the space the loss compares in (PAR);
+        ``head_targets`` are the head's outputs for the FP targets."""
         super().__init__()
+        self.head, self.head_targets = head, head_targets
         self.automatic_optimization = False
         self.unit, self.settings = unit, settings
         self.run_unit = functools.partial(unit.run, model)  # a callable, not a submodule: the model stays put
@@ -113,7 +120,13 @@ class UnitReconstruction(L.LightningModule):
             q_args = _mix(q_args, fp_args, self.settings.qdrop_prob)
             q_kwargs = _mix(q_kwargs, fp_kwargs, self.settings.qdrop_prob)
         out = self.run_unit(q_args, q_kwargs)
-        rec = lp_loss(out, to_device(self.targets[i], self.device_), self.settings.p)
+        target = to_device(self.targets[i], self.device_)
+        if self.head is not None:
+            rec = lp_loss(self.head(out, i), to_device(self.head_targets[i], self.device_), self.settings.p)
+            if self.settings.par_mse_weight:
+                rec = rec + self.settings.par_mse_weight * lp_loss(out, target, self.settings.p)
+        else:
+            rec = lp_loss(out, target, self.settings.p, self.unit.loss_weights)
         reg, beta = self.regularizer(step)
         loss = rec + reg
         optimizers = self.optimizers()

@@ -26,6 +26,11 @@ class ReconUnit:
     trains: tuple[str, ...]  # module-name prefixes whose quantizers this unit learns
     run: Run
     part: str  # "encoder" or "decoder"
+    # Targets come from the FP model on FP inputs ("fp") or on the quantized inputs ("quantized": the
+    # decoder CLM loss compares with the FP decoder fed the quantized image embedding).
+    target_inputs: str = "fp"
+    loss_weights: tuple[float, ...] | None = None  # per element of a tuple output
+    kind: str = "block"  # block | stage | decoder_layer | final_attn | neck
 
 
 def _chain(names: list[str]) -> Run:
@@ -93,12 +98,12 @@ def encoder_units(model: nn.Module, granularity: str) -> list[ReconUnit]:
             for group in groups:
                 names = [f"{prefix}.blocks.{i}" for i in group]
                 label = names[0] if len(names) == 1 else f"{prefix}.blocks.{group[0]}-{group[-1]}"
-                units.append(ReconUnit(label, names[0], tuple(names), _chain(names), "encoder"))
+                units.append(ReconUnit(label, names[0], tuple(names), _chain(names), "encoder", kind=granularity))
     else:  # TinyViT: layers of blocks, each layer optionally ending in a downsample
         for li, layer in enumerate(encoder.layers):
             lname = f"{prefix}.layers.{li}"
             if granularity == "stage":
-                units.append(ReconUnit(lname, lname, (lname,), _chain([lname]), "encoder"))
+                units.append(ReconUnit(lname, lname, (lname,), _chain([lname]), "encoder", kind="stage"))
                 continue
             children = [f"{lname}.blocks.{bi}" for bi in range(len(layer.blocks))]
             if getattr(layer, "downsample", None) is not None:
@@ -106,7 +111,7 @@ def encoder_units(model: nn.Module, granularity: str) -> list[ReconUnit]:
             for child in children:
                 units.append(ReconUnit(child, child, (child,), _chain([child]), "encoder"))
     neck = f"{prefix}.neck"
-    units.append(ReconUnit(neck, neck, (neck,), _chain([neck]), "encoder"))
+    units.append(ReconUnit(neck, neck, (neck,), _chain([neck]), "encoder", kind="neck"))
     return units
 
 
@@ -120,21 +125,54 @@ def decoder_units(model: nn.Module) -> list[ReconUnit]:
         def run(model, args, kwargs, name=name):
             return model.get_submodule(name)(*args, **kwargs)
 
-        units.append(ReconUnit(name, name, (name,), run, "decoder"))
-    final = f"{transformer}.final_attn_token_to_image"
+        units.append(ReconUnit(name, name, (name,), run, "decoder", kind="decoder_layer"))
+    return units + [_final_attention_unit()]
+
+
+def _final_attention_unit() -> ReconUnit:
+    final = "mask_decoder.transformer.final_attn_token_to_image"
 
     def run_final(model, args, kwargs):
         return model.get_submodule(final)(*args, **kwargs)
 
-    units.append(ReconUnit(final, final, (final,), run_final, "decoder"))
-    return units
+    return ReconUnit(final, final, (final,), run_final, "decoder", kind="final_attn")
 
 
-def reconstruction_units(model: nn.Module, granularity: str = "block", parts: tuple[str, ...] = ("encoder", "decoder")
-                         ) -> list[ReconUnit]:
+def decoder_clm_units(model: nn.Module, local_q: float = 0.01, local_k: float = 1.0, final: float = 1.0
+                      ) -> list[ReconUnit]:
+    """SAQ-SAM's decoder units: each two-way layer is learned against (its own queries and keys, and the
+    whole transformer's final tokens), with earlier layers quantized and later ones FP; both paths see
+    the quantized image embedding. Then the final token-to-image attention with plain MSE."""
+    from saq.quant.quantizer import QuantMode, quant_mode
+
+    transformer = "mask_decoder.transformer"
+    n_layers = len(model.mask_decoder.transformer.layers)
+    units = []
+    for i in range(n_layers):
+        name = f"{transformer}.layers.{i}"
+        later = tuple(f"{transformer}.layers.{j}." for j in range(i + 1, n_layers)) + (f"{transformer}.final_attn",)
+
+        def run(model, args, kwargs, i=i, later=later):
+            captured = {}
+            layer = model.mask_decoder.transformer.layers[i]
+            handle = layer.register_forward_hook(lambda module, inputs, output: captured.update(out=output))
+            try:
+                with quant_mode(model, QuantMode.OFF, where=lambda qname, q: qname.startswith(later)):
+                    queries, _ = model.mask_decoder.transformer(*args, **kwargs)
+            finally:
+                handle.remove()
+            return captured["out"][0], captured["out"][1], queries
+
+        units.append(ReconUnit(name, transformer, (name,), run, "decoder", target_inputs="quantized",
+                               loss_weights=(local_q, local_k, final), kind="decoder_layer"))
+    return units + [_final_attention_unit()]
+
+
+def reconstruction_units(model: nn.Module, granularity: str = "block", parts: tuple[str, ...] = ("encoder", "decoder"),
+                         decoder_loss: str = "mse") -> list[ReconUnit]:
     units = []
     if "encoder" in parts:
         units += encoder_units(model, granularity)
     if "decoder" in parts:
-        units += decoder_units(model)
+        units += decoder_clm_units(model) if decoder_loss == "clm" else decoder_units(model)
     return units

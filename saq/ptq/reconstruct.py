@@ -6,6 +6,7 @@ targets); caching, devices, checkpoints and logging live here, outside it.
 
 from __future__ import annotations
 
+import dataclasses
 import resource
 import time
 from pathlib import Path
@@ -74,8 +75,17 @@ def reconstruct_(model: nn.Module, items: list[CalibrationItem], cfg: Mapping[st
     device = next(model.parameters()).device
     cache_device = torch.device(cfg.get("cache_device", "cpu"))
     cache_dtype = torch.float16 if cfg.get("cache_dtype") == "float16" else None
-    units = units if units is not None else reconstruction_units(model, cfg.get("granularity", "block"),
-                                                                 tuple(cfg.get("parts", ("encoder", "decoder"))))
+    units = units if units is not None else reconstruction_units(
+        model, cfg.get("granularity", "block"), tuple(cfg.get("parts", ("encoder", "decoder"))), settings.decoder_loss)
+    head = None
+    if settings.encoder_loss == "par":
+        from saq.ptq.par import PromptAwareHead, supports_layer_skipping
+
+        if supports_layer_skipping(model):
+            head = PromptAwareHead(model, items)
+        else:
+            print("[saq] PAR: this encoder's stages differ in width from the neck (TinyViT); "
+                  "using the plain stage-output MSE instead")
     units = [u for u in units if unit_quantizers(model, u)]  # nothing to learn in an all-FP unit
     state = ReconState(run_dir, [u.name for u in units])
     saved = state.load(model)
@@ -93,15 +103,26 @@ def reconstruct_(model: nn.Module, items: list[CalibrationItem], cfg: Mapping[st
         start = time.perf_counter()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        targets = _targets(model, unit, fp_inputs[unit.entry], device, cache_device, cache_dtype)
         q_inputs = capture_inputs(model, [unit.entry], items, cache_device, cache_dtype)[unit.entry]
-        module = UnitReconstruction(model, unit, fp_inputs[unit.entry], q_inputs, targets, settings)
+        target_inputs = q_inputs if unit.target_inputs == "quantized" else fp_inputs[unit.entry]
+        targets = _targets(model, unit, target_inputs, device, cache_device, cache_dtype)
+        unit_head = head if (head is not None and unit.kind == "stage") else None
+        head_targets = None
+        if unit_head is not None:
+            with torch.no_grad(), quant_mode(model, QuantMode.OFF):
+                head_targets = [_detach(unit_head(to_device(t, device), i), cache_device, cache_dtype)
+                                for i, t in enumerate(targets)]
+        unit_settings = settings
+        if unit.kind == "final_attn" and settings.final_attn_iters is not None:
+            unit_settings = dataclasses.replace(settings, iters=int(settings.final_attn_iters))
+        module = UnitReconstruction(model, unit, fp_inputs[unit.entry], q_inputs, targets, unit_settings,
+                                    unit_head, head_targets)
         optimizers = module.make_optimizers()
         if optimizers:
             optimizers = list(fabric.setup(module, *optimizers, move_to_device=False)[1:])
         # cosine decay applies to the activation-step optimizer (the last one when it exists)
         schedulers = [module.make_scheduler(optimizers[-1])] if len(module.scales) else []
-        iters = settings.iters if optimizers else 0
+        iters = unit_settings.iters if optimizers else 0
         best, best_loss, window = module.snapshot(), float("inf"), []
         first_loss = None
         bar = tqdm(range(iters), desc=f"recon {unit.name}", disable=not show_progress, leave=False)
