@@ -46,6 +46,19 @@ def run_stages(model, calib_items, config: dict[str, Any], run_dir: Path, logger
             from saq.ptq.bimodal import bimodal_fold_
 
             info["bimodal"] = bimodal_fold_(model, calib_items[0])
+        elif stage == "pcc":
+            from saq.eval.plots import save_pcc_plots
+            from saq.ptq.pcc import DEFAULT_PERCENTILES, pcc_search_
+
+            pcc_cfg = config["ptq"]["pcc"]
+            result = pcc_search_(model, calib_items[: int(pcc_cfg.get("num_images", 1))],
+                                 theta=float(pcc_cfg.get("theta", 0.5)),
+                                 percentiles=tuple(pcc_cfg.get("percentiles") or DEFAULT_PERCENTILES),
+                                 passes=int(pcc_cfg.get("passes", 2)), show_progress=progress)
+            write_json(run_dir / "pcc" / "search.json", result.to_json())
+            for path in save_pcc_plots(result, run_dir / "pcc"):
+                logger.log_image(f"pcc/{path.stem}", path)
+            info["pcc"] = {"records": len(result.records), "dir": str(run_dir / "pcc")}
         elif stage == "calibrate":
             info["calibrate"] = calibrate_(model, calib_items, progress)
         elif stage == "reconstruct":

@@ -1,0 +1,93 @@
+"""Turn the run dirs of a sweep into a paper-style table (markdown + CSV), FP row first.
+
+    python experiments/tables.py outputs/ptq/multiruns/<timestamp> [--out table]
+
+Each row is one run (quant, recipe, the overrides that distinguish it), with mask AP and mean IoU of
+the honest quantized model, the reference-protocol numbers where a run computed them, and wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+COLUMNS = ["model", "quant", "recipe", "variant", "mask_AP", "mask_AP50", "mask_AP75", "mIoU", "fidelity_mIoU",
+           "ref_mask_AP", "ref_mIoU", "wall_time_s", "state", "run_dir"]
+
+
+def _overrides(run_dir: Path) -> str:
+    """The job's command-line overrides except quant/ptq (they have their own columns)."""
+    path = run_dir / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return ""
+    items = yaml.safe_load(path.read_text()) or []
+    keep = [o for o in items if not o.startswith(("quant=", "ptq=", "hydra.", "logger", "runtime."))]
+    return " ".join(keep)
+
+
+def collect_rows(sweep_dir: Path) -> list[dict]:
+    rows, fp_rows = [], {}
+    for status_path in sorted(sweep_dir.glob("**/status.json")):
+        run_dir = status_path.parent
+        state = json.loads(status_path.read_text()).get("state")
+        metrics_path = run_dir / "metrics.json"
+        if not metrics_path.is_file():
+            rows.append({"state": state, "run_dir": str(run_dir), "variant": _overrides(run_dir)})
+            continue
+        m = json.loads(metrics_path.read_text())
+        fp_rows.setdefault(m["model"], {"model": m["model"], "quant": "fp32", "recipe": "fp", **m["fp"],
+                                        "fidelity_mIoU": 1.0, "state": "completed", "run_dir": ""})
+        if m["recipe"] == "fp":
+            continue
+        ref = m.get("reference_protocol") or {}
+        rows.append({"model": m["model"], "quant": m["quant"], "recipe": m["recipe"], "variant": _overrides(run_dir),
+                     **m["quantized"], "ref_mask_AP": ref.get("mask_AP"), "ref_mIoU": ref.get("mIoU"),
+                     "wall_time_s": m.get("wall_time_s"), "state": state, "run_dir": str(run_dir)})
+    return list(fp_rows.values()) + rows
+
+
+def _fmt(key: str, value) -> str:
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}" if "IoU" in key else f"{value:.1f}"
+    return str(value)
+
+
+def to_markdown(rows: list[dict], columns: list[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(c, r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sweep_dir", type=Path)
+    parser.add_argument("--out", type=Path, default=None, help="basename for .md and .csv (default: <sweep>/table)")
+    args = parser.parse_args(argv)
+    if not args.sweep_dir.is_dir():
+        print(f"error: {args.sweep_dir} is not a directory", file=sys.stderr)
+        return 2
+    rows = collect_rows(args.sweep_dir)
+    if not rows:
+        print(f"error: no run dirs (status.json) under {args.sweep_dir}", file=sys.stderr)
+        return 2
+    columns = [c for c in COLUMNS if c != "run_dir" and any(r.get(c) not in (None, "") for r in rows)]
+    out = args.out or args.sweep_dir / "table"
+    out.with_suffix(".md").write_text(to_markdown(rows, columns) + "\n")
+    with open(out.with_suffix(".csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    print(to_markdown(rows, columns))
+    print(f"\nwrote {out.with_suffix('.md')} and {out.with_suffix('.csv')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
