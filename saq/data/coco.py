@@ -92,9 +92,10 @@ def _matches(image: Mapping[str, Any], where: Mapping[str, Any] | None) -> bool:
     return not where or all(image.get(k) == v for k, v in where.items())
 
 
-def load_coco_set(name: str, images: str | Path, annotations: str | Path,
-                  where: Mapping[str, Any] | None = None) -> tuple[list[dict], list[dict], list[dict], Path]:
-    """Read one annotation file; ``where`` keeps images whose fields equal the given values."""
+def load_coco_set(name: str, images: str | Path, annotations: str | Path, where: Mapping[str, Any] | None = None,
+                  max_images: int | None = None) -> tuple[list[dict], list[dict], list[dict], Path]:
+    """Read one annotation file; ``where`` keeps images whose fields equal the given values and
+    ``max_images`` the first N of those (by image id)."""
     images_dir, ann_path = Path(images).expanduser(), Path(annotations).expanduser()
     if not images_dir.is_dir():
         raise DatasetError(f"image folder not found for data set '{name}': {images_dir}. Set data.images")
@@ -106,6 +107,8 @@ def load_coco_set(name: str, images: str | Path, annotations: str | Path,
     imgs = [img for img in data["images"] if _matches(img, where)]
     if where and not imgs:
         raise DatasetError(f"{ann_path}: no image matches data.where={dict(where)}")
+    if max_images is not None:
+        imgs = sorted(imgs, key=lambda img: img["id"])[: int(max_images)]
     return imgs, data["annotations"], data["categories"], images_dir
 
 
@@ -122,7 +125,7 @@ def build_dataset(sets: list[Mapping[str, Any]]) -> CocoInstances:
         name = spec["name"]
         names.append(name)
         raw_images, raw_anns, raw_cats, images_dir = load_coco_set(name, spec["images"], spec["annotations"],
-                                                                    spec.get("where"))
+                                                                    spec.get("where"), spec.get("max_images"))
         single = len(sets) == 1
         cat_map = {}
         for cat in raw_cats:
@@ -149,5 +152,5 @@ def build_dataset(sets: list[Mapping[str, Any]]) -> CocoInstances:
 
 def dataset_from_config(cfg: Mapping[str, Any]) -> CocoInstances:
     """``data`` config node: one set (name/images/annotations/where) plus optional ``extra`` sets."""
-    main = {k: cfg.get(k) for k in ("name", "images", "annotations", "where")}
+    main = {k: cfg.get(k) for k in ("name", "images", "annotations", "where", "max_images")}
     return build_dataset([main, *list(cfg.get("extra") or [])])

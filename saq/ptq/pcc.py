@@ -164,6 +164,14 @@ class PCCResult:
         """The records of the final pass: the ranges the model ends up with."""
         return last_pass_records(self.records)
 
+    def table_rows(self) -> list[dict[str, Any]]:
+        """One flat row per record (for ``RunLogger.log_table``; the full curves are in ``to_json``)."""
+        return [{"pass": r.pass_index, "module": r.module, "point": r.point, "chosen_p": r.chosen_p,
+                 "chosen_lo": r.chosen_range[0], "chosen_hi": r.chosen_range[1],
+                 "initial_lo": r.initial_range[0], "initial_hi": r.initial_range[1],
+                 "mse_lo": r.mse_range[0], "mse_hi": r.mse_range[1],
+                 "loss_no_clip": r.loss_no_clip, "loss_chosen": r.loss_chosen} for r in self.records]
+
     def to_json(self) -> dict[str, Any]:
         return {"theta": self.theta, "passes": self.passes, "num_items": self.num_items, "time_s": self.time_s,
                 "records": [r.to_json() for r in self.records]}
@@ -263,6 +271,40 @@ def _mse_range(q: FakeQuantizer, xs: list[torch.Tensor], call_items: list[int], 
     return float(lo), float(hi)
 
 
+def _search_point(record_base: dict[str, Any], attention: nn.Module, q: FakeQuantizer,
+                  calls: list[tuple[tuple, dict]], fp_maps: list[torch.Tensor], call_items: list[int],
+                  num_items: int, theta: float, percentiles: list[float]) -> PCCRecord:
+    """Try every clip candidate on ``q`` (re-running only ``attention``), keep the best one set and enabled.
+
+    ``record_base`` holds the record's module, point, pass_index and initial_range.
+    """
+    with _first_inputs(q) as xs:
+        for args, kwargs in calls:
+            attention(*args, **kwargs)
+    x_all = torch.cat([x.reshape(-1) for x in xs])
+
+    def score() -> float:
+        return _attention_loss(attention, calls, fp_maps, call_items, num_items, theta)
+
+    candidates = clip_candidates(x_all, percentiles)
+    q.set_mode(QuantMode.QUANTIZE)
+    losses = []
+    for _, lo, hi in candidates:
+        q.set_range(lo, hi)
+        losses.append(score())
+    if 1.0 in percentiles:
+        loss_no_clip = losses[percentiles.index(1.0)]
+    else:  # measured for the record only, not a candidate
+        q.set_range(x_all.min(), x_all.max())
+        loss_no_clip = score()
+    best = best_candidate(percentiles, losses)
+    p, lo, hi = candidates[best]
+    q.set_range(lo, hi)  # stays in QUANTIZE: later searches see it fixed
+    return PCCRecord(**record_base, percentiles=list(percentiles), losses=losses, chosen_p=p,
+                     chosen_range=(float(lo), float(hi)), mse_range=_mse_range(q, xs, call_items, num_items), loss_no_clip=loss_no_clip,
+                     loss_chosen=losses[best])
+
+
 # search -------------------------------------------------------------------------------------------
 @torch.no_grad()
 def pcc_search_(model: nn.Module, items: list[CalibrationItem], theta: float = 0.5,
@@ -309,46 +351,26 @@ def pcc_search_(model: nn.Module, items: list[CalibrationItem], theta: float = 0
             if len(fp_maps[n]) != len(call_items):
                 raise RuntimeError(f"{n} ran {len(fp_maps[n])} times for {len(call_items)} decoder calls")
 
-        steps = passes * len(quantizers)
-        bar = tqdm(total=steps, desc="pcc", disable=not show_progress, leave=False)
-        for pass_index in range(passes):
-            for name in modules:
-                attention = model.get_submodule(name)
-                # A module's inputs depend only on quantizers upstream of it, never on its own, so one
-                # capture serves all its points (it equals a fresh capture before each point).
-                with _call_inputs(attention) as calls:
-                    _decode_all(model, encoded, items)
-                for point in PCC_POINTS:
-                    q = quantizers.get((name, point))
-                    if q is None:
-                        continue
-                    with _first_inputs(q) as xs:
-                        for args, kwargs in calls:
-                            attention(*args, **kwargs)
-                    x_all = torch.cat([x.reshape(-1) for x in xs])
-                    candidates = clip_candidates(x_all, percentiles)
-                    q.set_mode(QuantMode.QUANTIZE)
-                    losses = []
-                    for _, lo, hi in candidates:
-                        q.set_range(lo, hi)
-                        losses.append(_attention_loss(attention, calls, fp_maps[name], call_items, num_items, theta))
-                    if 1.0 in percentiles:
-                        loss_no_clip = losses[percentiles.index(1.0)]
-                    else:  # measured for the record only, not a candidate
-                        q.set_range(x_all.min(), x_all.max())
-                        loss_no_clip = _attention_loss(attention, calls, fp_maps[name], call_items, num_items, theta)
-                    best = best_candidate(percentiles, losses)
-                    p, lo, hi = candidates[best]
-                    q.set_range(lo, hi)  # stays in QUANTIZE: later searches see it fixed
-                    result.records.append(PCCRecord(
-                        module=name, point=point, pass_index=pass_index, percentiles=list(percentiles),
-                        losses=losses, chosen_p=p, chosen_range=(float(lo), float(hi)),
-                        initial_range=initial[(name, point)],
-                        mse_range=_mse_range(q, xs, call_items, num_items),
-                        loss_no_clip=loss_no_clip, loss_chosen=losses[best]))
-                    bar.update(1)
-                    bar.set_postfix(module=name.rsplit(".", 1)[-1], p=p, loss=f"{losses[best]:.3f}")
-                del calls
-        bar.close()
+        with tqdm(total=passes * len(quantizers), desc="pcc", disable=not show_progress, leave=False) as bar:
+            for pass_index in range(passes):
+                for name in modules:
+                    attention = model.get_submodule(name)
+                    # A module's inputs depend only on quantizers upstream of it, never on its own, so one
+                    # capture serves all its points (it equals a fresh capture before each point).
+                    with _call_inputs(attention) as calls:
+                        _decode_all(model, encoded, items)
+                    for point in PCC_POINTS:
+                        q = quantizers.get((name, point))
+                        if q is None:
+                            continue
+                        base = {"module": name, "point": point, "pass_index": pass_index,
+                                "initial_range": initial[(name, point)]}
+                        record = _search_point(base, attention, q, calls, fp_maps[name], call_items, num_items,
+                                               theta, percentiles)
+                        result.records.append(record)
+                        bar.update(1)
+                        bar.set_postfix(module=name.rsplit(".", 1)[-1], p=record.chosen_p,
+                                        loss=f"{record.loss_chosen:.3f}")
+                    del calls
     result.time_s = time.perf_counter() - start
     return result
