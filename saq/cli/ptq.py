@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import hydra
@@ -23,5 +24,13 @@ def main(cfg: DictConfig) -> float:
     return metrics["quantized"]["mask_AP"]  # the sweep objective
 
 
-if __name__ == "__main__":
+def demo_or_main() -> None:
+    """``python -m saq.ptq`` with no arguments runs the offline demo sweep (experiment=demo)."""
+    if len(sys.argv) == 1:
+        print("[saq] no arguments: running the offline demo (python -m saq.ptq -m experiment=demo)")
+        sys.argv += ["-m", "experiment=demo"]
     main()
+
+
+if __name__ == "__main__":
+    demo_or_main()

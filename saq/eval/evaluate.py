@@ -60,6 +60,7 @@ def evaluate(model: torch.nn.Module, dataset: CocoInstances, prompts: dict[int, 
             rle = encode_mask(mask)
             image_rles.append(rle)
             record = {"image_id": img.id, "category_id": prompt.category_id, "score": prompt.score * iou,
+                      "box": list(prompt.box_xyxy),
                       "iou_pred": iou, "segmentation": rle, "iou_gt": None}
             if prompt.ann_id is not None:
                 gt = gts[prompt.ann_id]
@@ -71,8 +72,8 @@ def evaluate(model: torch.nn.Module, dataset: CocoInstances, prompts: dict[int, 
                                                   if not g.get("iscrowd", 0)]))
     if not records:
         raise ValueError(f"{desc}: no image has a prompt ({skipped} images without prompts); check prompts=")
-    detections = [{k: r[k] for k in ("image_id", "category_id", "score", "segmentation")} for r in records]
-    metrics = coco_mask_ap(dataset.to_coco_dict(), detections)
+    result = EvalResult(records, {})
+    metrics = coco_mask_ap(dataset.to_coco_dict(), detections(result))
     metrics["mIoU"] = float(np.mean(ious)) if ious else float("nan")
     metrics["num_images"] = n_images
     metrics["num_prompts"] = len(records)
@@ -80,6 +81,31 @@ def evaluate(model: torch.nn.Module, dataset: CocoInstances, prompts: dict[int, 
     timing = {"encoder_s_per_image": t_encoder / max(n_images, 1), "decoder_s_per_image": t_decoder / max(n_images, 1),
               "decoder_s_per_prompt": t_decoder / max(len(records), 1)}
     return EvalResult(records, metrics, timing)
+
+
+def detections(result: EvalResult) -> list[dict[str, Any]]:
+    """The records in COCO results format."""
+    return [{k: r[k] for k in ("image_id", "category_id", "score", "segmentation")} for r in result.records]
+
+
+def save_examples(path, dataset: CocoInstances, fp: EvalResult, quantized: EvalResult, title: str,
+                  count: int = 4):
+    """Side-by-side PNG (image + box, FP mask, quantized mask) for up to ``count`` prompts of the
+    evaluated image with the most prompts (ties: the first)."""
+    from saq.eval.metrics import mask_iou
+    from saq.eval.visualize import rle_to_mask, save_side_by_side
+
+    by_image: dict[int, list[int]] = {}
+    for i, r in enumerate(fp.records):
+        by_image.setdefault(r["image_id"], []).append(i)
+    image_id = max(by_image, key=lambda k: len(by_image[k]))
+    picks = by_image[image_id][:count]
+    return save_side_by_side(
+        path, load_image(dataset.image(image_id).path), [tuple(fp.records[i]["box"]) for i in picks],
+        [rle_to_mask(fp.records[i]["segmentation"]) for i in picks],
+        [rle_to_mask(quantized.records[i]["segmentation"]) for i in picks], q_title=title,
+        ious=[mask_iou(fp.records[i]["segmentation"], quantized.records[i]["segmentation"]) for i in picks],
+        max_prompts=count)
 
 
 def per_set_metrics(dataset: CocoInstances, result: EvalResult) -> dict[str, dict[str, float]]:

@@ -1,4 +1,4 @@
-from saq.cli.ptq import main
+from saq.cli.ptq import demo_or_main
 
 if __name__ == "__main__":
-    main()
+    demo_or_main()

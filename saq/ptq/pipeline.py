@@ -13,8 +13,12 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from saq.data import dataset_from_config, prompts_from_config, select_calibration
+from saq.data import select_calibration
+from saq.data.sources import dataset_from_config, prompts_from_config
 from saq.eval import add_fidelity, evaluate, per_set_metrics
+from saq.eval.evaluate import detections, save_examples
+from saq.eval.metrics import coco_mask_ap, fidelity
+from saq.eval.pseudo_gt import pseudo_ground_truth
 from saq.eval.cache import cached_evaluation, fp_cache_key
 from saq.export import save_quantized
 from saq.models import build_model
@@ -101,22 +105,27 @@ def run_ptq(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict[str, Any]
     device = resolve_device(str(cfg.runtime.device))
     progress = bool(cfg.runtime.progress)
 
+    model = build_model(config["model"]).to(device)
     eval_set = dataset_from_config(config["data"])
-    eval_prompts = prompts_from_config(config["prompts"], eval_set)
+    eval_prompts = prompts_from_config(config["prompts"], eval_set, model, progress)
     calib_set = dataset_from_config(config["calib"]["data"])
-    calib_prompts = prompts_from_config(config["calib"]["prompts"], calib_set)
+    calib_prompts = prompts_from_config(config["calib"]["prompts"], calib_set, model, progress)
     calib_items = select_calibration(calib_set, calib_prompts, int(cfg.calib.num_images), str(cfg.calib.strategy),
                                      int(cfg.calib.seed), int(cfg.calib.max_prompts_per_image))
     if cfg.calib.exclude_from_eval:  # hold the calibration images out of evaluation (by file)
         used = {item.image.path for item in calib_items}
         eval_set = eval_set.subset(img.id for img in eval_set.images if img.path not in used)
 
-    model = build_model(config["model"]).to(device)
     fp_key = fp_cache_key(config["model"], config["data"], config["prompts"], [i.id for i in eval_set.images],
                           device.type)
     cache_dir = Path(cfg.eval.fp_cache_dir) if cfg.eval.cache_fp else None
     fp, fp_cached = cached_evaluation(cache_dir, fp_key, lambda: evaluate(
         model, eval_set, eval_prompts, "eval fp", int(cfg.eval.prompt_batch), progress))
+    labelled = bool(eval_set.annotations)
+    if not labelled:  # no labels: the FP masks are the ground truth (fidelity evaluation)
+        eval_set, eval_prompts = pseudo_ground_truth(eval_set, eval_prompts, fp)
+        fp.metrics.update(coco_mask_ap(eval_set.to_coco_dict(), detections(fp)),
+                          mIoU=fidelity(fp.masks(), fp.masks()))
     logger.log_metrics({f"eval/fp/{k}": v for k, v in fp.metrics.items()})
 
     recipe = str(cfg.ptq.name)
@@ -143,6 +152,10 @@ def run_ptq(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict[str, Any]
     logger.log_metrics({f"eval/quantized/{k}": v for k, v in quantized.metrics.items()})
 
     config["calib"]["selected"] = [str(item.image.path) for item in calib_items]  # lets saq.eval rebuild the split
+    if cfg.eval.side_by_side and cfg.ptq.quantize:
+        path = save_examples(run_dir / "side_by_side.png", eval_set, fp, quantized, f"{cfg.quant.name} {recipe}",
+                             int(cfg.eval.side_by_side))
+        logger.log_image("eval/side_by_side", path)
     checkpoint = save_quantized(run_dir / "quantized.pt", model.cpu(), layout, config) if cfg.eval.save_checkpoint else None
     metrics = {
         "recipe": recipe,
@@ -153,6 +166,7 @@ def run_ptq(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict[str, Any]
         "deployable": bool(cfg.ptq.quantize),
         "wall_time_s": time.perf_counter() - start,
         "fp_from_cache": fp_cached,
+        "ground_truth": "labels" if labelled else "fp_masks",
         "per_set": {"fp": per_set_metrics(eval_set, fp), "quantized": per_set_metrics(eval_set, quantized)},
         "eval_images": len(eval_set.images),
         "eval_prompts": quantized.metrics["num_prompts"],
@@ -172,6 +186,8 @@ def run_ptq(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict[str, Any]
     logger.log_summary({"fp/mask_AP": metrics["fp"]["mask_AP"], "quantized/mask_AP": metrics["quantized"]["mask_AP"],
                         "quantized/mIoU": metrics["quantized"]["mIoU"], "wall_time_s": metrics["wall_time_s"]})
     print("\n" + format_table(rows))
+    if (run_dir / "side_by_side.png").is_file():
+        print(f"  side-by-side masks: {run_dir / 'side_by_side.png'}")
     print(f"\nrun dir: {run_dir}\n  metrics: {run_dir / 'metrics.json'}" +
           (f"\n  quantized checkpoint: {checkpoint}" if checkpoint else ""))
     return metrics
