@@ -59,10 +59,20 @@ def quantize_to_int(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tens
 
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
     """Quantize-dequantize with straight-through rounding (gradients reach x and scale)."""
-    if not torch.is_grad_enabled() or not (x.requires_grad or scale.requires_grad):
+    if (not torch.is_grad_enabled() or not (x.requires_grad or scale.requires_grad)) and _native_layout(x, scale):
         return _fake_quantize_native(x, scale, zero_point, qmin, qmax)
     q = torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax)
     return (q - zero_point) * scale
+
+
+def _native_layout(x: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Per-tensor, or per-channel along one axis of x: the layouts the fused kernels accept."""
+    if scale.numel() == 1:
+        return True
+    if scale.ndim != x.ndim:
+        return False
+    axes = [d for d, n in enumerate(scale.shape) if n != 1]
+    return len(axes) == 1 and scale.shape[axes[0]] == x.shape[axes[0]]
 
 
 def _fake_quantize_native(x, scale, zero_point, qmin, qmax) -> torch.Tensor:

@@ -1,0 +1,65 @@
+"""Every recipe runs end to end through the CLI on the tiny model and deploys honestly."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from test_pipeline import read, run
+
+FAST_RECON = ["ptq.recon.iters=4", "ptq.recon.best_window=2"]
+
+
+@pytest.mark.parametrize("recipe,extra", [
+    ("ptq4sam_s", []),
+    ("brecq", FAST_RECON),
+    ("qdrop", FAST_RECON + ["eval.reference_protocol=true"]),
+    ("ptq4sam_l", FAST_RECON),
+    ("saq_star", ["ptq.pcc.passes=1", "ptq.pcc.percentiles=[0.9,0.99,1.0]"]),
+    ("saq_sam", FAST_RECON + ["ptq.recon.final_attn_iters=4", "ptq.pcc.passes=1", "ptq.pcc.percentiles=[0.9,1.0]"]),
+])
+def test_recipe_runs_and_deploys(recipe, extra, tmp_path):
+    run_dir = tmp_path / recipe
+    run("saq.ptq", "debug=fast", "quant=w4a4", f"ptq={recipe}", *extra, f"hydra.run.dir={run_dir}")
+    metrics = read(run_dir / "metrics.json")
+    assert metrics["recipe"] == recipe and metrics["deployable"] is True
+    stages = metrics["stages"]
+    if "reconstruct" in stages:
+        assert stages["reconstruct"] and all(u["iters"] > 0 for u in stages["reconstruct"])
+        assert (run_dir / "recon_state.pt").is_file()
+    if "pcc" in stages:
+        assert (run_dir / "pcc" / "search.json").is_file() and list((run_dir / "pcc").glob("*.png"))
+    if recipe == "qdrop":
+        ref = metrics["reference_protocol"]
+        assert set(ref) >= {"mask_AP", "mIoU"} and "QDrop" in ref["note"]
+
+
+def test_unlabeled_folder_with_auto_prompts(tmp_path):
+    from PIL import Image
+    import numpy as np
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for i, mode in enumerate(["RGB", "L", "RGBA"]):
+        Image.fromarray(rng.integers(0, 255, (60 + 10 * i, 80, 3), dtype=np.uint8)).convert(mode).save(photos / f"{i}.png")
+    run_dir = tmp_path / "run"
+    run("saq.ptq", "debug=fast", "data=folder", f"data.images={photos}", "prompts=auto", "prompts.pred_iou_thresh=-1e9",
+        "prompts.stability_thresh=-1e9", "prompts.max_prompts=3", "prompts.points_per_side=2", f"hydra.run.dir={run_dir}")
+    metrics = read(run_dir / "metrics.json")
+    assert metrics["ground_truth"] == "fp_masks"
+    assert metrics["fp"]["mIoU"] == 1.0 and metrics["fp"]["mask_AP"] == pytest.approx(100.0)
+    assert metrics["quantized"]["mIoU"] == pytest.approx(metrics["quantized"]["fidelity_mIoU"])
+    assert (run_dir / "side_by_side.png").is_file()
+
+
+@pytest.mark.slow
+def test_default_demo_job_end_to_end(tmp_path, vit_t_checkpoint):
+    sweep = tmp_path / "demo"
+    proc = run("saq.ptq", "-m", "experiment=demo", "quant=w8a8", "data.photos=[coffee]", "calib.data.photos=[chelsea]",
+               "calib.num_images=1", "prompts.points_per_side=4", f"hydra.sweep.dir={sweep}")
+    assert "1/1 jobs completed" in proc.stdout and "| fp32" in proc.stdout
+    metrics = read(sweep / "0" / "metrics.json")
+    assert metrics["model"] == "vit_t" and metrics["ground_truth"] == "fp_masks"
+    assert 0.5 < metrics["quantized"]["fidelity_mIoU"] <= 1.0
+    assert (sweep / "0" / "side_by_side.png").is_file()
