@@ -8,6 +8,7 @@ quantizers off, so no unit needs an output hook and the FP model is never copied
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -31,6 +32,7 @@ class ReconUnit:
     target_inputs: str = "fp"
     loss_weights: tuple[float, ...] | None = None  # per element of a tuple output
     kind: str = "block"  # block | stage | decoder_layer | final_attn | neck
+    feeds_next: bool = False  # the next unit's input is exactly this unit's output (lets runners chain)
 
 
 def _chain(names: list[str]) -> Run:
@@ -110,6 +112,9 @@ def encoder_units(model: nn.Module, granularity: str) -> list[ReconUnit]:
                 children.append(f"{lname}.downsample")
             for child in children:
                 units.append(ReconUnit(child, child, (child,), _chain([child]), "encoder"))
+    # Consecutive encoder units chain (an attention sub-block shares its input with its MLP sub-block
+    # instead); the neck sees a reshaped tensor, so the last unit before it does not.
+    units = [dataclasses.replace(u, feeds_next=not u.name.endswith(".attn")) for u in units[:-1]] + units[-1:]
     neck = f"{prefix}.neck"
     units.append(ReconUnit(neck, neck, (neck,), _chain([neck]), "encoder", kind="neck"))
     return units

@@ -9,7 +9,7 @@ from torch import nn
 
 from saq.data.calibration import CalibrationItem
 from saq.data.coco import load_image
-from saq.eval.predictor import decode_boxes, encode_image
+from saq.eval.predictor import EncodedImage, decode_boxes, encode_image
 
 
 def _detach(value: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
@@ -23,17 +23,24 @@ def _detach(value: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
     return value
 
 
-def run_items(model: nn.Module, items: list[CalibrationItem]) -> None:
-    """The full SAM forward (encoder + decoder with the item's boxes) for each item."""
-    for item in items:
-        encoded = encode_image(model, load_image(item.image.path))
-        decode_boxes(model, encoded, torch.tensor([p.box_xyxy for p in item.prompts]), return_masks=False)
+def run_items(model: nn.Module, items: list[CalibrationItem], encoded: list[EncodedImage] | None = None) -> None:
+    """The SAM forward for each item: encoder (unless ``encoded`` holds its output) + decoder with its boxes."""
+    for i, item in enumerate(items):
+        image = encoded[i] if encoded is not None else encode_image(model, load_image(item.image.path))
+        decode_boxes(model, image, torch.tensor([p.box_xyxy for p in item.prompts]), return_masks=False)
+
+
+@torch.no_grad()
+def encode_items(model: nn.Module, items: list[CalibrationItem]) -> list[EncodedImage]:
+    return [encode_image(model, load_image(item.image.path)) for item in items]
 
 
 @torch.no_grad()
 def capture_inputs(model: nn.Module, entries: list[str], items: list[CalibrationItem],
-                   cache_device: torch.device, cache_dtype: torch.dtype | None = None) -> dict[str, list[tuple]]:
-    """{entry: [(args, kwargs) per call]} for every call of each entry module while running ``items``."""
+                   cache_device: torch.device, cache_dtype: torch.dtype | None = None,
+                   encoded: list[EncodedImage] | None = None) -> dict[str, list[tuple]]:
+    """{entry: [(args, kwargs) per call]} for every call of each entry module while running ``items``
+    (decoder only when ``encoded`` gives the image embeddings)."""
     captured: dict[str, list[tuple]] = {name: [] for name in entries}
     handles = []
 
@@ -45,7 +52,7 @@ def capture_inputs(model: nn.Module, entries: list[str], items: list[Calibration
     try:
         for name in entries:
             handles.append(model.get_submodule(name).register_forward_pre_hook(hook_for(name), with_kwargs=True))
-        run_items(model, items)
+        run_items(model, items, encoded)
     finally:
         for handle in handles:
             handle.remove()

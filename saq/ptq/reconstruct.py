@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from saq.data.calibration import CalibrationItem
 from saq.engine.reconstruction import ReconSettings, UnitReconstruction, unit_quantizers
 from saq.models.units import ReconUnit, reconstruction_units
-from saq.ptq.capture import _detach, capture_inputs, to_device
+from saq.ptq.capture import _detach, capture_inputs, encode_items, to_device
 from saq.quant.quantizer import QuantMode, quant_mode, set_quant_mode
 from saq.utils.loggers import RunLogger
 
@@ -97,13 +97,23 @@ def reconstruct_(model: nn.Module, items: list[CalibrationItem], cfg: Mapping[st
     with quant_mode(model, QuantMode.OFF):
         fp_inputs = capture_inputs(model, sorted({u.entry for u in todo}), items, cache_device, cache_dtype)
     fabric = Fabric(accelerator=device.type, devices=1, precision=cfg.get("precision", "32-true"))
-    for unit in todo:
+    q_cache: dict[str, list] = {}  # quantized inputs known without a forward pass (chained units)
+    encoded = None  # quantized image embeddings, once the encoder is final
+    for position, unit in enumerate(todo):
         index = [u.name for u in units].index(unit.name)
         torch.manual_seed(seed * 100003 + index)  # per-unit seed: a resumed run repeats the same draws
         start = time.perf_counter()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        q_inputs = capture_inputs(model, [unit.entry], items, cache_device, cache_dtype)[unit.entry]
+        if unit.entry in q_cache:
+            q_inputs = q_cache[unit.entry]
+        else:
+            if unit.part == "decoder" and encoded is None:
+                with torch.no_grad():
+                    encoded = encode_items(model, items)  # every encoder unit comes before the decoder
+            q_inputs = capture_inputs(model, [unit.entry], items, cache_device, cache_dtype,
+                                      encoded if unit.part == "decoder" else None)[unit.entry]
+            q_cache = {unit.entry: q_inputs}
         target_inputs = q_inputs if unit.target_inputs == "quantized" else fp_inputs[unit.entry]
         targets = _targets(model, unit, target_inputs, device, cache_device, cache_dtype)
         unit_head = head if (head is not None and unit.kind == "stage") else None
@@ -146,6 +156,11 @@ def reconstruct_(model: nn.Module, items: list[CalibrationItem], cfg: Mapping[st
         if settings.keep_best and iters > 0:
             module.restore(best)
         module.finalize(model)
+        if unit.feeds_next and position + 1 < len(todo):
+            with torch.no_grad():  # the next unit's quantized input is this unit's (now frozen) output
+                q_cache[todo[position + 1].entry] = [
+                    ((_detach(unit.run(model, *to_device(inp, device)), cache_device, cache_dtype),), {})
+                    for inp in q_inputs]
         done.append(unit.name)
         stats.append({"unit": unit.name, "iters": iters, "first_loss": first_loss, "best_loss": best_loss,
                       "time_s": time.perf_counter() - start, "peak_memory_mb": _peak_memory_mb(device)})
