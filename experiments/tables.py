@@ -26,13 +26,16 @@ def _overrides(run_dir: Path) -> str:
     if not path.is_file():
         return ""
     items = yaml.safe_load(path.read_text()) or []
-    keep = [o for o in items if not o.startswith(("quant=", "ptq=", "hydra.", "logger", "runtime."))]
+    keep = [o for o in items if not o.startswith(("quant=", "ptq=", "hydra.", "logger", "runtime.", "experiment="))]
     return " ".join(keep)
 
 
 def collect_rows(sweep_dir: Path) -> list[dict]:
     rows, fp_rows = [], {}
-    for status_path in sorted(sweep_dir.glob("**/status.json")):
+    def job_order(path: Path) -> list:  # numeric job dirs in numeric order (2 before 10)
+        return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in path.relative_to(sweep_dir).parts]
+
+    for status_path in sorted(sweep_dir.glob("**/status.json"), key=job_order):
         run_dir = status_path.parent
         state = json.loads(status_path.read_text()).get("state")
         metrics_path = run_dir / "metrics.json"
