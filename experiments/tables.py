@@ -1,6 +1,6 @@
 """Turn the run dirs of a sweep into a paper-style table (markdown + CSV), FP row first.
 
-    python experiments/tables.py outputs/ptq/multiruns/<timestamp> [--out table]
+    python experiments/tables.py outputs/ptq/multiruns/<timestamp> [more sweep dirs ...] [--out table]
 
 Each row is one run (quant, recipe, the overrides that distinguish it), with mask AP and mean IoU of
 the honest quantized model, the reference-protocol numbers where a run computed them, and wall time.
@@ -30,8 +30,14 @@ def _overrides(run_dir: Path) -> str:
     return " ".join(keep)
 
 
-def collect_rows(sweep_dir: Path) -> list[dict]:
+def collect_rows(sweep_dirs: list[Path]) -> list[dict]:
     rows, fp_rows = [], {}
+    for sweep_dir in sweep_dirs:
+        _collect(sweep_dir, rows, fp_rows)
+    return list(fp_rows.values()) + rows
+
+
+def _collect(sweep_dir: Path, rows: list[dict], fp_rows: dict) -> None:
     def job_order(path: Path) -> list:  # numeric job dirs in numeric order (2 before 10)
         return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in path.relative_to(sweep_dir).parts]
 
@@ -51,7 +57,6 @@ def collect_rows(sweep_dir: Path) -> list[dict]:
         rows.append({"model": m["model"], "quant": m["quant"], "recipe": m["recipe"], "variant": _overrides(run_dir),
                      **m["quantized"], "ref_mask_AP": ref.get("mask_AP"), "ref_mIoU": ref.get("mIoU"),
                      "wall_time_s": m.get("wall_time_s"), "state": state, "run_dir": str(run_dir)})
-    return list(fp_rows.values()) + rows
 
 
 def _fmt(key: str, value) -> str:
@@ -70,18 +75,19 @@ def to_markdown(rows: list[dict], columns: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("sweep_dir", type=Path)
-    parser.add_argument("--out", type=Path, default=None, help="basename for .md and .csv (default: <sweep>/table)")
+    parser.add_argument("sweep_dirs", type=Path, nargs="+")
+    parser.add_argument("--out", type=Path, default=None, help="basename for .md and .csv (default: <first sweep>/table)")
     args = parser.parse_args(argv)
-    if not args.sweep_dir.is_dir():
-        print(f"error: {args.sweep_dir} is not a directory", file=sys.stderr)
+    missing = [d for d in args.sweep_dirs if not d.is_dir()]
+    if missing:
+        print(f"error: not a directory: {', '.join(map(str, missing))}", file=sys.stderr)
         return 2
-    rows = collect_rows(args.sweep_dir)
+    rows = collect_rows(args.sweep_dirs)
     if not rows:
-        print(f"error: no run dirs (status.json) under {args.sweep_dir}", file=sys.stderr)
+        print(f"error: no run dirs (status.json) under {', '.join(map(str, args.sweep_dirs))}", file=sys.stderr)
         return 2
     columns = [c for c in COLUMNS if c != "run_dir" and any(r.get(c) not in (None, "") for r in rows)]
-    out = args.out or args.sweep_dir / "table"
+    out = args.out or args.sweep_dirs[0] / "table"
     out.with_suffix(".md").write_text(to_markdown(rows, columns) + "\n")
     with open(out.with_suffix(".csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")

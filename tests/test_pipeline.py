@@ -66,6 +66,12 @@ def test_sweep_prints_and_writes_summary(tmp_path):
     assert "| w8a8" in summary and "| w4a4" in summary and summary.count("| fp32") == 1
     assert {p.parent.name for p in sweep.glob("*/metrics.json")} == {"0", "1"}
 
+    table = subprocess.run([sys.executable, str(ROOT / "experiments" / "tables.py"), str(sweep)], capture_output=True,
+                           text=True, check=True).stdout
+    lines = [line for line in table.splitlines() if line.startswith("| tiny")]
+    assert [line.split("|")[3].strip() for line in lines] == ["fp32", "w8a8", "w4a4"]  # FP row first
+    assert (sweep / "table.md").is_file() and (sweep / "table.csv").is_file()
+
 
 @pytest.mark.slow
 def test_vit_t_coco8_fp_reproduced_and_w8a8_close(tmp_path, vit_t_checkpoint, coco8):
