@@ -26,7 +26,7 @@ def test_recipe_runs_and_deploys(recipe, extra, tmp_path):
     stages = metrics["stages"]
     if "reconstruct" in stages:
         assert stages["reconstruct"] and all(u["iters"] > 0 for u in stages["reconstruct"])
-        assert (run_dir / "recon_state.pt").is_file()
+        assert (run_dir / "recon_state.pt").is_file() and (run_dir / "recon_curves.png").is_file()
     if "pcc" in stages:
         assert (run_dir / "pcc" / "search.json").is_file() and list((run_dir / "pcc").glob("*.png"))
     if recipe == "qdrop":

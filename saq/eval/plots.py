@@ -140,3 +140,26 @@ def save_pcc_plots(result: PCCResult, out_dir: Path) -> list[Path]:
              for i, r in enumerate(last)]
     paths.append(plot_chosen_ranges(last, out_dir / "pcc_ranges.png"))
     return paths
+
+
+def plot_recon_curves(units: list[dict], path: Path) -> Path:
+    """Reconstruction loss against the global step, one line per unit (log scale), from the per-unit
+    statistics of :func:`saq.ptq.reconstruct.reconstruct_`."""
+    fig = Figure(figsize=(9, 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for unit in units:
+        curve = unit.get("curve") or []
+        if curve:
+            steps, losses = zip(*curve)
+            ax.plot(steps, losses, label=unit["unit"].replace("image_encoder.", "enc.").replace("mask_decoder.", "dec."))
+    ax.set_yscale("log")
+    ax.set_xlabel("global step")
+    ax.set_ylabel("reconstruction loss (window mean)")
+    ax.set_title("reconstruction loss per unit")
+    if ax.lines:
+        ax.legend(fontsize=6, ncol=2, loc="upper right")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, bbox_inches="tight")
+    return path

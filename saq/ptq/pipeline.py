@@ -68,8 +68,12 @@ def run_stages(model, calib_items, config: dict[str, Any], run_dir: Path, logger
         elif stage == "reconstruct":
             from saq.ptq.reconstruct import reconstruct_
 
-            info["reconstruct"] = reconstruct_(model, calib_items, config["ptq"]["recon"], run_dir, logger,
-                                               int(config["seed"]), progress)
+            from saq.eval.plots import plot_recon_curves
+
+            units = reconstruct_(model, calib_items, config["ptq"]["recon"], run_dir, logger, int(config["seed"]),
+                                 progress)
+            logger.log_image("recon/curves", plot_recon_curves(units, run_dir / "recon_curves.png"))
+            info["reconstruct"] = [{k: v for k, v in u.items() if k != "curve"} for u in units]
         else:
             raise ValueError(f"ptq.stages: unknown stage {stage!r} (bimodal, calibrate, reconstruct)")
     return info

@@ -133,7 +133,7 @@ def reconstruct_(model: nn.Module, items: list[CalibrationItem], cfg: Mapping[st
         # cosine decay applies to the activation-step optimizer (the last one when it exists)
         schedulers = [module.make_scheduler(optimizers[-1])] if len(module.scales) else []
         iters = unit_settings.iters if optimizers else 0
-        best, best_loss, window = module.snapshot(), float("inf"), []
+        best, best_loss, window, curve = module.snapshot(), float("inf"), [], []
         first_loss = None
         bar = tqdm(range(iters), desc=f"recon {unit.name}", disable=not show_progress, leave=False)
         for step in bar:
@@ -152,6 +152,7 @@ def reconstruct_(model: nn.Module, items: list[CalibrationItem], cfg: Mapping[st
                                     f"recon/{unit.name}/beta": out["beta"], f"recon/{unit.name}/lr_act": lr,
                                     "recon/loss": mean}, step=global_step)
                 bar.set_postfix(loss=f"{mean:.4g}")
+                curve.append([global_step, mean])
                 window = []
         if settings.keep_best and iters > 0:
             module.restore(best)
@@ -163,7 +164,8 @@ def reconstruct_(model: nn.Module, items: list[CalibrationItem], cfg: Mapping[st
                     for inp in q_inputs]
         done.append(unit.name)
         stats.append({"unit": unit.name, "iters": iters, "first_loss": first_loss, "best_loss": best_loss,
-                      "time_s": time.perf_counter() - start, "peak_memory_mb": _peak_memory_mb(device)})
+                      "time_s": time.perf_counter() - start, "peak_memory_mb": _peak_memory_mb(device),
+                      "curve": curve})
         logger.log_metrics({f"recon/{unit.name}/time_s": stats[-1]["time_s"],
                             f"recon/{unit.name}/peak_memory_mb": stats[-1]["peak_memory_mb"]}, step=global_step)
         state.save(model, done, global_step, stats)
