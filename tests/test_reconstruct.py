@@ -14,7 +14,7 @@ from saq.ptq.reconstruct import STATE_FILE, reconstruct_
 from saq.quant import QuantMode, QuantSpec, quant_mode, set_quant_mode
 from saq.utils.loggers import RunLogger
 
-RULES = [QuantRule("prompt_encoder*"), QuantRule("image_encoder.patch_embed*"),
+RULES = [QuantRule("prompt_encoder*"), QuantRule("image_encoder.patch_embed*"), QuantRule("image_encoder.head*"),
          QuantRule("mask_decoder.output_upscaling*"), QuantRule("mask_decoder.output_hypernetworks_mlps*"),
          QuantRule("mask_decoder.iou_prediction_head*"),
          QuantRule("*", QuantSpec(4, granularity="channel", observer="minmax"), QuantSpec(4, observer="minmax"))]
@@ -101,3 +101,24 @@ def test_killed_run_resumes_identically(items, tmp_path):
     a, b = full.state_dict(), resumed.state_dict()
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_vit_t_reconstruction_few_iterations(vit_t_checkpoint, coco8, tmp_path):
+    """Real TinyViT units (a block, a downsample, a decoder layer) reconstruct and deploy."""
+    from saq.models import build_model
+
+    ds = dataset_from_config(coco8)
+    items = select_calibration(ds, gt_prompts(ds), 1, "first", max_prompts_per_image=2)
+    model = build_model({"name": "vit_t", "checkpoint": str(vit_t_checkpoint)})
+    quantize_(model, RULES)
+    calibrate_(model, items, show_progress=False)
+    wanted = {"image_encoder.layers.1.blocks.0", "image_encoder.layers.1.downsample", "mask_decoder.transformer.layers.1"}
+    units = [u for u in reconstruction_units(model, "block") if u.name in wanted]
+    assert {u.name for u in units} == wanted
+    stats = reconstruct_(model, items, {**RECON, "iters": 4, "best_window": 2}, tmp_path, RunLogger(tmp_path),
+                         show_progress=False, units=units)
+    assert [s["unit"] for s in stats] == [u.name for u in units]
+    harden_weights_(model)
+    set_quant_mode(model, QuantMode.QUANTIZE)
+    assert assert_deployable(model.eval()) > 0

@@ -32,7 +32,7 @@ class ReconUnit:
     target_inputs: str = "fp"
     loss_weights: tuple[float, ...] | None = None  # per element of a tuple output
     kind: str = "block"  # block | stage | decoder_layer | final_attn | neck
-    feeds_next: bool = False  # the next unit's input is exactly this unit's output (lets runners chain)
+    feeds: str | None = None  # entry whose input is exactly this unit's output (lets runners chain units)
 
 
 def _chain(names: list[str]) -> Run:
@@ -114,7 +114,8 @@ def encoder_units(model: nn.Module, granularity: str) -> list[ReconUnit]:
                 units.append(ReconUnit(child, child, (child,), _chain([child]), "encoder"))
     # Consecutive encoder units chain (an attention sub-block shares its input with its MLP sub-block
     # instead); the neck sees a reshaped tensor, so the last unit before it does not.
-    units = [dataclasses.replace(u, feeds_next=not u.name.endswith(".attn")) for u in units[:-1]] + units[-1:]
+    units = [dataclasses.replace(u, feeds=None if u.name.endswith(".attn") else nxt.entry)
+             for u, nxt in zip(units[:-1], units[1:])] + units[-1:]
     neck = f"{prefix}.neck"
     units.append(ReconUnit(neck, neck, (neck,), _chain([neck]), "encoder", kind="neck"))
     return units

@@ -157,7 +157,7 @@ def reconstruct_(model: nn.Module, items: list[CalibrationItem], cfg: Mapping[st
         if settings.keep_best and iters > 0:
             module.restore(best)
         module.finalize(model)
-        if unit.feeds_next and position + 1 < len(todo):
+        if position + 1 < len(todo) and unit.feeds == todo[position + 1].entry:
             with torch.no_grad():  # the next unit's quantized input is this unit's (now frozen) output
                 q_cache[todo[position + 1].entry] = [
                     ((_detach(unit.run(model, *to_device(inp, device)), cache_device, cache_dtype),), {})
