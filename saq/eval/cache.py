@@ -12,6 +12,9 @@ import torch
 from saq.eval.evaluate import EvalResult
 
 
+CACHE_FORMAT = 2  # bump when EvalResult records change shape, so older cache files are not reused
+
+
 def fp_cache_key(model_cfg: dict[str, Any], data_cfg: Any, prompts_cfg: Any, image_ids: list[int],
                  device: str) -> str:
     checkpoint = model_cfg.get("checkpoint")
@@ -20,7 +23,7 @@ def fp_cache_key(model_cfg: dict[str, Any], data_cfg: Any, prompts_cfg: Any, ima
         stat = Path(checkpoint).expanduser().stat()
         fingerprint = [stat.st_size, int(stat.st_mtime)]
     blob = json.dumps({"model": model_cfg, "weights": fingerprint, "data": data_cfg, "prompts": prompts_cfg,
-                       "images": image_ids, "device": device, "torch": torch.__version__}, sort_keys=True, default=str)
+                       "images": image_ids, "device": device, "torch": torch.__version__, "format": CACHE_FORMAT}, sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
