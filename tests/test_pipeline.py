@@ -15,8 +15,8 @@ from saq.nn import assert_deployable
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(module, *overrides, check=True):
-    env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "1"}
+def run(module, *overrides, check=True, wandb_mode="disabled"):
+    env = {**os.environ, "WANDB_MODE": wandb_mode, "HYDRA_FULL_ERROR": "1"}
     proc = subprocess.run([sys.executable, "-m", module, *overrides, "runtime.progress=false"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
     if check and proc.returncode != 0:
@@ -47,6 +47,13 @@ def test_tiny_run_writes_outputs_and_eval_reproduces(tmp_path):
     run("saq.eval", f"ckpt_path={run_dir / 'quantized.pt'}", "logger=none", f"hydra.run.dir={eval_dir}")
     again = read(eval_dir / "metrics.json")
     assert again["quantized"] == {k: v for k, v in metrics["quantized"].items() if k != "fidelity_mIoU"}
+
+
+def test_wandb_offline_by_default(tmp_path):
+    run_dir = tmp_path / "run"
+    run("saq.ptq", "debug=fast", "logger=wandb", f"hydra.run.dir={run_dir}", wandb_mode="offline")
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
 
 
 def test_failed_run_reports_status(tmp_path):
