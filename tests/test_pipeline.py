@@ -76,7 +76,7 @@ def test_sweep_prints_and_writes_summary(tmp_path):
     table = subprocess.run([sys.executable, str(ROOT / "experiments" / "tables.py"), str(sweep)], capture_output=True,
                            text=True, check=True).stdout
     lines = [line for line in table.splitlines() if line.startswith("| tiny")]
-    assert [line.split("|")[3].strip() for line in lines] == ["fp32", "w8a8", "w4a4"]  # FP row first
+    assert [line.split("|")[2].strip() for line in lines] == ["fp32", "w8a8", "w4a4"]  # FP row first
     assert (sweep / "table.md").is_file() and (sweep / "table.csv").is_file()
 
 
