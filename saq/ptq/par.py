@@ -2,15 +2,15 @@
 
 Layer skipping: a stage's output goes straight to the FP neck and then to the frozen FP two-way
 transformer together with the prompt tokens of that image; the loss compares the transformer's
-updated image tokens. This needs every stage to have the neck's input width (true for SAM's ViTs).
-TinyViT's stages have different widths and no projection to the neck, so ``vit_t`` falls back to
-the plain stage-output MSE (see ``supports_layer_skipping``).
+updated image tokens. It is defined for every stage whose output already has the neck's input shape
+(width and 64 x 64 grid): all stages of SAM's ViTs, and TinyViT's last two layers (320 channels on the
+64 x 64 grid). TinyViT's first two layers (128 channels on 128 x 128, 160 on 64 x 64) have no such
+path, and the reconstruction stage uses the plain stage-output MSE for them.
 """
 
 from __future__ import annotations
 
 import torch
-from segment_anything.modeling.image_encoder import ImageEncoderViT
 from segment_anything.utils.transforms import ResizeLongestSide
 from torch import nn
 
@@ -20,16 +20,25 @@ from saq.quant.quantizer import QuantMode, quant_mode
 HEAD_PREFIXES = ("image_encoder.neck.", "mask_decoder.")
 
 
-def supports_layer_skipping(model: nn.Module) -> bool:
-    return isinstance(model.image_encoder, ImageEncoderViT)
+def as_neck_input(model: nn.Module, stage_output: torch.Tensor) -> torch.Tensor | None:
+    """``stage_output`` as the neck's B x C x H x W input, or None if its shape cannot feed the neck.
+
+    ViT stages give B x H x W x C, TinyViT layers B x (H*W) x C tokens."""
+    channels = model.image_encoder.neck[0].in_channels
+    grid = tuple(model.prompt_encoder.image_embedding_size)
+    if stage_output.shape[-1] != channels:
+        return None
+    if stage_output.dim() == 4 and tuple(stage_output.shape[1:3]) == grid:
+        return stage_output.permute(0, 3, 1, 2)
+    if stage_output.dim() == 3 and stage_output.shape[1] == grid[0] * grid[1]:
+        return stage_output.reshape(stage_output.shape[0], *grid, channels).permute(0, 3, 1, 2)
+    return None
 
 
 class PromptAwareHead:
-    """Maps a stage output (1 x H x W x C) of calibration item ``i`` to the decoder's image tokens."""
+    """Maps a stage output of calibration item ``i`` to the decoder's updated image tokens."""
 
     def __init__(self, model: nn.Module, items: list[CalibrationItem]) -> None:
-        if not supports_layer_skipping(model):
-            raise ValueError("PAR layer skipping needs a ViT encoder whose stages share the neck's width")
         self.model = model
         device = next(model.parameters()).device
         transform = ResizeLongestSide(model.image_encoder.img_size)
@@ -41,11 +50,18 @@ class PromptAwareHead:
                 boxes = transform.apply_boxes_torch(boxes, (item.image.height, item.image.width))
                 self.prompts.append(model.prompt_encoder(points=None, boxes=boxes, masks=None))
 
+    def accepts(self, stage_output: torch.Tensor) -> bool:
+        """Whether layer skipping is defined for a stage with this output shape."""
+        return as_neck_input(self.model, stage_output) is not None
+
     def __call__(self, stage_output: torch.Tensor, i: int) -> torch.Tensor:
+        neck_input = as_neck_input(self.model, stage_output)
+        if neck_input is None:
+            raise ValueError(f"a stage output of shape {tuple(stage_output.shape)} cannot feed the neck")
         decoder = self.model.mask_decoder
         sparse, dense = self.prompts[i]
         with quant_mode(self.model, QuantMode.OFF, where=lambda name, q: name.startswith(HEAD_PREFIXES)):
-            embedding = self.model.image_encoder.neck(stage_output.permute(0, 3, 1, 2))
+            embedding = self.model.image_encoder.neck(neck_input)
             tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
             tokens = torch.cat([tokens.unsqueeze(0).expand(sparse.shape[0], -1, -1), sparse], dim=1)
             src = torch.repeat_interleave(embedding, tokens.shape[0], dim=0) + dense

@@ -79,13 +79,9 @@ def reconstruct_(model: nn.Module, items: list[CalibrationItem], cfg: Mapping[st
         model, cfg.get("granularity", "block"), tuple(cfg.get("parts", ("encoder", "decoder"))), settings.decoder_loss)
     head = None
     if settings.encoder_loss == "par":
-        from saq.ptq.par import PromptAwareHead, supports_layer_skipping
+        from saq.ptq.par import PromptAwareHead
 
-        if supports_layer_skipping(model):
-            head = PromptAwareHead(model, items)
-        else:
-            print("[saq] PAR: this encoder's stages differ in width from the neck (TinyViT); "
-                  "using the plain stage-output MSE instead")
+        head = PromptAwareHead(model, items)
     units = [u for u in units if unit_quantizers(model, u)]  # nothing to learn in an all-FP unit
     state = ReconState(run_dir, [u.name for u in units])
     saved = state.load(model)
@@ -117,6 +113,10 @@ def reconstruct_(model: nn.Module, items: list[CalibrationItem], cfg: Mapping[st
         target_inputs = q_inputs if unit.target_inputs == "quantized" else fp_inputs[unit.entry]
         targets = _targets(model, unit, target_inputs, device, cache_device, cache_dtype)
         unit_head = head if (head is not None and unit.kind == "stage") else None
+        if unit_head is not None and not unit_head.accepts(targets[0]):
+            print(f"[saq] PAR: the output of {unit.name} {tuple(targets[0].shape)} cannot feed the neck "
+                  "(layer skipping undefined); this stage uses the plain stage-output MSE")
+            unit_head = None
         head_targets = None
         if unit_head is not None:
             with torch.no_grad(), quant_mode(model, QuantMode.OFF):
@@ -164,6 +164,7 @@ def reconstruct_(model: nn.Module, items: list[CalibrationItem], cfg: Mapping[st
                     for inp in q_inputs]
         done.append(unit.name)
         stats.append({"unit": unit.name, "iters": iters, "first_loss": first_loss, "best_loss": best_loss,
+                      "par": unit_head is not None,
                       "time_s": time.perf_counter() - start, "peak_memory_mb": _peak_memory_mb(device),
                       "curve": curve})
         logger.log_metrics({f"recon/{unit.name}/time_s": stats[-1]["time_s"],
