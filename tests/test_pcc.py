@@ -123,6 +123,10 @@ def test_records_cover_every_pass_module_and_point_in_order(searched, tmp_path):
         assert r.loss_chosen == min(r.losses) and r.chosen_p in r.percentiles
         assert r.chosen_range[0] <= r.chosen_range[1] and r.mse_range[0] <= r.mse_range[1]
         assert r.initial_range[0] <= 0.0 <= r.initial_range[1]
+        # every clip candidate is a pair of quantiles of the searched input: inside its min-max range
+        assert r.minmax_range[0] <= r.chosen_range[0] and r.chosen_range[1] <= r.minmax_range[1]
+        if r.chosen_p == 1.0:
+            assert r.chosen_range == pytest.approx(r.minmax_range)
     assert len(json.loads(json.dumps(result.to_json()))["records"]) == len(expected)  # serialisable as is
     rows = result.table_rows()
     assert len(rows) == len(expected) and rows[0]["chosen_p"] == result.records[0].chosen_p

@@ -1,7 +1,7 @@
 """PNG plots of a Perceptual-Consistency Clipping search (saq.ptq.pcc).
 
 * the attention-overlap curve of each searched quantizer: overlap loss against the clip percentile;
-* the ranges of every searched quantizer: calibration (min-max), MSE and the chosen PCC range.
+* the ranges of every searched quantizer: calibration, min-max, MSE and the chosen PCC range.
 
 Uses matplotlib's object API with the Agg canvas (no pyplot), so no global figure state is left behind
 and no display is needed.
@@ -22,7 +22,8 @@ from saq.ptq.pcc import PCCRecord, PCCResult, last_pass_records
 DPI = 100
 CURVE_COLOR = (0.12, 0.47, 0.71)
 CHOSEN_COLOR = (0.84, 0.15, 0.16)
-RANGE_COLORS = {"initial": (0.6, 0.6, 0.6), "mse": (0.17, 0.63, 0.17), "chosen": (0.84, 0.15, 0.16)}
+RANGE_COLORS = {"initial": (0.6, 0.6, 0.6), "minmax": (0.12, 0.47, 0.71), "mse": (0.17, 0.63, 0.17),
+                "chosen": (0.84, 0.15, 0.16)}
 
 
 def _new_figure(width: float, height: float) -> tuple[Figure, object]:
@@ -91,32 +92,37 @@ def plot_overlap_curve(record: PCCRecord, path: Path) -> Path:
     return _save(fig, path)
 
 
+def _ranges(record: PCCRecord) -> tuple[tuple[float, float], ...]:
+    return record.initial_range, record.minmax_range, record.mse_range, record.chosen_range
+
+
 def _linthresh(records: Sequence[PCCRecord]) -> float:
     """Linear zone of the symlog axis: the decade of the smallest non-zero bound, within [1e-3, 1]."""
-    bounds = [abs(v) for r in records for rng in (r.initial_range, r.mse_range, r.chosen_range) for v in rng if v]
+    bounds = [abs(v) for r in records for rng in _ranges(r) for v in rng if v]
     if not bounds:
         return 1.0
     return min(1.0, max(1e-3, 10.0 ** math.floor(math.log10(min(bounds)))))
 
 
 def plot_chosen_ranges(records: Sequence[PCCRecord], path: Path) -> Path:
-    """Horizontal bars per searched quantizer (last pass): calibration min-max, MSE and chosen PCC range."""
+    """Horizontal bars per searched quantizer (last pass): calibration, min-max, MSE and chosen PCC range."""
     last = last_pass_records(records)
     if not last:
         raise ValueError("no PCC records to plot")
     fig, ax = _new_figure(9.0, 1.6 + 0.42 * len(last))
-    height = 0.26
+    height = 0.2
     series = (("initial", "calibration range (before PCC)", lambda r: r.initial_range),
+              ("minmax", "min-max range", lambda r: r.minmax_range),
               ("mse", "MSE range", lambda r: r.mse_range),
               ("chosen", "PCC range", lambda r: r.chosen_range))
-    for offset, (key, label, get) in zip((-height, 0.0, height), series):
+    for offset, (key, label, get) in zip((-1.5 * height, -0.5 * height, 0.5 * height, 1.5 * height), series):
         ys = [i + offset for i in range(len(last))]
         ranges = [get(r) for r in last]
         ax.barh(ys, [hi - lo for lo, hi in ranges], left=[lo for lo, _ in ranges], height=height,
                 color=RANGE_COLORS[key], label=label)
     ax.set_xscale("symlog", linthresh=_linthresh(last))
-    lows = [min(r.initial_range[0], r.mse_range[0], r.chosen_range[0], 0.0) for r in last]
-    highs = [max(r.initial_range[1], r.mse_range[1], r.chosen_range[1], 0.0) for r in last]
+    lows = [min(*(lo for lo, _ in _ranges(r)), 0.0) for r in last]
+    highs = [max(*(hi for _, hi in _ranges(r)), 0.0) for r in last]
     if min(lows) < max(highs):  # autoscale can cut bars on a symlog axis
         ax.set_xlim(1.15 * min(lows), 1.15 * max(highs))
     ax.axvline(0.0, color="k", linewidth=0.6)
@@ -126,7 +132,7 @@ def plot_chosen_ranges(records: Sequence[PCCRecord], path: Path) -> Path:
     ax.set_title(f"PCC ranges (pass {last[0].pass_index + 1})", fontsize=9)
     ax.grid(True, axis="x", alpha=0.3)
     # Under the figure's bottom edge (the tight bounding box grows to hold it), so it never hides a bar.
-    fig.legend(*ax.get_legend_handles_labels(), fontsize=7, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3)
+    fig.legend(*ax.get_legend_handles_labels(), fontsize=7, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=4)
     return _save(fig, path)
 
 

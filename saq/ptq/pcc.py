@@ -139,13 +139,14 @@ class PCCRecord:
     chosen_p: float
     chosen_range: tuple[float, float]  # the clip bounds (quantiles) the quantizer was set to
     initial_range: tuple[float, float]  # representable range before PCC (from calibration's qparams)
+    minmax_range: tuple[float, float]  # min and max of the same input (the no-clipping candidate)
     mse_range: tuple[float, float]  # what the MSE (Lp 2.4) observer picks on the same input
     loss_no_clip: float
     loss_chosen: float
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
-        for key in ("chosen_range", "initial_range", "mse_range"):
+        for key in ("chosen_range", "initial_range", "minmax_range", "mse_range"):
             d[key] = list(d[key])
         return d
 
@@ -169,6 +170,7 @@ class PCCResult:
         return [{"pass": r.pass_index, "module": r.module, "point": r.point, "chosen_p": r.chosen_p,
                  "chosen_lo": r.chosen_range[0], "chosen_hi": r.chosen_range[1],
                  "initial_lo": r.initial_range[0], "initial_hi": r.initial_range[1],
+                 "minmax_lo": r.minmax_range[0], "minmax_hi": r.minmax_range[1],
                  "mse_lo": r.mse_range[0], "mse_hi": r.mse_range[1],
                  "loss_no_clip": r.loss_no_clip, "loss_chosen": r.loss_chosen} for r in self.records]
 
@@ -292,16 +294,18 @@ def _search_point(record_base: dict[str, Any], attention: nn.Module, q: FakeQuan
     for _, lo, hi in candidates:
         q.set_range(lo, hi)
         losses.append(score())
+    x_min, x_max = x_all.min(), x_all.max()
     if 1.0 in percentiles:
         loss_no_clip = losses[percentiles.index(1.0)]
     else:  # measured for the record only, not a candidate
-        q.set_range(x_all.min(), x_all.max())
+        q.set_range(x_min, x_max)
         loss_no_clip = score()
     best = best_candidate(percentiles, losses)
     p, lo, hi = candidates[best]
     q.set_range(lo, hi)  # stays in QUANTIZE: later searches see it fixed
     return PCCRecord(**record_base, percentiles=list(percentiles), losses=losses, chosen_p=p,
-                     chosen_range=(float(lo), float(hi)), mse_range=_mse_range(q, xs, call_items, num_items), loss_no_clip=loss_no_clip,
+                     chosen_range=(float(lo), float(hi)), minmax_range=(float(x_min), float(x_max)),
+                     mse_range=_mse_range(q, xs, call_items, num_items), loss_no_clip=loss_no_clip,
                      loss_chosen=losses[best])
 
 
