@@ -16,6 +16,8 @@ from pathlib import Path
 
 import yaml
 
+from saq.utils.run_files import status_files_in_job_order
+
 COLUMNS = ["model", "quant", "recipe", "variant", "mask_AP", "mask_AP50", "mask_AP75", "mIoU", "fidelity_mIoU",
            "ref_mask_AP", "ref_mIoU", "wall_time_s", "state", "run_dir"]
 
@@ -38,10 +40,7 @@ def collect_rows(sweep_dirs: list[Path]) -> list[dict]:
 
 
 def _collect(sweep_dir: Path, rows: list[dict], fp_rows: dict) -> None:
-    def job_order(path: Path) -> list:  # numeric job dirs in numeric order (2 before 10)
-        return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in path.relative_to(sweep_dir).parts]
-
-    for status_path in sorted(sweep_dir.glob("**/status.json"), key=job_order):
+    for status_path in status_files_in_job_order(sweep_dir):
         run_dir = status_path.parent
         state = json.loads(status_path.read_text()).get("state")
         metrics_path = run_dir / "metrics.json"

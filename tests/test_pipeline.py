@@ -98,3 +98,12 @@ def test_vit_t_coco8_fp_reproduced_and_w8a8_close(tmp_path, vit_t_checkpoint, co
     assert q["deployable"] is True
     assert abs(q["quantized"]["mask_AP"] - q["fp"]["mask_AP"]) <= 2.0
     assert q["quantized"]["fidelity_mIoU"] > 0.9
+
+
+def test_sweep_jobs_are_collected_in_numeric_order(tmp_path):
+    from saq.cli.callbacks import collect_sweep
+
+    for job in range(12):
+        (tmp_path / str(job)).mkdir()
+        (tmp_path / str(job) / "status.json").write_text(json.dumps({"state": "completed"}))
+    assert [Path(j["dir"]).name for j in collect_sweep(tmp_path)] == [str(i) for i in range(12)]

@@ -9,11 +9,13 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from saq.utils.run_files import status_files_in_job_order
+
 
 def collect_sweep(sweep_dir: Path) -> list[dict[str, Any]]:
     """metrics.json and status.json of every job under a sweep dir, in job order."""
     jobs = []
-    for status_path in sorted(Path(sweep_dir).glob("**/status.json")):
+    for status_path in status_files_in_job_order(sweep_dir):
         job_dir = status_path.parent
         status = json.loads(status_path.read_text())
         metrics_path = job_dir / "metrics.json"

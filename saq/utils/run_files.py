@@ -21,6 +21,16 @@ def write_status(run_dir: Path, state: str, error: str | None = None, **extra: A
     write_json(run_dir / "status.json", {"state": state, "error": error, "time": time.time(), **extra})
 
 
+def status_files_in_job_order(sweep_dir: Path) -> list[Path]:
+    """status.json of every run under a sweep dir, job dirs in numeric order (2 before 10)."""
+    sweep_dir = Path(sweep_dir)
+
+    def job_order(path: Path) -> list:
+        return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in path.relative_to(sweep_dir).parts]
+
+    return sorted(sweep_dir.glob("**/status.json"), key=job_order)
+
+
 def format_error(exc: BaseException) -> str:
     return f"{exc.__class__.__name__}: {exc}\n" + "".join(traceback.format_tb(exc.__traceback__)[-3:])
 
