@@ -41,9 +41,12 @@ class WandbRunLogger(RunLogger):
 
         self._wandb = wandb
         mode = os.environ.get("WANDB_MODE") or cfg.get("mode", "offline")
+        quiet = bool(cfg.get("quiet", True))  # W&B's own console output buries the results table
         self.run = wandb.init(project=cfg.get("project", "saq"), entity=cfg.get("entity"), group=cfg.get("group"),
                               tags=list(cfg.get("tags") or []), name=name, mode=mode, dir=str(run_dir),
-                              config=dict(config), reinit="finish_previous")
+                              config=dict(config), reinit="finish_previous",
+                              settings=wandb.Settings(silent=quiet, quiet=quiet))
+        self._announce = quiet and mode == "offline"
 
     def log_metrics(self, metrics, step=None):
         super().log_metrics(metrics, step)
@@ -64,7 +67,10 @@ class WandbRunLogger(RunLogger):
         self.run.log({key: self._wandb.Image(str(path))})
 
     def finish(self, failed=False):
+        run_path = Path(self.run.dir).parent  # .../wandb/offline-run-*/files -> the offline run
         self.run.finish(exit_code=1 if failed else 0)
+        if self._announce:
+            print(f"  W&B (offline): {run_path}  (upload with: wandb sync {run_path})")
 
 
 def build_logger(cfg: Mapping[str, Any], run_dir: Path, config: Mapping[str, Any], name: str) -> RunLogger:
