@@ -122,3 +122,14 @@ def test_vit_t_reconstruction_few_iterations(vit_t_checkpoint, coco8, tmp_path):
     harden_weights_(model)
     set_quant_mode(model, QuantMode.QUANTIZE)
     assert assert_deployable(model.eval()) > 0
+
+
+def test_learned_steps_stay_positive_under_a_huge_learning_rate(items, tmp_path):
+    """An Adam step larger than the activation step itself must not flip its sign (undeployable model)."""
+    model = calibrated_tiny(items[:2])
+    unit = [u for u in reconstruction_units(model, "block") if u.part == "decoder"][0]
+    reconstruct_(model, items[:2], {**RECON, "iters": 5, "a_lr": 1e3, "qdrop_prob": 0.0, "parts": ["decoder"]},
+                 tmp_path, RunLogger(tmp_path), show_progress=False, units=[unit])
+    harden_weights_(model)
+    set_quant_mode(model, QuantMode.QUANTIZE)
+    assert_deployable(model)

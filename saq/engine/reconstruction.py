@@ -44,6 +44,9 @@ class ReconSettings:
     final_attn_iters: int | None = None  # iterations of the final token-to-image attention unit
 
 
+MIN_STEP_FRACTION = 1e-3  # learned activation steps never fall below this fraction of their calibrated value
+
+
 def _in_unit(name: str, prefixes: tuple[str, ...]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
@@ -93,6 +96,10 @@ class UnitReconstruction(L.LightningModule):
                 q.train()  # in-quantizer QDrop only acts in training mode
         self.alphas = nn.ParameterList(alphas)
         self.scales = nn.ParameterList(scales)
+        # A learned step must stay positive: an Adam step larger than the step itself would flip its sign
+        # and make the quantizer undeployable. Floor: a small fraction of the calibrated step.
+        self.scale_floors = [s.detach().abs().clamp_min(torch.finfo(s.dtype).tiny) * MIN_STEP_FRACTION
+                             for s in scales]
         self.device_ = next(iter(model.parameters())).device
 
     def make_optimizers(self) -> list[torch.optim.Optimizer]:
@@ -136,7 +143,13 @@ class UnitReconstruction(L.LightningModule):
         self.manual_backward(loss)
         for opt in optimizers:
             opt.step()
+        self.keep_steps_positive_()
         return {"loss": loss.item(), "rec": rec.item(), "reg": float(reg.detach()), "beta": beta}
+
+    @torch.no_grad()
+    def keep_steps_positive_(self) -> None:
+        for scale, floor in zip(self.scales, self.scale_floors):
+            torch.maximum(scale, floor, out=scale)
 
     def snapshot(self) -> list[torch.Tensor]:
         return [p.detach().clone() for p in [*self.alphas, *self.scales]]
