@@ -92,6 +92,10 @@ def plot_overlap_curve(record: PCCRecord, path: Path) -> Path:
     return _save(fig, path)
 
 
+RANGE_SERIES = (("initial", "calibration range (before PCC)"), ("minmax", "min-max range"), ("mse", "MSE range"),
+                ("chosen", "PCC range"))  # in the order of _ranges
+
+
 def _ranges(record: PCCRecord) -> tuple[tuple[float, float], ...]:
     return record.initial_range, record.minmax_range, record.mse_range, record.chosen_range
 
@@ -111,13 +115,10 @@ def plot_chosen_ranges(records: Sequence[PCCRecord], path: Path) -> Path:
         raise ValueError("no PCC records to plot")
     fig, ax = _new_figure(9.0, 1.6 + 0.42 * len(last))
     height = 0.2
-    series = (("initial", "calibration range (before PCC)", lambda r: r.initial_range),
-              ("minmax", "min-max range", lambda r: r.minmax_range),
-              ("mse", "MSE range", lambda r: r.mse_range),
-              ("chosen", "PCC range", lambda r: r.chosen_range))
-    for offset, (key, label, get) in zip((-1.5 * height, -0.5 * height, 0.5 * height, 1.5 * height), series):
+    for k, (key, label) in enumerate(RANGE_SERIES):
+        offset = (k - (len(RANGE_SERIES) - 1) / 2) * height
         ys = [i + offset for i in range(len(last))]
-        ranges = [get(r) for r in last]
+        ranges = [_ranges(r)[k] for r in last]
         ax.barh(ys, [hi - lo for lo, hi in ranges], left=[lo for lo, _ in ranges], height=height,
                 color=RANGE_COLORS[key], label=label)
     ax.set_xscale("symlog", linthresh=_linthresh(last))
@@ -132,7 +133,7 @@ def plot_chosen_ranges(records: Sequence[PCCRecord], path: Path) -> Path:
     ax.set_title(f"PCC ranges (pass {last[0].pass_index + 1})", fontsize=9)
     ax.grid(True, axis="x", alpha=0.3)
     # Under the figure's bottom edge (the tight bounding box grows to hold it), so it never hides a bar.
-    fig.legend(*ax.get_legend_handles_labels(), fontsize=7, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=4)
+    fig.legend(*ax.get_legend_handles_labels(), fontsize=7, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=len(RANGE_SERIES))
     return _save(fig, path)
 
 
