@@ -16,7 +16,7 @@ GROUPS = ["model", "quant", "ptq", "data", "prompts", "calib", "eval", "runtime"
 
 
 def _options(group):
-    return sorted(p.stem for p in (CONF / group).glob("*.yaml") if not p.stem.startswith("_"))
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
 def _compose(overrides, config_name="ptq", hydra_cfg=False):
@@ -75,3 +75,12 @@ def test_slurm_cluster_uses_submitit():
 def test_sweep_summary_callback_registered():
     cfg = _compose([], hydra_cfg=True)
     assert cfg.hydra.callbacks.sweep_summary._target_ == "saq.cli.callbacks.SweepSummary"
+
+
+def test_a_misspelt_option_lists_only_selectable_options():
+    """Shared partials live in parts/ so Hydra's 'Available options' shows only real choices."""
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException) as err:
+        _compose(["quant=w5a5"])
+    assert sorted(err.value.options) == _options("quant") == ["w4a16", "w4a4", "w4a8", "w6a6", "w8a8"]

@@ -7,7 +7,7 @@ from hydra import compose, initialize_config_dir
 from saq.cli.task import config_dir, register_resolvers
 from saq.engine.reconstruction import ReconSettings
 
-RECIPES = sorted(p.stem for p in (Path(config_dir()) / "ptq").glob("*.yaml") if not p.stem.startswith("_"))
+RECIPES = sorted(p.stem for p in (Path(config_dir()) / "ptq").glob("*.yaml"))
 
 
 def test_every_recipe_has_the_recon_and_pcc_keys():
