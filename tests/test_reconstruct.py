@@ -5,6 +5,7 @@ import torch
 
 from saq.data import dataset_from_config, gt_prompts, select_calibration
 from saq.engine.losses import lp_loss
+from saq.engine.reconstruction import unit_quantizers
 from saq.models import build_tiny_sam
 from saq.models.units import reconstruction_units
 from saq.nn import QuantRule, assert_deployable, deployment_problems, harden_weights_, quantize_
@@ -45,10 +46,11 @@ def unit_error(model, unit, items):
         return sum(float(lp_loss(unit.run(model, *i), t)) for i, t in zip(q_in, targets)) / len(q_in)
 
 
-def test_reconstruction_lowers_held_out_error_and_deploys(items, tmp_path):
+@pytest.mark.parametrize("granularity", ["block", "layer"])
+def test_reconstruction_lowers_held_out_error_and_deploys(items, tmp_path, granularity):
     train, held_out = items[:4], items[4:]
     model = calibrated_tiny(train)
-    unit = reconstruction_units(model, "block")[0]
+    unit = next(u for u in reconstruction_units(model, granularity) if unit_quantizers(model, u))
     with torch.no_grad():
         before_model = calibrated_tiny(train)
         harden_weights_(before_model)
@@ -61,6 +63,25 @@ def test_reconstruction_lowers_held_out_error_and_deploys(items, tmp_path):
     harden_weights_(model)
     set_quant_mode(model, QuantMode.QUANTIZE)
     assert deployment_problems(model.eval()) == []
+
+
+@pytest.mark.parametrize("architecture", ["tiny", "vit_t"])
+def test_layer_units_follow_the_forward_order(architecture, items):
+    """Layer-wise units: every Linear / Conv2d the encoder runs, each once, in the order it runs them."""
+    from saq.models.build import build_architecture
+
+    model = build_tiny_sam() if architecture == "tiny" else build_architecture("vit_t")
+    names = {m: n for n, m in model.image_encoder.named_modules(prefix="image_encoder")}
+    called, handles = [], [m.register_forward_pre_hook(lambda m, a: called.append(names[m]))
+                           for m in names if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    with torch.no_grad():
+        model.image_encoder(torch.zeros(1, 3, model.image_encoder.img_size, model.image_encoder.img_size))
+    for h in handles:
+        h.remove()
+    units = reconstruction_units(model, "layer", ("encoder",))
+    assert all(u.kind == "layer" and u.trains == (u.entry,) and u.feeds is None for u in units)
+    assert [u.name for u in units if u.name in called] == called  # unique and in forward order
+    assert "image_encoder.neck.0" in called
 
 
 def test_full_pipeline_leaves_no_soft_or_dropping_quantizer(items, tmp_path):

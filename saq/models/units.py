@@ -17,7 +17,7 @@ from segment_anything.modeling.image_encoder import Block, ImageEncoderViT, wind
 from torch import nn
 
 Run = Callable[[nn.Module, tuple, dict], Any]
-GRANULARITIES = ("subblock", "block", "stage")
+GRANULARITIES = ("layer", "subblock", "block", "stage")
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class ReconUnit:
     # decoder CLM loss compares with the FP decoder fed the quantized image embedding).
     target_inputs: str = "fp"
     loss_weights: tuple[float, ...] | None = None  # per element of a tuple output
-    kind: str = "block"  # block | stage | decoder_layer | final_attn | neck
+    kind: str = "block"  # layer | block | stage | decoder_layer | final_attn | neck
     feeds: str | None = None  # entry whose input is exactly this unit's output (lets runners chain units)
 
 
@@ -85,12 +85,38 @@ def vit_stages(encoder: ImageEncoderViT) -> list[list[int]]:
     return stages
 
 
+def _weighted_layers_in_forward_order(module: nn.Module, prefix: str) -> list[str]:
+    """Names of every Linear / Conv2d under ``module`` in the order a forward pass reaches them.
+
+    Registration order is forward order in SAM's ViT blocks and TinyViT's MBConv / PatchMerging; a
+    TinyViT block registers ``mlp`` before ``local_conv`` but runs attn -> local_conv -> mlp."""
+    children = dict(module.named_children())
+    if "local_conv" in children and "mlp" in children:
+        order = [n for n in children if n != "local_conv"]
+        order.insert(order.index("mlp"), "local_conv")
+        children = {n: children[n] for n in order}
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        return [prefix]
+    return [name for child, sub in children.items()
+            for name in _weighted_layers_in_forward_order(sub, f"{prefix}.{child}")]
+
+
+def _layer_units(encoder: nn.Module, prefix: str) -> list[ReconUnit]:
+    """Layer-wise (AdaRound-style) units: one Linear / Conv2d each, learning its weight rounding and
+    input step; attention-internal quantizers (q, k, v, softmax) keep their calibrated ranges."""
+    return [ReconUnit(name, name, (name,), _chain([name]), "encoder", kind="layer")
+            for name in _weighted_layers_in_forward_order(encoder, prefix)]
+
+
 def encoder_units(model: nn.Module, granularity: str) -> list[ReconUnit]:
     if granularity not in GRANULARITIES:
         raise ValueError(f"unknown reconstruction granularity {granularity!r}; choose one of {GRANULARITIES}")
     encoder = model.image_encoder
     prefix = "image_encoder"
     units: list[ReconUnit] = []
+    if granularity == "layer":
+        # a layer's output is not the next layer's input (norms, activations, residuals lie between)
+        return _layer_units(encoder, prefix)
     if isinstance(encoder, ImageEncoderViT):
         if granularity == "subblock":
             for i in range(len(encoder.blocks)):
