@@ -2,7 +2,7 @@
 
     python experiments/tables.py outputs/ptq/multiruns/<timestamp> [more sweep dirs ...] [--out table]
 
-Each row is one run (quant, recipe, the overrides that distinguish it), with mask AP and mean IoU of
+Also writes <out>.png, mask AP per row as bars. Each row is one run (quant, recipe, the overrides that distinguish it), with mask AP and mean IoU of
 the honest quantized model, the reference-protocol numbers where a run computed them, and wall time.
 """
 
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from saq.eval.plots import plot_ap_per_row
 from saq.utils.run_files import status_files_in_job_order
 
 COLUMNS = ["model", "quant", "recipe", "variant", "mask_AP", "mask_AP50", "mask_AP75", "mIoU", "fidelity_mIoU",
@@ -92,8 +93,11 @@ def main(argv: list[str] | None = None) -> int:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
+    written = [out.with_suffix(".md"), out.with_suffix(".csv")]
+    if any(isinstance(r.get("mask_AP"), float) for r in rows):
+        written.append(plot_ap_per_row(rows, out.with_suffix(".png")))
     print(to_markdown(rows, columns))
-    print(f"\nwrote {out.with_suffix('.md')} and {out.with_suffix('.csv')}")
+    print(f"\nwrote {', '.join(map(str, written))}")
     return 0
 
 

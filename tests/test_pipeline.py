@@ -78,6 +78,7 @@ def test_sweep_prints_and_writes_summary(tmp_path):
     lines = [line for line in table.splitlines() if line.startswith("| tiny")]
     assert [line.split("|")[2].strip() for line in lines] == ["fp32", "w8a8", "w4a4"]  # FP row first
     assert (sweep / "table.md").is_file() and (sweep / "table.csv").is_file()
+    assert (sweep / "table.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.slow

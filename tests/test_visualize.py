@@ -72,3 +72,17 @@ def test_rle_round_trip():
     assert (rle_to_mask({**rle, "counts": rle["counts"].encode()}) == mask).all()
     # Uncompressed RLE runs go down the columns: 1 off, 2 on, 1 off.
     assert rle_to_mask({"size": [2, 2], "counts": [1, 2, 1]}).tolist() == [[False, True], [True, False]]
+
+
+def test_ap_bars_one_per_row_with_a_value(tmp_path):
+    from saq.eval.plots import plot_ap_per_row
+
+    rows = [{"model": "vit_t", "quant": "fp32", "recipe": "fp", "mask_AP": 63.4},
+            {"model": "vit_t", "quant": "w4a4", "recipe": "saq_sam", "variant": "ptq.pcc.theta=0.3", "mask_AP": 38.1},
+            {"state": "failed", "run_dir": "x"}]  # a failed run has no AP and no bar
+    path = plot_ap_per_row(rows, tmp_path / "table.png")
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.height > 50
+    assert "pyplot" not in sys.modules or not sys.modules["matplotlib.pyplot"].get_fignums()
+    with pytest.raises(ValueError, match="no row has 'mask_AP'"):
+        plot_ap_per_row(rows[2:], tmp_path / "none.png")

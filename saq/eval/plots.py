@@ -1,7 +1,9 @@
-"""PNG plots of a Perceptual-Consistency Clipping search (saq.ptq.pcc).
+"""PNG plots of a run and of a sweep table.
 
-* the attention-overlap curve of each searched quantizer: overlap loss against the clip percentile;
-* the ranges of every searched quantizer: calibration, min-max, MSE and the chosen PCC range.
+* the attention-overlap curve of each searched PCC quantizer: overlap loss against the clip percentile;
+* the ranges of every searched quantizer: calibration, min-max, MSE and the chosen PCC range;
+* reconstruction loss curves per unit;
+* mask AP per row of a sweep table (one bar per recipe / ablation, FP first).
 
 Uses matplotlib's object API with the Agg canvas (no pyplot), so no global figure state is left behind
 and no display is needed.
@@ -152,9 +154,7 @@ def save_pcc_plots(result: PCCResult, out_dir: Path) -> list[Path]:
 def plot_recon_curves(units: list[dict], path: Path) -> Path:
     """Reconstruction loss against the global step, one line per unit (log scale), from the per-unit
     statistics of :func:`saq.ptq.reconstruct.reconstruct_`."""
-    fig = Figure(figsize=(9, 4.5), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
+    fig, ax = _new_figure(9, 4.5)
     for unit in units:
         curve = unit.get("curve") or []
         if curve:
@@ -166,7 +166,24 @@ def plot_recon_curves(units: list[dict], path: Path) -> Path:
     ax.set_title("reconstruction loss per unit")
     if ax.lines:
         ax.legend(fontsize=6, ncol=2, loc="upper right")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, bbox_inches="tight")
-    return path
+    return _save(fig, path)
+
+
+def plot_ap_per_row(rows: Sequence[dict], path: Path, metric: str = "mask_AP") -> Path:
+    """Horizontal bars of ``metric`` per table row (rows without it, e.g. failed runs, are skipped);
+    FP rows in grey, labelled 'model quant recipe variant'."""
+    rows = [r for r in rows if isinstance(r.get(metric), (int, float))]
+    if not rows:
+        raise ValueError(f"no row has {metric!r} to plot")
+    labels = [" ".join(str(r[k]) for k in ("model", "quant", "recipe", "variant") if r.get(k)) for r in rows]
+    values = [float(r[metric]) for r in rows]
+    colors = [RANGE_COLORS["initial"] if r.get("recipe") == "fp" else CURVE_COLOR for r in rows]
+    fig, ax = _new_figure(8, 0.8 + 0.32 * len(rows))
+    positions = list(range(len(rows)))[::-1]  # first row on top
+    ax.barh(positions, values, color=colors)
+    for y, v in zip(positions, values):
+        ax.text(v, y, f" {v:.1f}", va="center", fontsize=7)
+    ax.set_yticks(positions, labels, fontsize=7)
+    ax.set_xlabel(metric)
+    ax.set_xlim(0, max(values) * 1.12 or 1.0)
+    return _save(fig, path)
