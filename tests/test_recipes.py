@@ -13,6 +13,7 @@ FAST_RECON = ["ptq.recon.iters=4", "ptq.recon.best_window=2"]
 @pytest.mark.parametrize("recipe,extra", [
     ("ptq4sam_s", []),
     ("brecq", FAST_RECON),
+    ("brecq", FAST_RECON + ["ptq.recon.granularity=layer"]),  # AdaRound layer by layer
     ("qdrop", FAST_RECON + ["eval.reference_protocol=true"]),
     ("ptq4sam_l", FAST_RECON),
     ("saq_star", ["ptq.pcc.passes=1", "ptq.pcc.percentiles=[0.9,0.99,1.0]"]),
