@@ -14,23 +14,15 @@ import json
 import sys
 from pathlib import Path
 
-import yaml
-
 from saq.eval.plots import plot_ap_per_row
-from saq.utils.run_files import status_files_in_job_order
+from saq.utils.run_files import job_overrides, status_files_in_job_order
 
 COLUMNS = ["model", "quant", "recipe", "variant", "mask_AP", "mask_AP50", "mask_AP75", "mIoU", "fidelity_mIoU",
            "ref_mask_AP", "ref_mIoU", "wall_time_s", "state", "run_dir"]
 
 
 def _overrides(run_dir: Path) -> str:
-    """The job's command-line overrides except quant/ptq (they have their own columns)."""
-    path = run_dir / ".hydra" / "overrides.yaml"
-    if not path.is_file():
-        return ""
-    items = yaml.safe_load(path.read_text()) or []
-    keep = [o for o in items if not o.startswith(("quant=", "ptq=", "hydra.", "logger", "runtime.", "experiment="))]
-    return " ".join(keep)
+    return " ".join(job_overrides(run_dir))
 
 
 def collect_rows(sweep_dirs: list[Path]) -> list[dict]:

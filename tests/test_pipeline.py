@@ -108,3 +108,22 @@ def test_sweep_jobs_are_collected_in_numeric_order(tmp_path):
         (tmp_path / str(job)).mkdir()
         (tmp_path / str(job) / "status.json").write_text(json.dumps({"state": "completed"}))
     assert [Path(j["dir"]).name for j in collect_sweep(tmp_path)] == [str(i) for i in range(12)]
+
+
+def test_sweep_table_names_what_differs_between_jobs(tmp_path):
+    """A sweep over theta gets a variant column with each job's theta, without the shared overrides."""
+    from saq.cli.callbacks import sweep_table
+
+    metrics = {"model": "vit_t", "quant": "w4a4", "recipe": "saq_star", "wall_time_s": 1.0,
+               "fp": {"mask_AP": 63.4, "mIoU": 0.84}, "quantized": {"mask_AP": 37.9, "mIoU": 0.75}}
+    jobs = []
+    for job, theta in enumerate([0.3, 0.7]):
+        run_dir = tmp_path / str(job)
+        (run_dir / ".hydra").mkdir(parents=True)
+        (run_dir / ".hydra" / "overrides.yaml").write_text(
+            f"- quant=w4a4\n- ptq=saq_star\n- ptq.pcc.passes=1\n- ptq.pcc.theta={theta}\n- logger=none\n")
+        jobs.append({"dir": str(run_dir), "status": {"state": "completed"}, "metrics": metrics})
+    lines = sweep_table(jobs).splitlines()
+    assert "variant" in lines[0] and "passes" not in "".join(lines)
+    assert ["ptq.pcc.theta=0.3" in lines[3], "ptq.pcc.theta=0.7" in lines[4]] == [True, True]
+    assert "variant" not in sweep_table(jobs[:1]).splitlines()[0]  # one job: nothing varies

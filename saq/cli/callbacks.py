@@ -25,15 +25,17 @@ def collect_sweep(sweep_dir: Path) -> list[dict[str, Any]]:
 
 
 def sweep_table(jobs: list[dict[str, Any]]) -> str:
-    from saq.utils.run_files import format_table, result_rows
+    from saq.utils.run_files import format_table, result_rows, varying_overrides
 
+    variants = varying_overrides(Path(job["dir"]) for job in jobs)
     rows, fp_seen = [], set()
     for job in jobs:
         m = job["metrics"]
         if m is None or "fp" not in m:
             continue
         fp_id = (m["model"], json.dumps(m["fp"], sort_keys=True))
-        rows.extend(result_rows(m, include_fp=fp_id not in fp_seen))  # one FP row per distinct FP result
+        # one FP row per distinct FP result
+        rows.extend(result_rows(m, include_fp=fp_id not in fp_seen, variant=variants[job["dir"]]))
         fp_seen.add(fp_id)
     return format_table(rows)
 

@@ -31,21 +31,45 @@ def status_files_in_job_order(sweep_dir: Path) -> list[Path]:
     return sorted(sweep_dir.glob("**/status.json"), key=job_order)
 
 
+# Overrides with a column of their own (quant, recipe) or no effect on the numbers.
+_NOT_A_VARIANT = ("quant=", "ptq=", "hydra.", "logger", "runtime.", "experiment=")
+
+
+def job_overrides(run_dir: Path) -> list[str]:
+    """The run's command-line overrides (from .hydra/overrides.yaml) that change its result, besides
+    quant and recipe."""
+    import yaml
+
+    path = Path(run_dir) / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return []
+    return [o for o in (yaml.safe_load(path.read_text()) or []) if not o.startswith(_NOT_A_VARIANT)]
+
+
+def varying_overrides(run_dirs: Iterable[Path]) -> dict[str, str]:
+    """{run dir: the overrides that differ between the given runs}, so a sweep over, say, theta shows
+    the theta of each row but not the settings every row shares."""
+    per_run = {str(d): job_overrides(d) for d in run_dirs}
+    shared = set.intersection(*map(set, per_run.values())) if per_run else set()
+    return {d: " ".join(o for o in overrides if o not in shared) for d, overrides in per_run.items()}
+
+
 def format_error(exc: BaseException) -> str:
     return f"{exc.__class__.__name__}: {exc}\n" + "".join(traceback.format_tb(exc.__traceback__)[-3:])
 
 
-TABLE_COLUMNS = (("model", "model"), ("quant", "quant"), ("recipe", "recipe"), ("mask_AP", "AP"),
+TABLE_COLUMNS = (("model", "model"), ("quant", "quant"), ("recipe", "recipe"), ("variant", "variant"), ("mask_AP", "AP"),
                  ("mask_AP50", "AP50"), ("mask_AP75", "AP75"), ("mIoU", "mIoU"), ("fidelity_mIoU", "IoU vs FP"),
                  ("wall_time_s", "time s"))
 
 
-def result_rows(metrics: dict[str, Any], include_fp: bool = True) -> list[dict[str, Any]]:
+def result_rows(metrics: dict[str, Any], include_fp: bool = True, variant: str = "") -> list[dict[str, Any]]:
     """Table rows of one metrics.json: the FP row (optional) and the quantized row."""
-    base = {"model": metrics.get("model"), "wall_time_s": metrics.get("wall_time_s")}
+    base = {"model": metrics.get("model"), "wall_time_s": metrics.get("wall_time_s"), "variant": variant}
     rows = []
     if include_fp:
-        rows.append({**base, "quant": "fp32", "recipe": "fp", **metrics["fp"], "fidelity_mIoU": 1.0, "wall_time_s": None})
+        rows.append({**base, "quant": "fp32", "recipe": "fp", **metrics["fp"], "fidelity_mIoU": 1.0, "wall_time_s": None,
+                     "variant": ""})
     if metrics.get("recipe") != "fp":
         rows.append({**base, "quant": metrics.get("quant"), "recipe": metrics.get("recipe"), **metrics["quantized"]})
     if metrics.get("reference_protocol"):
@@ -63,9 +87,11 @@ def _cell(key: str, value: Any) -> str:
 
 
 def format_table(rows: Iterable[dict[str, Any]]) -> str:
-    """A markdown table of result rows."""
-    header = [title for _, title in TABLE_COLUMNS]
-    body = [[_cell(key, row.get(key)) for key, _ in TABLE_COLUMNS] for row in rows]
+    """A markdown table of result rows (the variant column only when some row has one)."""
+    rows = list(rows)
+    columns = [(k, t) for k, t in TABLE_COLUMNS if k != "variant" or any(r.get("variant") for r in rows)]
+    header = [title for _, title in columns]
+    body = [[_cell(key, row.get(key)) for key, _ in columns] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(header)]
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in body)])
