@@ -154,3 +154,13 @@ def test_learned_steps_stay_positive_under_a_huge_learning_rate(items, tmp_path)
     harden_weights_(model)
     set_quant_mode(model, QuantMode.QUANTIZE)
     assert_deployable(model)
+
+
+def test_loss_curve_has_a_point_per_step_on_short_runs(items, tmp_path):
+    """20 steps with the default best-window of 50 still give a 20-point curve to plot, not one point."""
+    model = calibrated_tiny(items[:2])
+    unit = next(u for u in reconstruction_units(model, "block") if unit_quantizers(model, u))
+    stats = reconstruct_(model, items[:2], {**RECON, "iters": 20, "best_window": 50, "parts": ["encoder"]}, tmp_path,
+                         RunLogger(tmp_path), show_progress=False, units=[unit])
+    steps = [step for step, _ in stats[0]["curve"]]
+    assert steps == list(range(1, 21)) and stats[0]["best_loss"] < float("inf")

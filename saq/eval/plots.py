@@ -159,7 +159,9 @@ def plot_recon_curves(units: list[dict], path: Path) -> Path:
         curve = unit.get("curve") or []
         if curve:
             steps, losses = zip(*curve)
-            ax.plot(steps, losses, label=unit["unit"].replace("image_encoder.", "enc.").replace("mask_decoder.", "dec."))
+            label = unit["unit"].replace("image_encoder.", "enc.").replace("mask_decoder.", "dec.")
+            ax.plot(steps, losses, marker="o" if len(steps) < 30 else None, markersize=2.5,
+                    label=label + (" (PAR)" if unit.get("par") else ""))
     ax.set_yscale("log")
     ax.set_xlabel("global step")
     ax.set_ylabel("reconstruction loss (window mean)")

@@ -134,6 +134,8 @@ def reconstruct_(model: nn.Module, items: list[CalibrationItem], cfg: Mapping[st
         schedulers = [module.make_scheduler(optimizers[-1])] if len(module.scales) else []
         iters = unit_settings.iters if optimizers else 0
         best, best_loss, window, curve = module.snapshot(), float("inf"), [], []
+        # the plotted curve has its own, finer window: about 50 points per unit even for short runs
+        plot_every, plot_window = max(1, min(settings.best_window, iters // 50)), []
         first_loss = None
         bar = tqdm(range(iters), desc=f"recon {unit.name}", disable=not show_progress, leave=False)
         for step in bar:
@@ -142,7 +144,11 @@ def reconstruct_(model: nn.Module, items: list[CalibrationItem], cfg: Mapping[st
                 scheduler.step()
             first_loss = out["rec"] if first_loss is None else first_loss
             window.append(out["rec"])
+            plot_window.append(out["rec"])
             global_step += 1
+            if len(plot_window) >= plot_every or step == iters - 1:
+                curve.append([global_step, sum(plot_window) / len(plot_window)])
+                plot_window = []
             if len(window) >= settings.best_window or step == iters - 1:
                 mean = sum(window) / len(window)
                 if settings.keep_best and mean < best_loss:
@@ -152,7 +158,6 @@ def reconstruct_(model: nn.Module, items: list[CalibrationItem], cfg: Mapping[st
                                     f"recon/{unit.name}/beta": out["beta"], f"recon/{unit.name}/lr_act": lr,
                                     "recon/loss": mean}, step=global_step)
                 bar.set_postfix(loss=f"{mean:.4g}")
-                curve.append([global_step, mean])
                 window = []
         if settings.keep_best and iters > 0:
             module.restore(best)
