@@ -166,8 +166,8 @@ def plot_recon_curves(units: list[dict], path: Path) -> Path:
     ax.set_xlabel("global step")
     ax.set_ylabel("reconstruction loss (window mean)")
     ax.set_title("reconstruction loss per unit")
-    if ax.lines:
-        ax.legend(fontsize=6, ncol=2, loc="upper right")
+    if ax.lines:  # outside the axes: with tens of units an inside legend hides the curves
+        ax.legend(fontsize=6, ncol=1 if len(ax.lines) <= 20 else 2, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _save(fig, path)
 
 
