@@ -164,3 +164,30 @@ def test_loss_curve_has_a_point_per_step_on_short_runs(items, tmp_path):
                          RunLogger(tmp_path), show_progress=False, units=[unit])
     steps = [step for step, _ in stats[0]["curve"]]
     assert steps == list(range(1, 21)) and stats[0]["best_loss"] < float("inf")
+
+
+def test_clm_units_give_local_outputs_and_the_final_tokens_with_later_layers_fp(items):
+    """SAQ-SAM's decoder unit i returns (queries_i, keys_i, final queries) with layers after i in FP."""
+    from saq.models.units import decoder_clm_units
+
+    model = calibrated_tiny(items[:2])
+    transformer = model.mask_decoder.transformer
+    units = decoder_clm_units(model)
+    assert [u.kind for u in units] == ["decoder_layer"] * len(transformer.layers) + ["final_attn"]
+    assert all(u.loss_weights == (0.01, 1.0, 1.0) and u.target_inputs == "quantized" for u in units[:-1])
+    args, kwargs = capture_inputs(model, [units[0].entry], items[:1], torch.device("cpu"))[units[0].entry][0]
+    with torch.no_grad():
+        with quant_mode(model, QuantMode.OFF):  # FP: the third output is the FP transformer's queries
+            seen = {}
+            hook = transformer.layers[0].register_forward_hook(lambda m, i, out: seen.update(local=out))
+            fp_final = transformer(*args, **kwargs)[0]
+            hook.remove()
+            queries, keys, final = units[0].run(model, args, kwargs)
+            torch.testing.assert_close(final, fp_final)
+            torch.testing.assert_close((queries, keys), tuple(seen["local"]))
+        only_layer_0 = "mask_decoder.transformer.layers.0."
+        with quant_mode(model, QuantMode.OFF, where=lambda name, q: not name.startswith(only_layer_0)):
+            expected = transformer(*args, **kwargs)[0]
+        _, _, final_q = units[0].run(model, args, kwargs)
+        torch.testing.assert_close(final_q, expected)
+        assert not torch.allclose(final_q, transformer(*args, **kwargs)[0])  # all layers quantized differs
