@@ -2,8 +2,9 @@
 
     python experiments/tables.py outputs/ptq/multiruns/<timestamp> [more sweep dirs ...] [--out table]
 
-Also writes <out>.png, mask AP per row as bars. Each row is one run (quant, recipe, the overrides that distinguish it), with mask AP and mean IoU of
+Each row is one run (quant, recipe, the overrides that distinguish it), with mask AP and mean IoU of
 the honest quantized model, the reference-protocol numbers where a run computed them, and wall time.
+Also writes <out>.png: mask AP per row as bars.
 """
 
 from __future__ import annotations
@@ -21,10 +22,6 @@ COLUMNS = ["model", "quant", "recipe", "variant", "mask_AP", "mask_AP50", "mask_
            "ref_mask_AP", "ref_mIoU", "wall_time_s", "state", "run_dir"]
 
 
-def _overrides(run_dir: Path) -> str:
-    return " ".join(job_overrides(run_dir))
-
-
 def collect_rows(sweep_dirs: list[Path]) -> list[dict]:
     rows, fp_rows = [], {}
     for sweep_dir in sweep_dirs:
@@ -36,9 +33,10 @@ def _collect(sweep_dir: Path, rows: list[dict], fp_rows: dict) -> None:
     for status_path in status_files_in_job_order(sweep_dir):
         run_dir = status_path.parent
         state = json.loads(status_path.read_text()).get("state")
+        variant = " ".join(job_overrides(run_dir))
         metrics_path = run_dir / "metrics.json"
         if not metrics_path.is_file():
-            rows.append({"state": state, "run_dir": str(run_dir), "variant": _overrides(run_dir)})
+            rows.append({"state": state, "run_dir": str(run_dir), "variant": variant})
             continue
         m = json.loads(metrics_path.read_text())
         fp_rows.setdefault(m["model"], {"model": m["model"], "quant": "fp32", "recipe": "fp", **m["fp"],
@@ -46,7 +44,7 @@ def _collect(sweep_dir: Path, rows: list[dict], fp_rows: dict) -> None:
         if m["recipe"] == "fp":
             continue
         ref = m.get("reference_protocol") or {}
-        rows.append({"model": m["model"], "quant": m["quant"], "recipe": m["recipe"], "variant": _overrides(run_dir),
+        rows.append({"model": m["model"], "quant": m["quant"], "recipe": m["recipe"], "variant": variant,
                      **m["quantized"], "ref_mask_AP": ref.get("mask_AP"), "ref_mIoU": ref.get("mIoU"),
                      "wall_time_s": m.get("wall_time_s"), "state": state, "run_dir": str(run_dir)})
 

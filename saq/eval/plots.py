@@ -135,7 +135,8 @@ def plot_chosen_ranges(records: Sequence[PCCRecord], path: Path) -> Path:
     ax.set_title(f"PCC ranges (pass {last[0].pass_index + 1})", fontsize=9)
     ax.grid(True, axis="x", alpha=0.3)
     # Under the figure's bottom edge (the tight bounding box grows to hold it), so it never hides a bar.
-    fig.legend(*ax.get_legend_handles_labels(), fontsize=7, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=len(RANGE_SERIES))
+    fig.legend(*ax.get_legend_handles_labels(), fontsize=7, loc="upper center", bbox_to_anchor=(0.5, 0.0),
+               ncol=len(RANGE_SERIES))
     return _save(fig, path)
 
 

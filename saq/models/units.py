@@ -90,13 +90,13 @@ def _weighted_layers_in_forward_order(module: nn.Module, prefix: str) -> list[st
 
     Registration order is forward order in SAM's ViT blocks and TinyViT's MBConv / PatchMerging; a
     TinyViT block registers ``mlp`` before ``local_conv`` but runs attn -> local_conv -> mlp."""
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        return [prefix]
     children = dict(module.named_children())
     if "local_conv" in children and "mlp" in children:
         order = [n for n in children if n != "local_conv"]
         order.insert(order.index("mlp"), "local_conv")
         children = {n: children[n] for n in order}
-    if isinstance(module, (nn.Linear, nn.Conv2d)):
-        return [prefix]
     return [name for child, sub in children.items()
             for name in _weighted_layers_in_forward_order(sub, f"{prefix}.{child}")]
 

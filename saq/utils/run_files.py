@@ -9,6 +9,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Iterable
 
+import yaml
+
 
 def write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -38,8 +40,6 @@ _NOT_A_VARIANT = ("quant=", "ptq=", "hydra.", "logger", "runtime.", "experiment=
 def job_overrides(run_dir: Path) -> list[str]:
     """The run's command-line overrides (from .hydra/overrides.yaml) that change its result, besides
     quant and recipe."""
-    import yaml
-
     path = Path(run_dir) / ".hydra" / "overrides.yaml"
     if not path.is_file():
         return []
@@ -58,9 +58,9 @@ def format_error(exc: BaseException) -> str:
     return f"{exc.__class__.__name__}: {exc}\n" + "".join(traceback.format_tb(exc.__traceback__)[-3:])
 
 
-TABLE_COLUMNS = (("model", "model"), ("quant", "quant"), ("recipe", "recipe"), ("variant", "variant"), ("mask_AP", "AP"),
-                 ("mask_AP50", "AP50"), ("mask_AP75", "AP75"), ("mIoU", "mIoU"), ("fidelity_mIoU", "IoU vs FP"),
-                 ("wall_time_s", "time s"))
+TABLE_COLUMNS = (("model", "model"), ("quant", "quant"), ("recipe", "recipe"), ("variant", "variant"),
+                 ("mask_AP", "AP"), ("mask_AP50", "AP50"), ("mask_AP75", "AP75"), ("mIoU", "mIoU"),
+                 ("fidelity_mIoU", "IoU vs FP"), ("wall_time_s", "time s"))
 
 
 def result_rows(metrics: dict[str, Any], include_fp: bool = True, variant: str = "") -> list[dict[str, Any]]:
@@ -68,8 +68,8 @@ def result_rows(metrics: dict[str, Any], include_fp: bool = True, variant: str =
     base = {"model": metrics.get("model"), "wall_time_s": metrics.get("wall_time_s"), "variant": variant}
     rows = []
     if include_fp:
-        rows.append({**base, "quant": "fp32", "recipe": "fp", **metrics["fp"], "fidelity_mIoU": 1.0, "wall_time_s": None,
-                     "variant": ""})
+        rows.append({**base, "quant": "fp32", "recipe": "fp", **metrics["fp"], "fidelity_mIoU": 1.0,
+                     "wall_time_s": None, "variant": ""})
     if metrics.get("recipe") != "fp":
         rows.append({**base, "quant": metrics.get("quant"), "recipe": metrics.get("recipe"), **metrics["quantized"]})
     if metrics.get("reference_protocol"):
