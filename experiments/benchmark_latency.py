@@ -22,7 +22,7 @@ import torch
 from saq.data.calibration import CalibrationItem
 from saq.data.coco import ImageRecord
 from saq.data.prompts import Prompt
-from saq.eval.predictor import decode_boxes, encode_image
+from saq.models.predictor import decode_boxes, encode_image
 from saq.models import build_architecture, build_model
 from saq.nn import QuantRule, harden_weights_, quantize_
 from saq.ptq.calibrate import calibrate_

@@ -11,7 +11,7 @@ from segment_anything.modeling.transformer import Attention
 from saq.data.calibration import CalibrationItem
 from saq.data.coco import ImageRecord
 from saq.data.prompts import Prompt
-from saq.eval.predictor import encode_image
+from saq.models.predictor import encode_image
 from saq.models import build_tiny_sam
 from saq.nn import QuantRule, quantize_
 from saq.ptq import bimodal

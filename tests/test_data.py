@@ -8,7 +8,7 @@ import torch
 
 from saq.data import DatasetError, build_dataset, dataset_from_config, detector_prompts, gt_prompts, select_calibration
 from saq.data.coco import load_image
-from saq.eval.predictor import decode_boxes, encode_image
+from saq.models.predictor import decode_boxes, encode_image
 from saq.models import build_tiny_sam
 
 

@@ -12,14 +12,15 @@ from PIL import Image
 from saq.data.calibration import CalibrationItem
 from saq.data.coco import ImageRecord
 from saq.data.prompts import Prompt
-from saq.eval.predictor import decode_boxes, encode_image
+from saq.models.predictor import decode_boxes, encode_image
 from saq.models import build_tiny_sam
 from saq.nn import QuantRule, harden_weights_, quantize_
 from saq.nn.deploy import assert_deployable
 from saq.ptq.calibrate import calibrate_
 from saq.quant import QuantMode, QuantSpec, iter_quantizers
 from saq.quant.log_quantizer import AGQObserver, LogSoftmaxQuantizer
-from saq.quant.quantizer import Role, make_quantizer
+from saq.quant.factory import make_quantizer
+from saq.quant.quantizer import Role
 
 LOG4 = QuantSpec(4, quantizer="log", observer="agq")
 # The prompt encoder stays FP (its mask branch never runs with box prompts, like the project's rules).

@@ -4,7 +4,7 @@ import torch
 
 from saq.data import dataset_from_config, gt_prompts, select_calibration
 from saq.data.coco import load_image
-from saq.eval.predictor import decode_boxes, encode_image
+from saq.models.predictor import decode_boxes, encode_image
 from saq.models import build_architecture, build_tiny_sam
 from saq.models.units import reconstruction_units, vit_stages
 from saq.ptq.capture import capture_inputs

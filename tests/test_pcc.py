@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from saq.data import dataset_from_config, gt_prompts, select_calibration
-from saq.eval.plots import save_pcc_plots
+from saq.ptq.pcc_plots import save_pcc_plots
 from saq.models import build_tiny_sam
 from saq.nn import QuantRule, quantize_
 from saq.ptq.calibrate import calibrate_

@@ -8,7 +8,7 @@ from saq.models import build_model, build_tiny_sam
 from saq.nn import (QuantConv2d, QuantLinear, QuantRule, QuantTwoWayAttention, QuantViTAttention, dequantize_,
                     quantize_)
 from saq.quant import QuantMode, QuantSpec, set_quant_mode
-from saq.eval.predictor import decode_boxes, encode_image
+from saq.models.predictor import decode_boxes, encode_image
 
 W8 = QuantSpec(8, granularity="channel")
 A8 = QuantSpec(8)

@@ -27,8 +27,8 @@ def run_eval(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict[str, Any
     start = time.perf_counter()
     model, payload = load_quantized(cfg.ckpt_path)
     trained = payload["config"]
-    data_cfg = OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") else trained["data"]
-    prompts_cfg = OmegaConf.to_container(cfg.prompts, resolve=True) if cfg.get("prompts") else trained["prompts"]
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True, enum_to_str=True) if cfg.get("data") else trained["data"]
+    prompts_cfg = OmegaConf.to_container(cfg.prompts, resolve=True, enum_to_str=True) if cfg.get("prompts") else trained["prompts"]
     assert_deployable(model, require_quantizers=bool(payload["layout"]))
     model = model.to(resolve_device(str(cfg.runtime.device)))
     dataset = dataset_from_config(data_cfg)

@@ -22,8 +22,16 @@ def config_dir() -> str:
 
 
 def register_resolvers() -> None:
+    """The project's OmegaConf resolvers and the config schema in Hydra's ConfigStore."""
+    from saq.config import register_schemas
+
+    register_schemas()
     if not OmegaConf.has_resolver("saq_root"):
         OmegaConf.register_new_resolver("saq_root", project_root)
+    if not OmegaConf.has_resolver("saq_quant_label"):
+        from saq.config.schema import quant_label
+
+        OmegaConf.register_new_resolver("saq_quant_label", quant_label)
 
 
 def run_task(cfg: DictConfig, run_dir: Path, job: Callable[[DictConfig, Path, RunLogger], Any], name: str) -> Any:
@@ -31,8 +39,8 @@ def run_task(cfg: DictConfig, run_dir: Path, job: Callable[[DictConfig, Path, Ru
     write_status(run_dir, "running")
     logger = None
     try:
-        logger = build_logger(OmegaConf.to_container(cfg.logger, resolve=True), run_dir,
-                              OmegaConf.to_container(cfg, resolve=True), name)
+        logger = build_logger(OmegaConf.to_container(cfg.logger, resolve=True, enum_to_str=True), run_dir,
+                              OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), name)
         result = job(cfg, run_dir, logger)
     except BaseException as exc:
         write_status(run_dir, "failed", format_error(exc))

@@ -1,1 +1,1 @@
-"""Lightning pieces: the per-unit reconstruction module driven by Fabric."""
+"""Lightning pieces: the per-unit reconstruction module, its Trainer and callbacks."""

@@ -1,33 +1,38 @@
-"""One reconstruction unit as a LightningModule with manual optimisation.
+"""One reconstruction unit as a LightningModule, trained by a Lightning ``Trainer``.
 
 The module owns no network: it holds the unit's trainable quantizer parameters (AdaRound alphas and
-learnable activation steps, shared with the model) and a ``run`` callable into the model. A Fabric
-runner drives ``training_step`` so step counters stay monotonic across units.
+learnable activation steps, shared with the model) and a ``run`` callable into the model. The Trainer
+owns the loop: device placement of the cached batches, precision, the optimiser and scheduler steps
+(through ``training_step``), logging (``self.log`` -> the run's loggers) and the per-unit callbacks
+(best window, loss curve, checkpoint) in ``saq.engine.callbacks``.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Mapping
 
 import lightning as L
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
+from saq.config.schema import ActivationStep, Choice, DecoderLoss, EncoderLoss, WeightRounding
 from saq.engine.losses import lp_loss
 from saq.models.units import ReconUnit
 from saq.nn.modules import QuantizedModule
-from saq.ptq.capture import to_device
 from saq.quant.adaround import BetaSchedule, rounding_regularizer
 from saq.quant.quantizer import FakeQuantizer, Role
 
 
 @dataclass(frozen=True)
 class ReconSettings:
+    """The engine's view of ``ptq.recon`` (schema: saq.config.schema.ReconConfig)."""
+
     iters: int = 20000
-    weights: str = "adaround"  # adaround | nearest
-    activations: str = "lsq"  # lsq | fixed
+    weights: WeightRounding = WeightRounding.adaround
+    activations: ActivationStep = ActivationStep.lsq
     w_lr: float = 1e-3
     a_lr: float = 4e-5
     qdrop_prob: float = 0.0
@@ -38,10 +43,29 @@ class ReconSettings:
     p: float = 2.0
     keep_best: bool = True
     best_window: int = 50
-    encoder_loss: str = "mse"  # mse | par (prompt-aware, stage units of a ViT)
+    encoder_loss: EncoderLoss = EncoderLoss.mse
     par_mse_weight: float = 0.0  # optional weight of the plain stage-output MSE next to PAR
-    decoder_loss: str = "mse"  # mse | clm
+    decoder_loss: DecoderLoss = DecoderLoss.mse
     final_attn_iters: int | None = None  # iterations of the final token-to-image attention unit
+    precision: str = "32-true"
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> "ReconSettings":
+        """Typed settings from the config node; a value outside its choices raises with the choices listed."""
+        values = {}
+        for f in fields(cls):
+            if f.name not in cfg:
+                continue
+            value = cfg[f.name]
+            choice_type = type(f.default) if isinstance(f.default, Choice) else None
+            if choice_type is not None and not isinstance(value, choice_type):
+                try:
+                    value = choice_type(value)
+                except ValueError:
+                    raise ValueError(f"ptq.recon.{f.name}={value!r}: choose one of "
+                                     f"{[c.value for c in choice_type]}") from None
+            values[f.name] = value
+        return cls(**values)
 
 
 MIN_STEP_FRACTION = 1e-3  # learned activation steps never fall below this fraction of their calibrated value
@@ -71,26 +95,52 @@ def _mix(quantized: Any, fp: Any, prob: float) -> Any:
     return quantized
 
 
+def _as_float32(value: Any) -> Any:
+    """Cached tensors may be stored in half precision; the unit computes in float32."""
+    if isinstance(value, torch.Tensor):
+        return value.float() if value.is_floating_point() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_as_float32(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _as_float32(v) for k, v in value.items()}
+    return value
+
+
+class UnitBatches(Dataset):
+    """Item i of a unit's cache: its quantized input, FP input (for QDrop), target and PAR head target.
+    The Trainer moves each batch to the model's device."""
+
+    def __init__(self, q_inputs: list, fp_inputs: list | None, targets: list, head_targets: list | None) -> None:
+        self.q_inputs, self.fp_inputs, self.targets, self.head_targets = q_inputs, fp_inputs, targets, head_targets
+
+    def __len__(self) -> int:
+        return len(self.q_inputs)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"index": i, "q": self.q_inputs[i], "fp": self.fp_inputs[i] if self.fp_inputs is not None else None,
+                "target": self.targets[i],
+                "head_target": self.head_targets[i] if self.head_targets is not None else None}
+
+
 class UnitReconstruction(L.LightningModule):
-    def __init__(self, model: nn.Module, unit: ReconUnit, fp_inputs: list, q_inputs: list, targets: list,
-                 settings: ReconSettings, head=None, head_targets: list | None = None) -> None:
-        """``head`` (optional) maps the unit output of item i to the space the loss compares in (PAR);
-        ``head_targets`` are the head's outputs for the FP targets."""
+    def __init__(self, model: nn.Module, unit: ReconUnit, settings: ReconSettings,
+                 head: Callable[[Any, int], Any] | None = None) -> None:
+        """``head`` (optional) maps the unit output of item i to the space the loss compares in (PAR)."""
         super().__init__()
-        self.head, self.head_targets = head, head_targets
-        self.automatic_optimization = False
+        self.automatic_optimization = False  # two optimisers (alphas, steps), one backward per step
         self.unit, self.settings = unit, settings
         self.run_unit = functools.partial(unit.run, model)  # a callable, not a submodule: the model stays put
-        self.fp_inputs, self.q_inputs, self.targets = fp_inputs, q_inputs, targets
+        self.head = head  # a plain callable (not a submodule): the Trainer's train()/to() leave the FP parts alone
         self.schedule = BetaSchedule(settings.iters, settings.beta_start, settings.beta_end, settings.warmup)
         self.quantizers = unit_quantizers(model, unit)
+        self.weight_modules = unit_weight_modules(model, unit)
         alphas, scales = [], []
-        if settings.weights == "adaround":
-            for _, module in unit_weight_modules(model, unit):
+        if settings.weights is WeightRounding.adaround:
+            for _, module in self.weight_modules:
                 alphas.append(module.weight_quantizer.enable_soft_rounding(module.weight))
         for _, q in self.quantizers:
             if q.role is Role.ACTIVATION:
-                if settings.activations == "lsq":
+                if settings.activations is ActivationStep.lsq:
                     scales.append(q.make_scale_learnable())
                 q.drop_prob = settings.qdrop_prob
                 q.train()  # in-quantizer QDrop only acts in training mode
@@ -100,40 +150,46 @@ class UnitReconstruction(L.LightningModule):
         # and make the quantizer undeployable. Floor: a small fraction of the calibrated step.
         self.scale_floors = [s.detach().abs().clamp_min(torch.finfo(s.dtype).tiny) * MIN_STEP_FRACTION
                              for s in scales]
-        self.device_ = next(iter(model.parameters())).device
 
-    def make_optimizers(self) -> list[torch.optim.Optimizer]:
-        optimizers = []
+    @property
+    def has_parameters(self) -> bool:
+        return len(self.alphas) + len(self.scales) > 0
+
+    def configure_optimizers(self):
+        optimizers, schedulers = [], []
         if len(self.alphas):
             optimizers.append(torch.optim.Adam(self.alphas, lr=self.settings.w_lr))
         if len(self.scales):
-            optimizers.append(torch.optim.Adam(self.scales, lr=self.settings.a_lr))
-        return optimizers
-
-    def make_scheduler(self, optimizer) -> torch.optim.lr_scheduler.LRScheduler:
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(self.settings.iters, 1), eta_min=0.0)
+            step_optimizer = torch.optim.Adam(self.scales, lr=self.settings.a_lr)
+            optimizers.append(step_optimizer)  # cosine decay of the learned activation steps only
+            schedulers.append(torch.optim.lr_scheduler.CosineAnnealingLR(
+                step_optimizer, T_max=max(self.settings.iters, 1), eta_min=0.0))
+        return optimizers, schedulers
 
     def regularizer(self, step: int) -> tuple[torch.Tensor, float]:
         beta = self.schedule.beta(step)
-        if not len(self.alphas) or not self.schedule.active(step):
-            return torch.zeros((), device=self.device_), beta
+        if not len(self.alphas) or not self.schedule.active(step) or not self.settings.reg_weight:
+            return torch.zeros((), device=self.device), beta
         return self.settings.reg_weight * sum(rounding_regularizer(a, beta) for a in self.alphas), beta
 
-    def training_step(self, step: int) -> dict[str, float]:
-        i = int(torch.randint(len(self.q_inputs), (1,)))
-        q_args, q_kwargs = to_device(self.q_inputs[i], self.device_)
+    def reconstruction_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        q_args, q_kwargs = _as_float32(batch["q"])
         if self.settings.qdrop_prob > 0:
-            fp_args, fp_kwargs = to_device(self.fp_inputs[i], self.device_)
+            fp_args, fp_kwargs = _as_float32(batch["fp"])
             q_args = _mix(q_args, fp_args, self.settings.qdrop_prob)
             q_kwargs = _mix(q_kwargs, fp_kwargs, self.settings.qdrop_prob)
         out = self.run_unit(q_args, q_kwargs)
-        target = to_device(self.targets[i], self.device_)
-        if self.head is not None:
-            rec = lp_loss(self.head(out, i), to_device(self.head_targets[i], self.device_), self.settings.p)
-            if self.settings.par_mse_weight:
-                rec = rec + self.settings.par_mse_weight * lp_loss(out, target, self.settings.p)
-        else:
-            rec = lp_loss(out, target, self.settings.p, self.unit.loss_weights)
+        target = _as_float32(batch["target"])
+        if self.head is None:
+            return lp_loss(out, target, self.settings.p, self.unit.loss_weights)
+        rec = lp_loss(self.head(out, int(batch["index"])), _as_float32(batch["head_target"]), self.settings.p)
+        if self.settings.par_mse_weight:
+            rec = rec + self.settings.par_mse_weight * lp_loss(out, target, self.settings.p)
+        return rec
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, float]:
+        step = self.global_step_in_unit(batch_idx)
+        rec = self.reconstruction_loss(batch)
         reg, beta = self.regularizer(step)
         loss = rec + reg
         optimizers = self.optimizers()
@@ -143,13 +199,20 @@ class UnitReconstruction(L.LightningModule):
         self.manual_backward(loss)
         for opt in optimizers:
             opt.step()
+        schedulers = self.lr_schedulers()
+        for scheduler in (schedulers if isinstance(schedulers, list) else [schedulers] if schedulers else []):
+            scheduler.step()
         self.keep_steps_positive_()
-        return {"loss": loss.item(), "rec": rec.item(), "reg": float(reg.detach()), "beta": beta}
+        # the two terms apart: their scales differ by orders of magnitude early in the beta schedule
+        return {"objective": loss.item(), "rec": rec.item(), "reg": float(reg.detach()), "beta": beta}
+
+    def global_step_in_unit(self, batch_idx: int) -> int:
+        return batch_idx  # one epoch of ``iters`` sampled items per unit
 
     @torch.no_grad()
     def keep_steps_positive_(self) -> None:
         for scale, floor in zip(self.scales, self.scale_floors):
-            torch.maximum(scale, floor, out=scale)
+            torch.maximum(scale, floor.to(scale.device), out=scale)
 
     def snapshot(self) -> list[torch.Tensor]:
         return [p.detach().clone() for p in [*self.alphas, *self.scales]]
@@ -160,10 +223,10 @@ class UnitReconstruction(L.LightningModule):
             p.copy_(v)
 
     @torch.no_grad()
-    def finalize(self, model: nn.Module) -> None:
+    def finalize(self) -> None:
         """Fix rounding, freeze steps, stop dropping; then prove it. FP weights stay untouched so later
         units' FP targets are those of the real FP model; the pipeline hardens weights at the end."""
-        for _, module in unit_weight_modules(model, self.unit):
+        for _, module in self.weight_modules:
             module.weight_quantizer.fix_rounding_()
         for _, q in self.quantizers:
             q.freeze_scale()

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from saq.data.coco import CocoInstances, load_image
 from saq.data.prompts import Prompt
 from saq.eval.metrics import coco_mask_ap, encode_mask, fidelity, gt_rle, mask_iou
-from saq.eval.predictor import decode_boxes, encode_image
+from saq.models.predictor import decode_boxes, encode_image
 
 
 @dataclass

@@ -16,7 +16,8 @@ from segment_anything.modeling import image_encoder as sam_encoder
 from segment_anything.modeling import transformer as sam_transformer
 
 from saq.nn.modules import QuantizedModule, _adopt
-from saq.quant.quantizer import QuantSpec, Role, make_quantizer
+from saq.quant.factory import make_quantizer
+from saq.quant.quantizer import QuantSpec, Role
 
 ATTENTION_POINTS = ("q_quantizer", "k_quantizer", "v_quantizer", "softmax_quantizer")
 

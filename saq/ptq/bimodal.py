@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from saq.data.calibration import CalibrationItem
 from saq.data.coco import load_image
-from saq.eval.predictor import decode_boxes, encode_image
+from saq.models.predictor import decode_boxes, encode_image
 from saq.quant.quantizer import FakeQuantizer, QuantMode, quant_mode
 
 KDE_MAX_POINTS = 20000  # subsample for speed; the KDE of 20k points is smooth enough for 128 grid points

@@ -8,7 +8,7 @@ from tqdm.auto import tqdm
 
 from saq.data.calibration import CalibrationItem
 from saq.data.coco import load_image
-from saq.eval.predictor import decode_boxes, encode_image
+from saq.models.predictor import decode_boxes, encode_image
 from saq.nn.modules import QuantizedModule
 from saq.quant.quantizer import QuantMode, Role, iter_quantizers, quant_mode, set_quant_mode
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from saq.data.calibration import CalibrationItem
 from saq.data.coco import load_image
-from saq.eval.predictor import EncodedImage, decode_boxes, encode_image
+from saq.models.predictor import EncodedImage, decode_boxes, encode_image
 
 
 def _detach(value: Any, device: torch.device, dtype: torch.dtype | None) -> Any:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from saq.data.calibration import CalibrationItem
 from saq.data.coco import load_image
-from saq.eval.predictor import EncodedImage, decode_boxes, encode_image
+from saq.models.predictor import EncodedImage, decode_boxes, encode_image
 from saq.nn.attention import QuantTwoWayAttention
 from saq.quant.granularity import PerTensor
 from saq.quant.observers import build_observer

@@ -51,7 +51,7 @@ def run_stages(model, calib_items, config: dict[str, Any], run_dir: Path, logger
 
             info["bimodal"] = bimodal_fold_(model, calib_items[0])
         elif stage == "pcc":
-            from saq.eval.plots import save_pcc_plots
+            from saq.ptq.pcc_plots import save_pcc_plots
             from saq.ptq.pcc import DEFAULT_PERCENTILES, pcc_search_
 
             pcc_cfg = config["ptq"]["pcc"]
@@ -102,7 +102,7 @@ def _metric_block(result_metrics: dict[str, Any]) -> dict[str, float]:
 def run_ptq(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict[str, Any]:
     """Run the recipe of ``cfg``; returns the metrics written to ``run_dir/metrics.json``."""
     start = time.perf_counter()
-    config = OmegaConf.to_container(cfg, resolve=True)
+    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     torch.manual_seed(int(cfg.seed))
     if cfg.runtime.get("num_threads"):
         torch.set_num_threads(int(cfg.runtime.num_threads))

@@ -1,35 +1,38 @@
-"""Reconstruction stage: optimise units in order, checkpoint after each, resume after a kill.
+"""Reconstruction stage: the units in order, each trained by its own Lightning Trainer
+(saq.engine), checkpointed when final, resumed after a kill.
 
-Each unit's problem is a pure function of (unit, cached quantized inputs, cached FP inputs, FP
-targets); caching, devices, checkpoints and logging live here, outside it.
+This module prepares what a unit learns from (cached quantized and FP inputs, FP targets, the PAR head)
+and chains the units; the loop itself (device placement of batches, precision, optimiser and scheduler
+steps, logging, the per-unit checkpoint) belongs to the Trainer.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import resource
 import time
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from lightning.fabric import Fabric
 from torch import nn
-from tqdm.auto import tqdm
+from torch.utils.data import DataLoader, RandomSampler
 
 from saq.data.calibration import CalibrationItem
-from saq.engine.reconstruction import ReconSettings, UnitReconstruction, unit_quantizers
+from saq.config.schema import CacheDtype, EncoderLoss
+from saq.engine.callbacks import LossWindows, UnitCheckpoint
+from saq.engine.reconstruction import ReconSettings, UnitBatches, UnitReconstruction, unit_quantizers
+from saq.engine.trainer import fit_quietly, unit_trainer
 from saq.models.units import ReconUnit, reconstruction_units
 from saq.ptq.capture import _detach, capture_inputs, encode_items, to_device
 from saq.quant.quantizer import QuantMode, quant_mode, set_quant_mode
 from saq.utils.loggers import RunLogger
 
 STATE_FILE = "recon_state.pt"
+CACHE_DTYPES = {CacheDtype.float32: None, CacheDtype.float16: torch.float16, CacheDtype.bfloat16: torch.bfloat16}
 
-
-def settings_from_config(cfg: Mapping[str, Any]) -> ReconSettings:
-    fields = ReconSettings.__dataclass_fields__
-    return ReconSettings(**{k: v for k, v in cfg.items() if k in fields})
+log = logging.getLogger(__name__)
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -52,7 +55,7 @@ class ReconState:
         if state["unit_names"] != self.unit_names:
             raise RuntimeError(f"{self.path} belongs to another unit list; delete it to start over")
         model.load_state_dict(state["model"], strict=True)
-        print(f"[saq] resuming reconstruction after {len(state['done'])} finished units ({self.path})")
+        log.info("resuming reconstruction after %d finished units (%s)", len(state["done"]), self.path)
         return state
 
     def save(self, model: nn.Module, done: list[str], global_step: int, units: list[dict]) -> None:
@@ -67,18 +70,25 @@ def _targets(model: nn.Module, unit: ReconUnit, inputs: list, device, cache_devi
         return [_detach(unit.run(model, *to_device(inp, device)), cache_device, cache_dtype) for inp in inputs]
 
 
+def _unit_loader(batches: UnitBatches, iters: int, seed: int) -> DataLoader:
+    """``iters`` items drawn with replacement (one image and its prompts per step), seeded per unit."""
+    sampler = RandomSampler(batches, replacement=True, num_samples=iters,
+                            generator=torch.Generator().manual_seed(seed))
+    return DataLoader(batches, batch_size=None, sampler=sampler)
+
+
 def reconstruct_(model: nn.Module, items: list[CalibrationItem], cfg: Mapping[str, Any], run_dir: Path,
                  logger: RunLogger, seed: int = 0, show_progress: bool = True,
                  units: list[ReconUnit] | None = None, stop_after: int | None = None) -> list[dict[str, Any]]:
     """Reconstruct every unit in order; returns per-unit statistics (loss, time, memory)."""
-    settings = settings_from_config(cfg)
+    settings = ReconSettings.from_config(cfg)
     device = next(model.parameters()).device
     cache_device = torch.device(cfg.get("cache_device", "cpu"))
-    cache_dtype = torch.float16 if cfg.get("cache_dtype") == "float16" else None
+    cache_dtype = CACHE_DTYPES[CacheDtype(cfg.get("cache_dtype", "float32"))]
     units = units if units is not None else reconstruction_units(
         model, cfg.get("granularity", "block"), tuple(cfg.get("parts", ("encoder", "decoder"))), settings.decoder_loss)
     head = None
-    if settings.encoder_loss == "par":
+    if settings.encoder_loss is EncoderLoss.par:
         from saq.ptq.par import PromptAwareHead
 
         head = PromptAwareHead(model, items)
@@ -92,12 +102,12 @@ def reconstruct_(model: nn.Module, items: list[CalibrationItem], cfg: Mapping[st
     set_quant_mode(model, QuantMode.QUANTIZE)
     with quant_mode(model, QuantMode.OFF):
         fp_inputs = capture_inputs(model, sorted({u.entry for u in todo}), items, cache_device, cache_dtype)
-    fabric = Fabric(accelerator=device.type, devices=1, precision=cfg.get("precision", "32-true"))
     q_cache: dict[str, list] = {}  # quantized inputs known without a forward pass (chained units)
     encoded = None  # quantized image embeddings, once the encoder is final
     for position, unit in enumerate(todo):
         index = [u.name for u in units].index(unit.name)
-        torch.manual_seed(seed * 100003 + index)  # per-unit seed: a resumed run repeats the same draws
+        unit_seed = seed * 100003 + index  # per-unit seed: a resumed run repeats the same draws
+        torch.manual_seed(unit_seed)
         start = time.perf_counter()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -114,8 +124,8 @@ def reconstruct_(model: nn.Module, items: list[CalibrationItem], cfg: Mapping[st
         targets = _targets(model, unit, target_inputs, device, cache_device, cache_dtype)
         unit_head = head if (head is not None and unit.kind == "stage") else None
         if unit_head is not None and not unit_head.accepts(targets[0]):
-            print(f"[saq] PAR: the output of {unit.name} {tuple(targets[0].shape)} cannot feed the neck "
-                  "(layer skipping undefined); this stage uses the plain stage-output MSE")
+            log.info("PAR: the output of %s %s cannot feed the neck (layer skipping undefined); this stage uses "
+                     "the plain stage-output MSE", unit.name, tuple(targets[0].shape))
             unit_head = None
         head_targets = None
         if unit_head is not None:
@@ -125,56 +135,37 @@ def reconstruct_(model: nn.Module, items: list[CalibrationItem], cfg: Mapping[st
         unit_settings = settings
         if unit.kind == "final_attn" and settings.final_attn_iters is not None:
             unit_settings = dataclasses.replace(settings, iters=int(settings.final_attn_iters))
-        module = UnitReconstruction(model, unit, fp_inputs[unit.entry], q_inputs, targets, unit_settings,
-                                    unit_head, head_targets)
-        optimizers = module.make_optimizers()
-        if optimizers:
-            optimizers = list(fabric.setup(module, *optimizers, move_to_device=False)[1:])
-        # cosine decay applies to the activation-step optimizer (the last one when it exists)
-        schedulers = [module.make_scheduler(optimizers[-1])] if len(module.scales) else []
-        iters = unit_settings.iters if optimizers else 0
-        best, best_loss, window, curve = module.snapshot(), float("inf"), [], []
-        # the plotted curve has its own, finer window: about 50 points per unit even for short runs
-        plot_every, plot_window = max(1, min(settings.best_window, iters // 50)), []
-        first_loss = None
-        bar = tqdm(range(iters), desc=f"recon {unit.name}", disable=not show_progress, leave=False)
-        for step in bar:
-            out = module.training_step(step)
-            for scheduler in schedulers:
-                scheduler.step()
-            first_loss = out["rec"] if first_loss is None else first_loss
-            window.append(out["rec"])
-            plot_window.append(out["rec"])
-            global_step += 1
-            if len(plot_window) >= plot_every or step == iters - 1:
-                curve.append([global_step, sum(plot_window) / len(plot_window)])
-                plot_window = []
-            if len(window) >= settings.best_window or step == iters - 1:
-                mean = sum(window) / len(window)
-                if settings.keep_best and mean < best_loss:
-                    best_loss, best = mean, module.snapshot()
-                lr = schedulers[0].get_last_lr()[0] if schedulers else None
-                logger.log_metrics({f"recon/{unit.name}/loss": mean, f"recon/{unit.name}/reg": out["reg"],
-                                    f"recon/{unit.name}/beta": out["beta"], f"recon/{unit.name}/lr_act": lr,
-                                    "recon/loss": mean}, step=global_step)
-                bar.set_postfix(loss=f"{mean:.4g}")
-                window = []
-        if settings.keep_best and iters > 0:
-            module.restore(best)
-        module.finalize(model)
+        module = UnitReconstruction(model, unit, unit_settings, unit_head)
+        iters = unit_settings.iters if module.has_parameters else 0
+        windows = LossWindows(unit_settings, iters, global_step)
+        unit_stats: dict[str, Any] = {"unit": unit.name, "iters": iters, "par": unit_head is not None}
+
+        def save_unit(unit_stats=unit_stats, windows=windows) -> None:
+            unit_stats.update(first_loss=windows.first_loss, best_loss=windows.best_loss,
+                              time_s=time.perf_counter() - start, peak_memory_mb=_peak_memory_mb(device),
+                              curve=windows.curve)
+            done.append(unit_stats["unit"])
+            stats.append(unit_stats)
+            logger.log_metrics({f"recon/{unit_stats['unit']}/time_s": unit_stats["time_s"],
+                                f"recon/{unit_stats['unit']}/peak_memory_mb": unit_stats["peak_memory_mb"]},
+                               step=global_step + iters)
+            state.save(model, done, global_step + iters, stats)
+
+        if iters > 0:
+            batches = UnitBatches(q_inputs, fp_inputs[unit.entry] if settings.qdrop_prob > 0 else None, targets,
+                                  head_targets)
+            trainer = unit_trainer(unit.name, device, settings.precision, run_dir, logger, global_step,
+                                   [windows, UnitCheckpoint(save_unit)], show_progress)
+            fit_quietly(trainer, module, _unit_loader(batches, iters, unit_seed))
+        else:  # nothing to optimise (no parameters or iters=0): the calibrated values, frozen
+            module.finalize()
+            save_unit()
+        global_step += iters
         if position + 1 < len(todo) and unit.feeds == todo[position + 1].entry:
             with torch.no_grad():  # the next unit's quantized input is this unit's (now frozen) output
                 q_cache[todo[position + 1].entry] = [
                     ((_detach(unit.run(model, *to_device(inp, device)), cache_device, cache_dtype),), {})
                     for inp in q_inputs]
-        done.append(unit.name)
-        stats.append({"unit": unit.name, "iters": iters, "first_loss": first_loss, "best_loss": best_loss,
-                      "par": unit_head is not None,
-                      "time_s": time.perf_counter() - start, "peak_memory_mb": _peak_memory_mb(device),
-                      "curve": curve})
-        logger.log_metrics({f"recon/{unit.name}/time_s": stats[-1]["time_s"],
-                            f"recon/{unit.name}/peak_memory_mb": stats[-1]["peak_memory_mb"]}, step=global_step)
-        state.save(model, done, global_step, stats)
         if stop_after is not None and len(done) >= stop_after:
             break  # used by tests to simulate a killed job
     return stats

@@ -207,17 +207,6 @@ class FakeQuantizer(nn.Module):
         return f"{self.role.value}, {self.spec.bits}-bit {sym} per-{self.spec.granularity}, mode={self.mode.value}"
 
 
-def make_quantizer(spec: QuantSpec, role: Role) -> FakeQuantizer:
-    """The quantizer class a spec asks for."""
-    if spec.quantizer == "uniform":
-        return FakeQuantizer(spec, role)
-    if spec.quantizer == "log":
-        from saq.quant.log_quantizer import LogSoftmaxQuantizer
-
-        return LogSoftmaxQuantizer(spec, role)
-    raise ValueError(f"unknown quantizer type {spec.quantizer!r}: use 'uniform' or 'log'")
-
-
 def iter_quantizers(model: nn.Module) -> Iterator[tuple[str, FakeQuantizer]]:
     for name, module in model.named_modules():
         if isinstance(module, FakeQuantizer):

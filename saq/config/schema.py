@@ -1,0 +1,262 @@
+"""Typed schema of the ``saq.ptq`` config: every key, its type and its valid choices.
+
+Registered in Hydra's ConfigStore (``saq.config.store``) and named first in ``conf/ptq.yaml``'s
+defaults, so a misspelt key or a value outside a choice fails at composition, before anything runs,
+with the valid choices in the message. Open-ended nodes (data sources, prompts, loggers, paths) stay
+``Any``: each has its own builder that names bad keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING
+
+
+class Choice(str, Enum):
+    """A config choice: compares equal to its string and prints as it (also on Python 3.10)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class ModelName(Choice):
+    vit_b = "vit_b"
+    vit_l = "vit_l"
+    vit_h = "vit_h"
+    vit_t = "vit_t"
+    tiny = "tiny"
+
+
+class Granularity(Choice):
+    tensor = "tensor"
+    channel = "channel"
+
+
+class Stage(Choice):
+    bimodal = "bimodal"
+    calibrate = "calibrate"
+    pcc = "pcc"
+    reconstruct = "reconstruct"
+
+
+class ObserverName(Choice):
+    minmax = "minmax"
+    ema_minmax = "ema_minmax"
+    percentile = "percentile"
+    mse = "mse"
+    omse = "omse"
+    agq = "agq"  # the log softmax quantizer's own search
+
+
+class QuantizerKind(Choice):
+    uniform = "uniform"
+    log = "log"
+
+
+class UnitGranularity(Choice):
+    layer = "layer"
+    subblock = "subblock"
+    block = "block"
+    stage = "stage"
+
+
+class Part(Choice):
+    encoder = "encoder"
+    decoder = "decoder"
+
+
+class WeightRounding(Choice):
+    adaround = "adaround"
+    nearest = "nearest"
+
+
+class ActivationStep(Choice):
+    lsq = "lsq"
+    fixed = "fixed"
+
+
+class EncoderLoss(Choice):
+    mse = "mse"
+    par = "par"
+
+
+class DecoderLoss(Choice):
+    mse = "mse"
+    clm = "clm"
+
+
+class CacheDtype(Choice):
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+class CalibStrategy(Choice):
+    random = "random"
+    first = "first"
+
+
+@dataclass
+class ModelConfig:
+    name: ModelName = MISSING
+    checkpoint: Optional[str] = None
+    url: Optional[str] = None
+    md5: Optional[str] = None
+    npm_fallback: bool = False
+    cache_dir: str = MISSING
+    init_seed: int = 0
+
+
+@dataclass
+class TensorFormat:
+    symmetric: bool = False
+    granularity: Granularity = Granularity.tensor
+
+
+@dataclass
+class ComponentBits:
+    """Bits of one part of SAM; null keeps that kind of tensor in floating point."""
+
+    w_bits: Optional[int] = None
+    a_bits: Optional[int] = None
+
+
+@dataclass
+class QuantRuleConfig:
+    pattern: str = MISSING
+    w_bits: Optional[int] = None
+    a_bits: Optional[int] = None
+
+
+@dataclass
+class QuantConfig:
+    name: str = MISSING
+    weight: TensorFormat = field(default_factory=lambda: TensorFormat(granularity=Granularity.channel))
+    act: TensorFormat = field(default_factory=TensorFormat)
+    encoder: ComponentBits = field(default_factory=ComponentBits)
+    decoder: ComponentBits = field(default_factory=ComponentBits)
+    rules: List[QuantRuleConfig] = field(default_factory=list)
+
+
+@dataclass
+class ObserverConfig:
+    name: ObserverName = ObserverName.minmax
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SoftmaxQuantizerConfig:
+    quantizer: QuantizerKind = QuantizerKind.uniform
+    observer: Optional[ObserverName] = None  # null: the activation observer
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ReconConfig:
+    granularity: UnitGranularity = UnitGranularity.block
+    parts: List[Part] = field(default_factory=lambda: [Part.encoder, Part.decoder])
+    iters: int = 20000
+    final_attn_iters: Optional[int] = None
+    weights: WeightRounding = WeightRounding.adaround
+    activations: ActivationStep = ActivationStep.lsq
+    w_lr: float = 1e-3
+    a_lr: float = 4e-5
+    qdrop_prob: float = 0.0
+    reg_weight: float = 0.01
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    warmup: float = 0.2
+    p: float = 2.0
+    encoder_loss: EncoderLoss = EncoderLoss.mse
+    par_mse_weight: float = 0.0
+    decoder_loss: DecoderLoss = DecoderLoss.mse
+    keep_best: bool = True
+    best_window: int = 50
+    cache_device: str = "cpu"
+    cache_dtype: CacheDtype = CacheDtype.float32
+    precision: str = "32-true"
+
+
+@dataclass
+class PCCConfig:
+    theta: float = 0.5
+    percentiles: Optional[List[float]] = None
+    passes: int = 2
+    num_images: int = 1
+
+
+@dataclass
+class RecipeConfig:
+    name: str = MISSING
+    quantize: bool = True
+    stages: List[Stage] = field(default_factory=list)
+    weight_observer: ObserverConfig = field(default_factory=ObserverConfig)
+    act_observer: ObserverConfig = field(default_factory=ObserverConfig)
+    softmax_quantizer: Optional[SoftmaxQuantizerConfig] = None
+    recon: ReconConfig = field(default_factory=ReconConfig)
+    pcc: PCCConfig = field(default_factory=PCCConfig)
+
+
+@dataclass
+class CalibConfig:
+    data: Any = MISSING
+    prompts: Any = MISSING
+    num_images: int = 4
+    strategy: CalibStrategy = CalibStrategy.random
+    seed: int = 0
+    max_prompts_per_image: Optional[int] = 16
+    exclude_from_eval: bool = False
+
+
+@dataclass
+class EvalConfig:
+    prompt_batch: int = 16
+    cache_fp: bool = True
+    fp_cache_dir: str = MISSING
+    save_checkpoint: bool = True
+    reference_protocol: bool = False
+    reference_drop_prob: float = 0.5
+    side_by_side: int = 4
+
+
+@dataclass
+class RuntimeConfig:
+    device: str = "auto"
+    num_threads: Optional[int] = None
+    progress: bool = True
+
+
+@dataclass
+class PTQRunConfig:
+    """The whole ``saq.ptq`` config (the ``hydra`` node is Hydra's own)."""
+
+    paths: Any = MISSING
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    ptq: RecipeConfig = field(default_factory=RecipeConfig)
+    data: Any = MISSING
+    prompts: Any = MISSING
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    logger: Any = MISSING
+    cluster: Any = None
+    task_name: str = "ptq"
+    seed: int = 0
+
+
+def bits_label(w_bits: Optional[int], a_bits: Optional[int]) -> str:
+    """``w4a4``; a part kept in floating point reads as 16 bits (``w4a16`` is weight-only)."""
+    return f"w{w_bits or 16}a{a_bits or 16}"
+
+
+def quant_label(enc_w: Optional[int], enc_a: Optional[int], dec_w: Optional[int], dec_a: Optional[int]) -> str:
+    """The name of a bit setting, derived from the bits actually used: ``w4a4``, or
+    ``w4a4-dec-w4a8`` when the decoder's bits differ from the encoder's."""
+    label = bits_label(enc_w, enc_a)
+    if (dec_w, dec_a) != (enc_w, enc_a):
+        label += "-dec-" + bits_label(dec_w, dec_a)
+    return label

@@ -1,0 +1,75 @@
+"""Checks the schema's types cannot express: value ranges and keys added with ``+key=value``.
+
+Run on the composed config before any work starts; every message names the config key.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from saq.config.schema import PTQRunConfig
+
+MIN_BITS, MAX_BITS = 2, 16
+
+
+class ConfigError(ValueError):
+    """A config value that cannot be run; the message names the key and what is valid."""
+
+
+def _bits_entries(quant: DictConfig) -> Iterator[tuple[str, Any]]:
+    for part in ("encoder", "decoder"):
+        for kind in ("w_bits", "a_bits"):
+            yield f"quant.{part}.{kind}", quant[part][kind]
+    for i, rule in enumerate(quant.rules):
+        for kind in ("w_bits", "a_bits"):
+            yield f"quant.rules[{i}].{kind}", rule.get(kind)
+
+
+def _check(ok: bool, key: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value}: {rule}")
+
+
+def _check_range(cfg: DictConfig, key: str, low: float, high: float, *, low_open: bool = False) -> None:
+    value = OmegaConf.select(cfg, key)
+    if value is None:
+        return
+    inside = (low < value if low_open else low <= value) and value <= high
+    bracket = "(" if low_open else "["
+    _check(inside, key, value, f"must lie in {bracket}{low}, {high}]")
+
+
+def check_no_unknown_keys(cfg: DictConfig) -> None:
+    """Keys added with ``+key=value`` bypass the schema at composition: merge into it again."""
+    plain = OmegaConf.to_container(cfg, resolve=False)
+    plain.pop("hydra", None)
+    try:
+        OmegaConf.merge(OmegaConf.structured(PTQRunConfig), plain)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{exc.full_key or 'config'}: {str(exc).splitlines()[0]}") from None
+
+
+def validate_ptq_config(cfg: DictConfig) -> None:
+    """Raise ConfigError on the first value outside its valid range."""
+    check_no_unknown_keys(cfg)
+    for key, bits in _bits_entries(cfg.quant):
+        _check(bits is None or (isinstance(bits, int) and MIN_BITS <= bits <= MAX_BITS), key, bits,
+               f"bit widths must be integers in [{MIN_BITS}, {MAX_BITS}] (or null for floating point)")
+    for key in ("ptq.recon.qdrop_prob", "ptq.recon.warmup", "eval.reference_drop_prob"):
+        _check_range(cfg, key, 0.0, 1.0)
+    _check_range(cfg, "ptq.pcc.theta", 0.0, 1.0, low_open=True)
+    for key in ("ptq.recon.w_lr", "ptq.recon.a_lr", "ptq.recon.p"):
+        _check_range(cfg, key, 0.0, float("inf"), low_open=True)
+    for key in ("ptq.recon.iters", "ptq.recon.final_attn_iters", "ptq.recon.reg_weight", "ptq.recon.par_mse_weight",
+                "eval.side_by_side"):
+        _check_range(cfg, key, 0, float("inf"))
+    for key in ("ptq.recon.best_window", "ptq.pcc.passes", "ptq.pcc.num_images", "calib.num_images",
+                "calib.max_prompts_per_image", "eval.prompt_batch"):
+        _check_range(cfg, key, 1, float("inf"))
+    for i, p in enumerate(cfg.ptq.pcc.percentiles or []):
+        _check(0.5 < p <= 1.0, f"ptq.pcc.percentiles[{i}]", p, "clip percentiles must lie in (0.5, 1]")
+    if cfg.ptq.quantize:
+        _check(len(cfg.ptq.stages) > 0, "ptq.stages", list(cfg.ptq.stages), "a quantizing recipe needs stages")

@@ -1,0 +1,21 @@
+"""The quantizer a spec asks for: one typed registry (uniform or log), above both quantizer modules."""
+
+from __future__ import annotations
+
+from saq.config.schema import QuantizerKind
+from saq.quant.log_quantizer import LogSoftmaxQuantizer
+from saq.quant.quantizer import FakeQuantizer, QuantSpec, Role
+
+QUANTIZERS: dict[QuantizerKind, type[FakeQuantizer]] = {
+    QuantizerKind.uniform: FakeQuantizer,
+    QuantizerKind.log: LogSoftmaxQuantizer,
+}
+
+
+def make_quantizer(spec: QuantSpec, role: Role) -> FakeQuantizer:
+    try:
+        kind = QuantizerKind(spec.quantizer)
+    except ValueError:
+        raise ValueError(f"unknown quantizer type {spec.quantizer!r}: choose one of "
+                         f"{[k.value for k in QuantizerKind]}") from None
+    return QUANTIZERS[kind](spec, role)
