@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -10,17 +11,47 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from saq.cli.task import config_dir, register_resolvers, run_task
+from saq.cli.task import config_dir, expand_resume, register_resolvers, run_task
 from saq.utils.loggers import RunLogger
 
 register_resolvers()
 
 
+def _labels_or_fp_masks(cfg: DictConfig, trained: dict[str, Any], data_cfg: dict[str, Any],
+                        prompts_cfg: dict[str, Any], device: Any):
+    """The evaluation set and prompts exactly as ``saq.ptq`` built them: the same images (calibration
+    split held out), prompts (``auto``: from the FP model) and, without labels, the FP masks as ground
+    truth (the FP evaluation comes from the run's FP cache entry when it is still there)."""
+    from saq.data import verify_images
+    from saq.data.sources import dataset_from_config, prompts_from_config
+    from saq.eval import evaluate
+    from saq.eval.cache import cached_evaluation, fp_cache_key
+    from saq.eval.pseudo_gt import pseudo_ground_truth
+    from saq.models import build_model
+
+    progress = bool(cfg.runtime.progress)
+    dataset = dataset_from_config(data_cfg)
+    if trained["calib"].get("exclude_from_eval") and not cfg.get("data"):
+        used = set(trained["calib"].get("selected", []))  # the images the run held out of evaluation
+        dataset = dataset.subset(i.id for i in dataset.images if str(i.path) not in used)
+    verify_images(dataset, "data.images")
+    labelled = bool(dataset.annotations)
+    fp_model = None if labelled and prompts_cfg["source"] != "auto" else build_model(trained["model"]).to(device)
+    prompts = prompts_from_config(prompts_cfg, dataset, fp_model, progress)
+    if labelled:
+        return dataset, prompts, None
+    key = fp_cache_key(trained["model"], data_cfg, prompts_cfg, [i.id for i in dataset.images], device.type)
+    cache_dir = Path(cfg.eval.fp_cache_dir) if cfg.eval.cache_fp else None
+    fp, _ = cached_evaluation(cache_dir, key, lambda: evaluate(fp_model, dataset, prompts, "eval fp",
+                                                               int(cfg.eval.prompt_batch), progress))
+    dataset, prompts = pseudo_ground_truth(dataset, prompts, fp)
+    return dataset, prompts, fp
+
+
 def run_eval(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict[str, Any]:
-    from saq.data import dataset_from_config, prompts_from_config
-    from saq.eval import evaluate, per_set_metrics
+    from saq.eval import add_fidelity, evaluate, per_set_metrics
     from saq.export import load_quantized
-    from saq.nn import assert_deployable
+    from saq.nn.deploy import assert_deployable, deployment_check
     from saq.ptq.pipeline import METRIC_KEYS, resolve_device
     from saq.utils.run_files import format_table, write_json
 
@@ -29,19 +60,22 @@ def run_eval(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict[str, Any
     trained = payload["config"]
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True, enum_to_str=True) if cfg.get("data") else trained["data"]
     prompts_cfg = OmegaConf.to_container(cfg.prompts, resolve=True, enum_to_str=True) if cfg.get("prompts") else trained["prompts"]
-    assert_deployable(model, require_quantizers=bool(payload["layout"]))
-    model = model.to(resolve_device(str(cfg.runtime.device)))
-    dataset = dataset_from_config(data_cfg)
-    if trained["calib"].get("exclude_from_eval") and not cfg.get("data"):
-        used = set(trained["calib"].get("selected", []))  # the images the run held out of evaluation
-        dataset = dataset.subset(i.id for i in dataset.images if str(i.path) not in used)
-    result = evaluate(model, dataset, prompts_from_config(prompts_cfg, dataset), "eval", int(cfg.eval.prompt_batch),
-                      bool(cfg.runtime.progress))
+    checked, problems = deployment_check(model, require_quantizers=bool(payload["layout"]))
+    assert_deployable(model, require_quantizers=bool(payload["layout"]))  # refuses: no numbers for such a model
+    device = resolve_device(str(cfg.runtime.device))
+    model = model.to(device)
+    dataset, prompts, fp = _labels_or_fp_masks(cfg, trained, data_cfg, prompts_cfg, device)
+    result = evaluate(model, dataset, prompts, "eval", int(cfg.eval.prompt_batch), bool(cfg.runtime.progress))
+    quantized = {k: float(result.metrics[k]) for k in METRIC_KEYS}
+    if fp is not None:
+        add_fidelity(result, fp)
+        quantized["fidelity_mIoU"] = result.metrics["fidelity_mIoU"]
     recipe = trained["ptq"]["name"]
     metrics = {"checkpoint": str(cfg.ckpt_path), "recipe": recipe, "model": trained["model"]["name"],
                "quant": trained["quant"]["name"] if trained["ptq"]["quantize"] else "fp32",
-               "quantized": {k: float(result.metrics[k]) for k in METRIC_KEYS},
-               "per_set": per_set_metrics(dataset, result), "deployable": bool(payload["layout"]),
+               "quantized": quantized, "per_set": per_set_metrics(dataset, result),
+               "ground_truth": "labels" if fp is None else "fp_masks",
+               "deployable": not problems, "deployment_problems": problems, "quantizers_checked": checked,
                "wall_time_s": time.perf_counter() - start, "timing": result.timing}
     write_json(run_dir / "metrics.json", metrics)
     logger.log_metrics({f"eval/{k}": v for k, v in metrics["quantized"].items()})
@@ -51,9 +85,15 @@ def run_eval(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict[str, Any
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")
-def main(cfg: DictConfig) -> float:
+def _main(cfg: DictConfig) -> float:
     metrics = run_task(cfg, Path(HydraConfig.get().runtime.output_dir), run_eval, f"eval-{Path(cfg.ckpt_path).parent.name}")
     return metrics["quantized"]["mask_AP"]
+
+
+def main() -> None:
+    """``python -m saq.eval``; ``resume=<run dir>`` reruns an interrupted evaluation in its own dir."""
+    sys.argv = expand_resume(sys.argv)
+    _main()
 
 
 if __name__ == "__main__":

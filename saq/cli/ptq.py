@@ -9,7 +9,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from saq.cli.task import config_dir, register_resolvers, run_task
+from saq.cli.task import config_dir, expand_resume, register_resolvers, run_task
 
 register_resolvers()
 
@@ -30,7 +30,9 @@ def main(cfg: DictConfig) -> float:
 
 
 def demo_or_main() -> None:
-    """``python -m saq.ptq`` with no arguments runs the offline demo sweep (experiment=demo)."""
+    """``python -m saq.ptq`` with no arguments runs the offline demo sweep (experiment=demo);
+    ``python -m saq.ptq resume=<run dir>`` continues an interrupted run in its own dir."""
+    sys.argv = expand_resume(sys.argv)
     if len(sys.argv) == 1:
         print("[saq] no arguments: running the offline demo (python -m saq.ptq -m experiment=demo)")
         sys.argv += ["-m", "experiment=demo"]

@@ -1,14 +1,43 @@
-"""The task wrapper: status.json around a run, and the logger always closed."""
+"""The task wrapper: a claimed run dir, status.json around a run, and the logger always closed.
+
+A run owns its directory (an O_EXCL lock file while it runs), ends in a final state even when SLURM
+or ``timeout`` sends SIGTERM (``interrupted``, with the command that resumes it), and run dirs get a
+unique name even when two runs start in the same second.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
+import os
+import secrets
+import shlex
+import signal
+import socket
+import threading
+import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from saq.utils.loggers import RunLogger, build_logger
-from saq.utils.run_files import format_error, write_status
+from saq.utils.run_files import format_error, write_bytes_atomic, write_status
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = "run.lock"
+INTERRUPTED_EXIT_CODE = 128 + signal.SIGTERM  # what a shell reports for a SIGTERM-killed process
+
+
+class RunDirInUseError(RuntimeError):
+    """Another live run holds the run directory."""
+
+
+class RunInterrupted(BaseException):
+    """SIGTERM arrived. A BaseException, so that no ``except Exception`` in library code swallows it."""
 
 
 def project_root() -> str:
@@ -19,6 +48,16 @@ def project_root() -> str:
 def config_dir() -> str:
     # Computed, not relative: Hydra resolves relative config paths inside the package under `python -m`.
     return str(Path(project_root()) / "conf")
+
+
+def run_token() -> str:
+    """pid + random: distinct for runs started in the same second, also on other nodes."""
+    return f"{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def existing_file(path: str) -> str | None:
+    """``path`` if it is a file, else None (a default that may be absent, e.g. the shared weights)."""
+    return path if path and Path(path).expanduser().is_file() else None
 
 
 def register_resolvers() -> None:
@@ -32,16 +71,158 @@ def register_resolvers() -> None:
         from saq.config.schema import quant_label
 
         OmegaConf.register_new_resolver("saq_quant_label", quant_label)
+    if not OmegaConf.has_resolver("saq_run_id"):
+        # Cached: one value per config, and Hydra copies the cache into every job of a sweep.
+        OmegaConf.register_new_resolver("saq_run_id", run_token, use_cache=True)
+    if not OmegaConf.has_resolver("saq_if_file"):
+        OmegaConf.register_new_resolver("saq_if_file", existing_file)
 
 
-def run_task(cfg: DictConfig, run_dir: Path, job: Callable[[DictConfig, Path, RunLogger], Any], name: str) -> Any:
+# --- the run dir lock ------------------------------------------------------------------------------
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _owner(lock: Path) -> dict[str, Any]:
+    try:
+        return json.loads(lock.read_text())
+    except (OSError, ValueError):
+        return {}  # being written right now, or unreadable: treated as alive
+
+
+def _is_stale(owner: dict[str, Any]) -> bool:
+    """Only provable on this host: the owning process no longer exists."""
+    return owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int) \
+        and not _pid_alive(owner["pid"])
+
+
+def _remove_if_stale(lock: Path) -> bool:
+    """Move a dead run's lock aside atomically (two claimants cannot both remove the same lock)."""
+    aside = lock.with_name(f"{lock.name}.stale-{run_token()}")
+    try:
+        os.rename(lock, aside)
+    except FileNotFoundError:
+        return True  # someone else removed it: try to claim again
+    if _is_stale(_owner(aside)):
+        log.warning("run dir %s: removed the lock of a run that no longer exists (%s)", lock.parent,
+                    _owner(aside))
+        aside.unlink(missing_ok=True)
+        return True
+    with contextlib.suppress(FileExistsError):  # not stale after all (a fresh claim): put it back
+        os.link(aside, lock)
+    aside.unlink(missing_ok=True)
+    return False
+
+
+def claim_run_dir(run_dir: Path) -> Path:
+    """Create ``run_dir/run.lock`` with O_EXCL; raises RunDirInUseError while another run holds it."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_status(run_dir, "running")
+    lock = run_dir / LOCK_NAME
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            if _is_stale(_owner(lock)) and _remove_if_stale(lock):
+                continue
+            raise RunDirInUseError(
+                f"run dir {run_dir} is in use by another run ({_owner(lock) or 'unknown owner'}); leave "
+                f"hydra.run.dir unset for a fresh dir, or delete {lock} if no run uses it any more") from None
+        with os.fdopen(fd, "w") as f:
+            json.dump({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}, f)
+        return lock
+    raise RunDirInUseError(f"run dir {run_dir}: could not claim {lock}; delete it if no run uses it")
+
+
+def release_run_dir(lock: Path) -> None:
+    if _owner(lock).get("pid") == os.getpid():
+        lock.unlink(missing_ok=True)
+
+
+def _hydra_files(run_dir: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in (run_dir / ".hydra").glob("*.yaml")}
+
+
+def _restore_hydra_files(run_dir: Path, saved: dict[Path, bytes]) -> None:
+    """Hydra writes .hydra/ before a run can claim its dir, so a run turned away from this dir may have
+    overwritten them: put this run's own config back."""
+    changed = [p for p, data in saved.items() if not p.is_file() or p.read_bytes() != data]
+    for path in changed:
+        write_bytes_atomic(path, saved[path])
+    if changed:
+        log.warning("run dir %s: another run overwrote %s; restored this run's own", run_dir,
+                    ", ".join(p.name for p in changed))
+
+
+# --- SIGTERM and resuming ---------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Turn the first SIGTERM into RunInterrupted in the main thread (later ones are ignored while the
+    run writes its final status); the previous handler is restored afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if not received:
+            received.append(signum)
+            raise RunInterrupted(f"received {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def resume_command(cfg: DictConfig, run_dir: Path) -> str:
+    """The command that continues this run in its own dir (reconstruction resumes from recon_state.pt)."""
+    return f"python -m saq.{cfg.get('task_name', 'ptq')} resume={shlex.quote(str(run_dir))}"
+
+
+def expand_resume(argv: list[str]) -> list[str]:
+    """``resume=<run dir>`` -> that run's own overrides + ``hydra.run.dir=<run dir>`` (single-run mode);
+    further overrides on the command line are appended."""
+    given = [a for a in argv[1:] if a.startswith("resume=")]
+    if not given:
+        return argv
+    run_dir = Path(given[-1].split("=", 1)[1]).expanduser()
+    overrides_file = run_dir / ".hydra" / "overrides.yaml"
+    if not overrides_file.is_file():
+        raise SystemExit(f"resume={run_dir}: {overrides_file} not found; give the dir of an earlier run "
+                         "(the one named in its status.json)")
+    previous = [o for o in (yaml.safe_load(overrides_file.read_text()) or []) if not o.startswith("hydra.")]
+    rest = [a for a in argv[1:] if not a.startswith("resume=") and a not in ("-m", "--multirun")]
+    return [argv[0], *previous, *rest, f"hydra.run.dir={run_dir}", "hydra.mode=RUN"]
+
+
+# --- the task --------------------------------------------------------------------------------------
+
+def _run_claimed(cfg: DictConfig, run_dir: Path, job: Callable[[DictConfig, Path, RunLogger], Any],
+                 name: str) -> Any:
+    write_status(run_dir, "running", pid=os.getpid())
     logger = None
     try:
         logger = build_logger(OmegaConf.to_container(cfg.logger, resolve=True, enum_to_str=True), run_dir,
                               OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), name)
         result = job(cfg, run_dir, logger)
+    except (RunInterrupted, KeyboardInterrupt) as exc:
+        command = resume_command(cfg, run_dir)
+        write_status(run_dir, "interrupted", f"{type(exc).__name__}: {exc}", resume=command)
+        log.error("run interrupted (%s); status.json says interrupted. Resume it with: %s", exc, command)
+        if logger is not None:
+            logger.finish(failed=True)
+        if isinstance(exc, RunInterrupted):
+            raise SystemExit(INTERRUPTED_EXIT_CODE) from None  # a clean exit, not a traceback
+        raise
     except BaseException as exc:
         write_status(run_dir, "failed", format_error(exc))
         if logger is not None:
@@ -50,3 +231,18 @@ def run_task(cfg: DictConfig, run_dir: Path, job: Callable[[DictConfig, Path, Ru
     write_status(run_dir, "completed")
     logger.finish()
     return result
+
+
+def run_task(cfg: DictConfig, run_dir: Path, job: Callable[[DictConfig, Path, RunLogger], Any], name: str) -> Any:
+    lock = claim_run_dir(run_dir)  # before status.json: a second run must not overwrite the first's
+    saved = _hydra_files(run_dir)
+    try:
+        with sigterm_raises():
+            return _run_claimed(cfg, run_dir, job, name)
+    finally:
+        _restore_hydra_files(run_dir, saved)
+        release_run_dir(lock)
+
+
+__all__ = ["RunDirInUseError", "RunInterrupted", "claim_run_dir", "config_dir", "expand_resume",
+           "project_root", "register_resolvers", "release_run_dir", "resume_command", "run_task"]

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from saq.data.coco import CocoInstances, DatasetError, load_image
 from saq.data.prompts import Prompt
+from saq.eval.finite import has_non_finite, non_finite_error
 from saq.models.predictor import EncodedImage, encode_image
 
 CACHE_VERSION = 1  # bump when the prompt definition changes, so old cache files are ignored
@@ -213,6 +214,8 @@ def _prompts_per_image(model: torch.nn.Module, dataset: CocoInstances, params: d
                 continue
         image = load_image(img.path)
         encoded = encode_image(model, image)
+        if has_non_finite(encoded.embedding):  # NaN logits would silently yield no prompts at all
+            raise non_finite_error(model, image, img.path, "auto prompts")
         height, width = encoded.original_size
         # At least one pixel: an empty mask has no box.
         min_area = max(1.0, params["min_area_frac"] * height * width)

@@ -74,6 +74,35 @@ def load_image(path: Path) -> np.ndarray:
         raise DatasetError(f"cannot read image {path}: {exc}") from exc
 
 
+def verify_images(dataset: CocoInstances, key: str = "data.images") -> None:
+    """Every image exists, its header is readable and gives the annotated size; the pixels are not decoded.
+
+    Run before the model touches any image, so that a missing file fails in seconds, not hours in."""
+    missing = [img.path for img in dataset.images if not img.path.is_file()]
+    if missing:
+        raise DatasetError(f"{len(missing)} of {len(dataset.images)} images not found (first: {missing[0]}); "
+                           f"check {key} (the folder that annotation file names are relative to)")
+    for img in dataset.images:
+        try:
+            with Image.open(img.path) as opened:
+                size = opened.size
+        except Exception as exc:  # PIL raises several types (UnidentifiedImageError, OSError, ...)
+            raise DatasetError(f"cannot read image {img.path} ({type(exc).__name__}: {exc}); replace or remove "
+                               f"it, or point {key} elsewhere") from exc
+        if size != (img.width, img.height):
+            raise DatasetError(f"image {img.path} is {size[0]}x{size[1]} but its annotation says "
+                               f"{img.width}x{img.height}; fix the annotation file or the image")
+
+
+def _image_file(images_dir: Path, file_name: str, ann_path: Path) -> Path:
+    """``images_dir / file_name``, refusing names that leave the folder (``../``, absolute paths)."""
+    relative = Path(file_name)
+    if relative.is_absolute() or ".." in relative.parts:
+        raise DatasetError(f"{ann_path}: image file_name {file_name!r} points outside data.images ({images_dir}); "
+                           "file names must be paths inside that folder: fix the annotation file")
+    return images_dir / relative
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise DatasetError(f"annotation file not found: {path}. Set data.annotations to a COCO instances json")
@@ -104,6 +133,8 @@ def load_coco_set(name: str, images: str | Path, annotations: str | Path, where:
         missing = [k for k in ("image_id", "category_id", "bbox", "segmentation") if k not in ann]
         if missing:
             raise DatasetError(f"{ann_path}: annotation #{i} lacks {missing}")
+    for img in data["images"]:
+        _image_file(images_dir, str(img.get("file_name", "")), ann_path)
     imgs = [img for img in data["images"] if _matches(img, where)]
     if where and not imgs:
         raise DatasetError(f"{ann_path}: no image matches data.where={dict(where)}")
@@ -135,7 +166,7 @@ def build_dataset(sets: list[Mapping[str, Any]]) -> CocoInstances:
         for img in raw_images:
             new_id = img["id"] if single else len(images) + 1
             img_map[img["id"]] = new_id
-            images.append(ImageRecord(new_id, images_dir / img["file_name"], int(img["width"]), int(img["height"]),
+            images.append(ImageRecord(new_id, images_dir / str(img["file_name"]), int(img["width"]), int(img["height"]),
                                       name, img["id"]))
         for ann in raw_anns:
             if ann["image_id"] not in img_map:

@@ -1,16 +1,25 @@
-"""Cache of FP evaluations: every recipe of a sweep compares against the same FP predictions."""
+"""Cache of FP evaluations: every recipe of a sweep compares against the same FP predictions.
+
+Entries are written atomically (a temporary file of their own + os.replace), and an entry that cannot
+be read back (truncated, edited, non-finite) is reported with its path and recomputed.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from saq.eval.evaluate import EvalResult
+from saq.eval.finite import NonFiniteOutputError
+from saq.utils.run_files import write_text_atomic
 
+log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 2  # bump when EvalResult records change shape, so older cache files are not reused
 
@@ -27,17 +36,48 @@ def fp_cache_key(model_cfg: dict[str, Any], data_cfg: Any, prompts_cfg: Any, ima
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
+def non_finite_fields(result: EvalResult) -> list[str]:
+    """Record fields that are NaN/inf (a model's outputs must be finite before they are cached or reported)."""
+    bad = []
+    for i, record in enumerate(result.records):
+        for key in ("score", "iou_pred"):
+            value = record.get(key)
+            if isinstance(value, float) and not math.isfinite(value):
+                bad.append(f"records[{i}].{key}={value}")
+    return bad
+
+
+def check_finite(result: EvalResult, what: str) -> EvalResult:
+    bad = non_finite_fields(result)
+    if bad:
+        raise NonFiniteOutputError(f"{what}: non-finite predictions ({', '.join(bad[:3])}); check the model's "
+                                   "weights (model.checkpoint) and quantizer ranges")
+    return result
+
+
+def _read_entry(path: Path) -> EvalResult | None:
+    """The cached result, or None (with a warning naming the file) when it is unreadable."""
+    try:
+        data = json.loads(path.read_text())
+        result = EvalResult(data["records"], data["metrics"], data["timing"])
+        check_finite(result, str(path))
+        return result
+    except (OSError, ValueError, KeyError, TypeError, NonFiniteOutputError) as exc:
+        log.warning("FP cache entry %s is unreadable (%s: %s); recomputing it", path, type(exc).__name__,
+                    str(exc)[:200])
+        return None
+
+
 def cached_evaluation(cache_dir: Path | None, key: str, compute: Callable[[], EvalResult]) -> tuple[EvalResult, bool]:
     """Load the result stored under ``key`` or compute and store it; returns (result, was_cached)."""
     if cache_dir is None:
-        return compute(), False
+        return check_finite(compute(), "FP evaluation"), False
     path = Path(cache_dir).expanduser() / f"{key}.json"
     if path.is_file():
-        data = json.loads(path.read_text())
-        return EvalResult(data["records"], data["metrics"], data["timing"]), True
-    result = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"records": result.records, "metrics": result.metrics, "timing": result.timing}))
-    tmp.replace(path)
+        cached = _read_entry(path)
+        if cached is not None:
+            return cached, True
+    result = check_finite(compute(), "FP evaluation")  # never cache a broken model's outputs
+    write_text_atomic(path, json.dumps({"records": result.records, "metrics": result.metrics,
+                                        "timing": result.timing}))
     return result, False

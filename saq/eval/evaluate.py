@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from saq.data.coco import CocoInstances, load_image
 from saq.data.prompts import Prompt
+from saq.eval.finite import FiniteWatch, non_finite_error, watch_finite
 from saq.eval.metrics import coco_mask_ap, encode_mask, fidelity, gt_rle, mask_iou
 from saq.models.predictor import decode_boxes, encode_image
 
@@ -35,7 +36,16 @@ def _best_gt_iou(rles: list[dict], gts: list[dict]) -> list[float]:
 
 def evaluate(model: torch.nn.Module, dataset: CocoInstances, prompts: dict[int, list[Prompt]],
              desc: str = "eval", prompt_batch: int = 16, show_progress: bool = True) -> EvalResult:
-    """Predict one mask per box, then COCO mask AP and mean IoU against ground truth."""
+    """Predict one mask per box, then COCO mask AP and mean IoU against ground truth.
+
+    Raises NonFiniteOutputError (naming the first module at fault) as soon as the model produces NaN/inf:
+    such masks are empty and would report AP 0 as a result."""
+    with watch_finite(model) as watch:
+        return _evaluate(model, dataset, prompts, desc, prompt_batch, show_progress, watch)
+
+
+def _evaluate(model: torch.nn.Module, dataset: CocoInstances, prompts: dict[int, list[Prompt]], desc: str,
+              prompt_batch: int, show_progress: bool, watch: FiniteWatch) -> EvalResult:
     records: list[dict[str, Any]] = []
     ious: list[float] = []
     t_encoder = t_decoder = 0.0
@@ -50,8 +60,11 @@ def evaluate(model: torch.nn.Module, dataset: CocoInstances, prompts: dict[int, 
         t0 = time.perf_counter()
         encoded = encode_image(model, image)
         t1 = time.perf_counter()
-        masks, iou_pred = decode_boxes(model, encoded, torch.tensor([p.box_xyxy for p in boxes]), prompt_batch)
+        box_tensor = torch.tensor([p.box_xyxy for p in boxes])
+        masks, iou_pred = decode_boxes(model, encoded, box_tensor, prompt_batch)
         t2 = time.perf_counter()
+        if watch.tripped:
+            raise non_finite_error(model, image, img.path, desc, box_tensor)
         t_encoder, t_decoder, n_images = t_encoder + t1 - t0, t_decoder + t2 - t1, n_images + 1
         masks_np = masks.cpu().numpy()
         gts = {a["id"]: a for a in dataset.annotations_of(img.id)}

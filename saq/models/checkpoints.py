@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+import logging
+import pickle
 import re
 import shutil
-import sys
 import urllib.error
 import urllib.request
+import zipfile
 from pathlib import Path
+from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
@@ -37,7 +42,7 @@ def download_checkpoint(url: str, cache_dir: Path, md5: str | None = None) -> Pa
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
     partial = target.with_suffix(target.suffix + ".part")
-    print(f"[saq] downloading {url} -> {target}", file=sys.stderr)
+    log.info("downloading %s -> %s", url, target)
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
             shutil.copyfileobj(response, out, length=1 << 20)
@@ -54,21 +59,48 @@ def download_checkpoint(url: str, cache_dir: Path, md5: str | None = None) -> Pa
     return target
 
 
+def unreadable_reason(path: Path, exc: BaseException) -> str:
+    """Why torch could not load ``path``, in words (torch's own text suggests ``weights_only=False``,
+    which would execute code from the file)."""
+    if path.stat().st_size == 0:
+        return "the file is empty"
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head == b"PK\x03\x04" and not zipfile.is_zipfile(path):
+        return "the file is truncated or corrupt (an incomplete zip archive)"
+    if isinstance(exc, pickle.UnpicklingError) and "Unsupported global" in str(exc):
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        return (f"it holds pickled Python objects ({found.group(1) if found else 'not only tensors'}), which saq "
+                "never unpickles")
+    if isinstance(exc, EOFError):
+        return "the file ends early (truncated)"
+    return "it is not a PyTorch checkpoint (unknown format)"
+
+
+def load_torch_file(path: Path, what: str, fix: str) -> Any:
+    """``torch.load`` of tensors only; any failure becomes a one-line CheckpointError naming the file,
+    the reason and ``fix``."""
+    if path.is_dir():
+        raise CheckpointError(f"{what} {path} is a directory, not a file. {fix}")
+    if not path.is_file():
+        raise CheckpointError(f"{what} not found: {path}. {fix}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several unrelated types for a bad file
+        raise CheckpointError(f"cannot read {what} {path}: {unreadable_reason(path, exc)}. {fix}") from exc
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Load a state dict from a SAM/MobileSAM checkpoint file (plain, or under 'model'/'state_dict')."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}. Set model.checkpoint to an existing file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several unrelated types for a bad file
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc.__class__.__name__}: {exc}. "
-                              "Is it a PyTorch state dict (.pt/.pth) and fully downloaded?") from exc
+    obj = load_torch_file(path, "checkpoint", "Set model.checkpoint to a complete PyTorch state dict file "
+                          "(.pt/.pth, e.g. torch.save(model.state_dict(), path)), downloaded again if it was cut off")
     for key in ("model", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+        raise CheckpointError(f"{path} does not hold a state dict of tensors. Set model.checkpoint to a file "
+                              "written by torch.save(model.state_dict(), path)")
     return obj
 
 

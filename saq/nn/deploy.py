@@ -64,12 +64,18 @@ def deployment_problems(model: nn.Module) -> list[str]:
     return problems
 
 
-def assert_deployable(model: nn.Module, require_quantizers: bool = True) -> int:
-    """Raise NotDeployableError listing what is wrong; returns the number of quantizers checked."""
+def deployment_check(model: nn.Module, require_quantizers: bool = True) -> tuple[int, list[str]]:
+    """(number of quantizers, every problem found): what metrics.json records as ``deployable``."""
     count = sum(1 for _ in iter_quantizers(model))
     problems = deployment_problems(model)
     if require_quantizers and count == 0:
         problems.insert(0, "model has no quantizers (was quantize_ applied?)")
+    return count, problems
+
+
+def assert_deployable(model: nn.Module, require_quantizers: bool = True) -> int:
+    """Raise NotDeployableError listing what is wrong; returns the number of quantizers checked."""
+    count, problems = deployment_check(model, require_quantizers)
     if problems:
         shown = "\n  ".join(problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""

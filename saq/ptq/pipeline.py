@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from saq.data import select_calibration
 from saq.data.sources import dataset_from_config, prompts_from_config
-from saq.eval import add_fidelity, evaluate, per_set_metrics
+from saq.eval import EvalResult, add_fidelity, evaluate, per_set_metrics
 from saq.eval.evaluate import detections, save_examples
 from saq.eval.metrics import coco_mask_ap, fidelity
 from saq.eval.pseudo_gt import pseudo_ground_truth
@@ -23,7 +23,9 @@ from saq.eval.cache import cached_evaluation, fp_cache_key
 from saq.export import save_quantized
 from saq.models import build_model
 from saq.nn import QuantLinear, assert_deployable, harden_weights_, quantize_
+from saq.nn.deploy import deployment_check
 from saq.ptq.calibrate import calibrate_
+from saq.ptq.preflight import preflight
 from saq.ptq.recipe import rules_from_config
 from saq.quant import QuantMode, set_quant_mode
 from saq.utils.loggers import RunLogger
@@ -99,6 +101,16 @@ def _metric_block(result_metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(result_metrics[k]) for k in METRIC_KEYS}
 
 
+def refuse_undeployable(model: torch.nn.Module, run_dir: Path, config: dict[str, Any], fp: EvalResult) -> None:
+    """Record a failed deployability check in metrics.json (FP numbers only), then raise."""
+    _, problems = deployment_check(model)
+    if problems:
+        write_json(run_dir / "metrics.json", {
+            "recipe": config["ptq"]["name"], "quant": config["quant"]["name"], "model": config["model"]["name"],
+            "fp": _metric_block(fp.metrics), "quantized": {}, "deployable": False, "deployment_problems": problems})
+        assert_deployable(model)
+
+
 def run_ptq(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict[str, Any]:
     """Run the recipe of ``cfg``; returns the metrics written to ``run_dir/metrics.json``."""
     start = time.perf_counter()
@@ -109,10 +121,11 @@ def run_ptq(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict[str, Any]
     device = resolve_device(str(cfg.runtime.device))
     progress = bool(cfg.runtime.progress)
 
-    model = build_model(config["model"]).to(device)
     eval_set = dataset_from_config(config["data"])
-    eval_prompts = prompts_from_config(config["prompts"], eval_set, model, progress)
     calib_set = dataset_from_config(config["calib"]["data"])
+    preflight(config, eval_set, calib_set)  # bit widths and image files, before any long work
+    model = build_model(config["model"]).to(device)
+    eval_prompts = prompts_from_config(config["prompts"], eval_set, model, progress)
     calib_prompts = prompts_from_config(config["calib"]["prompts"], calib_set, model, progress)
     calib_items = select_calibration(calib_set, calib_prompts, int(cfg.calib.num_images), str(cfg.calib.strategy),
                                      int(cfg.calib.seed), int(cfg.calib.max_prompts_per_image))
@@ -142,7 +155,7 @@ def run_ptq(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict[str, Any]
         harden_weights_(model)
         set_quant_mode(model, QuantMode.QUANTIZE)
         model.eval()
-        assert_deployable(model)  # raises: no number is reported for a model that is not really quantized
+        refuse_undeployable(model, run_dir, config, fp)  # no number is reported for a model not really quantized
         quantized = evaluate(model, eval_set, eval_prompts, "eval quantized", int(cfg.eval.prompt_batch), progress)
         if cfg.eval.reference_protocol:
             with reference_protocol(model, float(cfg.eval.reference_drop_prob)):
@@ -160,6 +173,7 @@ def run_ptq(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict[str, Any]
         path = save_examples(run_dir / "side_by_side.png", eval_set, fp, quantized, f"{cfg.quant.name} {recipe}",
                              int(cfg.eval.side_by_side))
         logger.log_image("eval/side_by_side", path)
+    num_checked, problems = deployment_check(model, require_quantizers=bool(cfg.ptq.quantize))  # the saved state
     checkpoint = save_quantized(run_dir / "quantized.pt", model.cpu(), layout, config) if cfg.eval.save_checkpoint else None
     metrics = {
         "recipe": recipe,
@@ -167,7 +181,9 @@ def run_ptq(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict[str, Any]
         "model": str(cfg.model.name),
         "fp": _metric_block(fp.metrics),
         "quantized": {**_metric_block(quantized.metrics), "fidelity_mIoU": quantized.metrics["fidelity_mIoU"]},
-        "deployable": bool(cfg.ptq.quantize),
+        "deployable": not problems,
+        "deployment_problems": problems,
+        "quantizers_checked": num_checked,
         "wall_time_s": time.perf_counter() - start,
         "fp_from_cache": fp_cached,
         "ground_truth": "labels" if labelled else "fp_masks",
