@@ -45,8 +45,11 @@ def test_point_grid_is_cell_centres():
 
 
 def test_deterministic_and_well_formed(model, dataset):
+    """An independently built model of the same seed, in another global RNG state, gives the same prompts."""
+    torch.manual_seed(1)
     first = auto_box_prompts(model, dataset, points_per_side=4, **OPEN)
-    second = auto_box_prompts(model, dataset, points_per_side=4, **OPEN)
+    torch.manual_seed(2)
+    second = auto_box_prompts(build_tiny_sam().eval(), dataset, points_per_side=4, **OPEN)
     assert first == second and set(first) == {1, 2}
     for img in dataset.images:
         prompts = first[img.id]

@@ -129,8 +129,15 @@ def test_records_cover_every_pass_module_and_point_in_order(searched, tmp_path):
             assert r.chosen_range == pytest.approx(r.minmax_range)
     assert len(json.loads(json.dumps(result.to_json()))["records"]) == len(expected)  # serialisable as is
     rows = result.table_rows()
-    assert len(rows) == len(expected) and rows[0]["chosen_p"] == result.records[0].chosen_p
+    assert len(rows) == len(expected)
+    for row, r in zip(rows, result.records):  # one row per record, its own values, in record order
+        assert (row["pass"], row["module"], row["point"], row["chosen_p"]) == (r.pass_index, r.module, r.point,
+                                                                               r.chosen_p)
+        assert (row["chosen_lo"], row["chosen_hi"], row["mse_lo"], row["mse_hi"]) == (*r.chosen_range, *r.mse_range)
+        assert (row["loss_no_clip"], row["loss_chosen"]) == (r.loss_no_clip, r.loss_chosen)
     RunLogger(tmp_path).log_table("pcc", rows)
+    (logged,) = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert logged == {"step": None, "pcc": rows}  # the table reaches log.jsonl whole, values unchanged
 
 
 def test_modes_restored_and_chosen_ranges_set(searched):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from saq.export import load_quantized
-from saq.nn import assert_deployable
+from saq.nn.deploy import deployment_check
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,16 +37,20 @@ def test_tiny_run_writes_outputs_and_eval_reproduces(tmp_path):
     for block in ("fp", "quantized"):
         assert set(metrics[block]) >= {"mask_AP", "mask_AP50", "mask_AP75", "mIoU"}
     assert metrics["recipe"] == "percentile" and metrics["quant"] == "w6a6" and metrics["model"] == "tiny"
-    assert metrics["deployable"] is True and metrics["wall_time_s"] > 0
+    assert metrics["wall_time_s"] > 0
     assert (run_dir / ".hydra" / "config.yaml").is_file() and (run_dir / "log.jsonl").is_file()
 
+    # deployable is the check's result on the saved model, not a copy of the config
     model, payload = load_quantized(run_dir / "quantized.pt")
-    assert assert_deployable(model) > 0
+    assert (metrics["deployable"], metrics["deployment_problems"]) == (True, [])
+    assert deployment_check(model) == (metrics["quantizers_checked"], []) and metrics["quantizers_checked"] > 0
     assert payload["config"]["quant"]["name"] == "w6a6" and torch.__version__.startswith(payload["versions"]["torch"])
 
     run("saq.eval", f"ckpt_path={run_dir / 'quantized.pt'}", "logger=none", f"hydra.run.dir={eval_dir}")
     again = read(eval_dir / "metrics.json")
     assert again["quantized"] == {k: v for k, v in metrics["quantized"].items() if k != "fidelity_mIoU"}
+    assert (again["deployable"], again["deployment_problems"], again["quantizers_checked"]) == \
+        (True, [], metrics["quantizers_checked"])
 
 
 def test_wandb_offline_by_default(tmp_path):
@@ -96,7 +100,9 @@ def test_vit_t_coco8_fp_reproduced_and_w8a8_close(tmp_path, vit_t_checkpoint, co
     run("saq.ptq", *common, "quant=w8a8", "ptq=minmax", f"hydra.run.dir={q_dir}")
     q = read(q_dir / "metrics.json")
     assert q["fp_from_cache"] is True and q["fp"] == fp["fp"]
-    assert q["deployable"] is True
+    model, _ = load_quantized(q_dir / "quantized.pt")
+    assert (q["deployable"], q["deployment_problems"]) == (True, [])
+    assert deployment_check(model) == (q["quantizers_checked"], []) and q["quantizers_checked"] > 0
     # 30 instances: one mask crossing an IoU threshold moves AP by about 1-3 points (measured drop: 2.07)
     assert abs(q["quantized"]["mask_AP"] - q["fp"]["mask_AP"]) <= 3.0
     assert q["quantized"]["fidelity_mIoU"] > 0.9

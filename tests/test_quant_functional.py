@@ -30,25 +30,82 @@ def test_range_always_contains_zero():
     assert zero.item() == 0.0
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 6, 8, 16])
-def test_bit_width_bounds_distinct_values_per_tensor(bits):
-    x = torch.randn(20000) * 3
-    qp = compute_qparams(x.min(), x.max(), bits, symmetric=False)
-    assert fake_quantize(x, qp.scale, qp.zero_point, qp.qmin, qp.qmax).unique().numel() <= 2**bits
+def _observed(x: torch.Tensor, spec: QuantSpec, role: Role = Role.WEIGHT) -> tuple[FakeQuantizer, torch.Tensor]:
+    """A quantizer calibrated (min-max) on x, and x fake-quantized by it."""
+    q = FakeQuantizer(spec, role)
+    q.set_mode(QuantMode.OBSERVE)
+    q(x)
+    q.finalize_observer()
+    q.set_mode(QuantMode.QUANTIZE)
+    return q, q(x)
+
+
+def _codes(out: torch.Tensor, scale, zero_point) -> torch.Tensor:
+    """The integer code q of every output value, assuming out = (q - z) * s (checked by the caller)."""
+    return out.double() / torch.as_tensor(scale, dtype=torch.float64) + torch.as_tensor(zero_point, dtype=torch.float64)
+
+
+def test_per_tensor_values_by_hand():
+    # 3 bits, range [-1, 2.5]: s = 3.5 / 7 = 0.5, z = round(1 / 0.5) = 2; no value sits on a rounding tie
+    q, out = _observed(torch.tensor([-1.0, -0.3, 0.4, 2.5, 1.1]), QuantSpec(3), Role.ACTIVATION)
+    assert q.scale.item() == 0.5 and q.zero_point.item() == 2.0
+    assert out.tolist() == [-1.0, -0.5, 0.5, 2.5, 1.0]  # codes 0, 1, 3, 7, 4
+
+
+def test_per_channel_values_by_hand():
+    """Each row has its own scale / zero point; all-positive and all-negative rows still contain 0."""
+    w = torch.tensor([[-1.0, -0.3, 0.4, 2.5],      # [-1, 2.5]: s = 0.5, z = 2
+                      [0.25, 0.85, 1.33, 1.4],     # [0, 1.4]:  s = 0.2, z = 0
+                      [-3.5, -2.2, -0.7, -0.1]])   # [-3.5, 0]: s = 0.5, z = 7
+    q, out = _observed(w, QuantSpec(3, granularity="channel"))
+    assert q.scale.flatten().tolist() == pytest.approx([0.5, 0.2, 0.5], rel=1e-6)
+    assert q.zero_point.flatten().tolist() == [2.0, 0.0, 7.0]
+    expected = [[-1.0, -0.5, 0.5, 2.5],    # codes 0, 1, 3, 7
+                [0.2, 0.8, 1.4, 1.4],      # codes 1, 4, 7, 7 (1.33 / 0.2 = 6.65 rounds up)
+                [-3.5, -2.0, -0.5, 0.0]]   # codes 0, 3, 6, 7
+    assert torch.allclose(out, torch.tensor(expected), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
+def test_per_tensor_output_is_exactly_the_hand_computed_grid(bits):
+    """Every output is (q - z) * s for an integer q in [0, 2^b - 1], with s and z computed here by hand,
+    equal to the hand-quantized input, and a dense input uses every one of the 2^b levels."""
+    lo, hi = -1.3, 2.9
+    x = torch.linspace(lo, hi, 4001)
+    levels = 2**bits - 1
+    s = (hi - lo) / levels
+    z = round(-lo / s)
+    q, out = _observed(x, QuantSpec(bits), Role.ACTIVATION)
+    assert q.scale.item() == pytest.approx(s, rel=1e-6) and q.zero_point.item() == z
+    codes = _codes(out, s, z)
+    assert (codes - codes.round()).abs().max().item() < 1e-4  # on the grid
+    assert set(codes.round().long().tolist()) == set(range(levels + 1))  # all 2^b levels, nothing else
+    ratio = x.double() / s
+    hand = (ratio.round() + z).clamp(0, levels)
+    clear = ((ratio - ratio.floor()) - 0.5).abs() > 1e-4  # away from rounding ties (float32 vs float64)
+    assert clear.float().mean() > 0.99
+    assert torch.equal(codes.round()[clear], hand[clear])
 
 
 @pytest.mark.parametrize("bits", [2, 4, 6])
-def test_per_channel_at_most_2b_values_per_channel(bits):
-    w = torch.randn(16, 300) * torch.linspace(0.1, 10, 16)[:, None]
-    q = FakeQuantizer(QuantSpec(bits, granularity="channel"), Role.WEIGHT)
-    q.set_mode(QuantMode.OBSERVE)
-    q(w)
-    q.finalize_observer()
-    q.set_mode(QuantMode.QUANTIZE)
-    out = q(w)
+def test_per_channel_output_is_exactly_each_channels_grid(bits):
+    """Per output channel: s_c = range_c / (2^b - 1) and z_c by hand, every value on that channel's
+    grid (not a neighbour's), and each row's min and max on codes 0 and 2^b - 1."""
+    w = torch.randn(16, 300, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.1, 10, 16)[:, None]
+    levels = 2**bits - 1
+    lo = w.double().amin(dim=1, keepdim=True).clamp(max=0.0)
+    hi = w.double().amax(dim=1, keepdim=True).clamp(min=0.0)
+    s = (hi - lo) / levels
+    z = (-lo / s).round()
+    q, out = _observed(w, QuantSpec(bits, granularity="channel"))
     assert q.scale.shape == (16, 1)
-    for row in out:
-        assert row.unique().numel() <= 2**bits
+    assert torch.allclose(q.scale.double(), s, rtol=1e-6, atol=0) and torch.equal(q.zero_point.double(), z)
+    codes = _codes(out, s, z)
+    assert (codes - codes.round()).abs().max().item() < 1e-4
+    assert codes.round().min().item() >= 0 and codes.round().max().item() <= levels
+    rows = torch.arange(16)
+    assert codes.round()[rows, w.argmin(dim=1)].tolist() == [0.0] * 16
+    assert codes.round()[rows, w.argmax(dim=1)].tolist() == [float(levels)] * 16
 
 
 def test_bit_width_validated():
