@@ -175,5 +175,20 @@ def test_errors(items):
     quantize_(model, RULES)
     with pytest.raises(ValueError, match="at least one calibration item"):
         pcc_search_(model, [], show_progress=False)
-    with pytest.raises(RuntimeError, match="calibrate_"):
-        pcc_search_(model, items, show_progress=False)
+
+
+def test_pcc_before_the_observers_keeps_its_ranges_through_calibration(items):
+    """Reference order: PCC on the uncalibrated model (only its own points on), then the observers
+    calibrate everything else and leave the searched ranges untouched."""
+    model = build_tiny_sam(seed=2).eval()
+    quantize_(model, RULES)
+    result = pcc_search_(model, items[:1], percentiles=(0.9, 0.99, 1.0), passes=1, show_progress=False)
+    searched = {f"{r.module}.{r.point}": r.chosen_range for r in result.records}
+    assert searched and all(r.initial_range == r.minmax_range for r in result.records)
+    calibrate_(model, items, show_progress=False, keep_calibrated=True)
+    quantizers = dict(iter_quantizers(model))
+    for name, (lo, hi) in searched.items():
+        s, z = float(quantizers[name].scale), float(quantizers[name].zero_point)
+        expected = compute_qparams(torch.tensor(lo), torch.tensor(hi), 4, False)
+        assert s == pytest.approx(float(expected.scale)) and z == float(expected.zero_point), name
+    assert all(q.is_calibrated and q.mode is QuantMode.QUANTIZE for _, q in quantizers.items())

@@ -173,7 +173,7 @@ class ReconConfig:
     encoder_loss: EncoderLoss = EncoderLoss.mse
     par_mse_weight: float = 0.0
     decoder_loss: DecoderLoss = DecoderLoss.mse
-    keep_best: bool = True
+    keep_best: bool = False
     best_window: int = 50
     cache_device: str = "cpu"
     cache_dtype: CacheDtype = CacheDtype.float32

@@ -42,8 +42,9 @@ class LossWindows(Callback):
         if len(self.window) >= self.settings.best_window or last:
             mean = sum(self.window) / len(self.window)
             self.window = []
-            if self.settings.keep_best and mean < self.best_loss:
-                self.best_loss, self.best = mean, pl_module.snapshot()
+            if mean < self.best_loss:  # reported always; restored at the end only with keep_best
+                self.best_loss = mean
+                self.best = pl_module.snapshot() if self.settings.keep_best else None
             name = pl_module.unit.name
             pl_module.log_dict({f"recon/{name}/loss": mean, f"recon/{name}/rec_last": rec,
                                 f"recon/{name}/reg": float(outputs["reg"]), f"recon/{name}/beta": float(outputs["beta"]),

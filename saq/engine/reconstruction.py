@@ -9,6 +9,7 @@ owns the loop: device placement of the cached batches, precision, the optimiser 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Mapping
@@ -41,7 +42,7 @@ class ReconSettings:
     beta_end: float = 2.0
     warmup: float = 0.2
     p: float = 2.0
-    keep_best: bool = True
+    keep_best: bool = False
     best_window: int = 50
     encoder_loss: EncoderLoss = EncoderLoss.mse
     par_mse_weight: float = 0.0  # optional weight of the plain stage-output MSE next to PAR
@@ -172,13 +173,38 @@ class UnitReconstruction(L.LightningModule):
             return torch.zeros((), device=self.device), beta
         return self.settings.reg_weight * sum(rounding_regularizer(a, beta) for a in self.alphas), beta
 
-    def reconstruction_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+    @property
+    def mixes_input(self) -> bool:
+        return self.settings.qdrop_prob > 0 and self.unit.qdrop_input
+
+    def unit_output(self, batch: dict[str, Any]) -> Any:
+        """The unit's output on its (QDrop-mixed, for encoder units) quantized input; the outputs in
+        ``unit.undropped_outputs`` come from a second pass with the quantizers' own dropping off."""
         q_args, q_kwargs = _as_float32(batch["q"])
-        if self.settings.qdrop_prob > 0:
+        if self.mixes_input:
             fp_args, fp_kwargs = _as_float32(batch["fp"])
             q_args = _mix(q_args, fp_args, self.settings.qdrop_prob)
             q_kwargs = _mix(q_kwargs, fp_kwargs, self.settings.qdrop_prob)
         out = self.run_unit(q_args, q_kwargs)
+        if self.unit.undropped_outputs and self.settings.qdrop_prob > 0:
+            with self.dropping_off():
+                clean = self.run_unit(q_args, q_kwargs)
+            out = tuple(clean[i] if i in self.unit.undropped_outputs else o for i, o in enumerate(out))
+        return out
+
+    @contextlib.contextmanager
+    def dropping_off(self):
+        dropping = [q for _, q in self.quantizers if q.drop_prob]
+        try:
+            for q in dropping:
+                q.drop_prob = 0.0
+            yield
+        finally:
+            for q in dropping:
+                q.drop_prob = self.settings.qdrop_prob
+
+    def reconstruction_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        out = self.unit_output(batch)
         target = _as_float32(batch["target"])
         if self.head is None:
             return lp_loss(out, target, self.settings.p, self.unit.loss_weights)

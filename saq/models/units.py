@@ -33,6 +33,12 @@ class ReconUnit:
     loss_weights: tuple[float, ...] | None = None  # per element of a tuple output
     kind: str = "block"  # layer | block | stage | decoder_layer | final_attn | neck
     feeds: str | None = None  # entry whose input is exactly this unit's output (lets runners chain units)
+    # QDrop mixes the unit's input with the FP chain's (encoder units). A decoder unit's input is built
+    # from the quantized image embedding and is never mixed: dropping acts inside its quantizers only.
+    qdrop_input: bool = True
+    # Elements of a tuple output whose loss term comes from a second forward pass with QDrop off
+    # (SAQ-SAM's final-token term of a decoder layer).
+    undropped_outputs: tuple[int, ...] = ()
 
 
 def _chain(names: list[str]) -> Run:
@@ -157,17 +163,32 @@ def decoder_units(model: nn.Module) -> list[ReconUnit]:
         def run(model, args, kwargs, name=name):
             return model.get_submodule(name)(*args, **kwargs)
 
-        units.append(ReconUnit(name, name, (name,), run, "decoder", kind="decoder_layer"))
+        units.append(ReconUnit(name, name, (name,), run, "decoder", kind="decoder_layer", qdrop_input=False))
     return units + [_final_attention_unit()]
 
 
-def _final_attention_unit() -> ReconUnit:
-    final = "mask_decoder.transformer.final_attn_token_to_image"
+def _module_unit(name: str, kind: str, target_inputs: str = "fp") -> ReconUnit:
+    """A decoder module learned on its own captured call (input -> output)."""
+    def run(model, args, kwargs):
+        return model.get_submodule(name)(*args, **kwargs)
 
-    def run_final(model, args, kwargs):
-        return model.get_submodule(final)(*args, **kwargs)
+    return ReconUnit(name, name, (name,), run, "decoder", kind=kind, target_inputs=target_inputs, qdrop_input=False)
 
-    return ReconUnit(final, final, (final,), run_final, "decoder", kind="final_attn")
+
+def _final_attention_unit(target_inputs: str = "fp") -> ReconUnit:
+    return _module_unit("mask_decoder.transformer.final_attn_token_to_image", "final_attn", target_inputs)
+
+
+DECODER_SUBBLOCKS = ("self_attn", "cross_attn_token_to_image", "mlp", "cross_attn_image_to_token")
+
+
+def decoder_subblock_units(model: nn.Module) -> list[ReconUnit]:
+    """PTQ4SAM-L's decoder granularity: every attention module and every MLP of each two-way layer (in
+    forward order), then the final token-to-image attention."""
+    transformer = "mask_decoder.transformer"
+    units = [_module_unit(f"{transformer}.layers.{i}.{part}", "subblock")
+             for i in range(len(model.mask_decoder.transformer.layers)) for part in DECODER_SUBBLOCKS]
+    return units + [_final_attention_unit()]
 
 
 def decoder_clm_units(model: nn.Module, local_q: float = 0.01, local_k: float = 1.0, final: float = 1.0
@@ -196,8 +217,10 @@ def decoder_clm_units(model: nn.Module, local_q: float = 0.01, local_k: float = 
             return captured["out"][0], captured["out"][1], queries
 
         units.append(ReconUnit(name, transformer, (name,), run, "decoder", target_inputs="quantized",
-                               loss_weights=(local_q, local_k, final), kind="decoder_layer"))
-    return units + [_final_attention_unit()]
+                               loss_weights=(local_q, local_k, final), kind="decoder_layer", qdrop_input=False,
+                               undropped_outputs=(2,)))
+    # the final attention too learns on, and against, the quantized image embedding's path
+    return units + [_final_attention_unit(target_inputs="quantized")]
 
 
 def reconstruction_units(model: nn.Module, granularity: str = "block", parts: tuple[str, ...] = ("encoder", "decoder"),
@@ -206,5 +229,10 @@ def reconstruction_units(model: nn.Module, granularity: str = "block", parts: tu
     if "encoder" in parts:
         units += encoder_units(model, granularity)
     if "decoder" in parts:
-        units += decoder_clm_units(model) if decoder_loss == "clm" else decoder_units(model)
+        if decoder_loss == "clm":
+            units += decoder_clm_units(model)
+        elif granularity == "subblock":
+            units += decoder_subblock_units(model)
+        else:
+            units += decoder_units(model)
     return units

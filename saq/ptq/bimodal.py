@@ -4,7 +4,7 @@ The key projection output of a token-to-image cross-attention can be bimodal as 
 channel sits on one of the two peaks. Flipping the sign of those channels in BOTH q_proj and k_proj
 leaves every per-head q.k product unchanged (g^2 = 1) and turns k into a unimodal tensor that a
 per-tensor quantizer handles far better. Detection (METHOD.md section 3): a Gaussian KDE of k on one
-prompt of one calibration image has exactly two peaks.
+the prompts of the first calibration image has exactly two peaks.
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ def _kde_sample(x: torch.Tensor, max_points: int, seed: int) -> torch.Tensor:
 
 def kde_density(x: torch.Tensor, grid: int = 128, max_points: int = KDE_MAX_POINTS,
                 seed: int = KDE_SEED) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grid points between min and max of x, Gaussian KDE density there), Scott's-rule bandwidth."""
+    """(grid points between min and max of x, Gaussian KDE density there). The bandwidth follows
+    Scott's rule on the full tensor (its std and size, METHOD.md section 3); the density is summed over
+    a seeded subsample of at most ``max_points`` values for speed."""
     if x.numel() == 0:
         raise ValueError("kde of an empty tensor")
     if not torch.isfinite(x).all():
@@ -44,10 +46,11 @@ def kde_density(x: torch.Tensor, grid: int = 128, max_points: int = KDE_MAX_POIN
     points = torch.linspace(float(x.min()), float(x.max()), grid, dtype=torch.float64)
     sample = _kde_sample(x, max_points, seed).double()
     n = sample.numel()
-    std = sample.std() if n > 1 else torch.zeros((), dtype=torch.float64)
-    if std <= 0:  # constant sample: no spread to estimate a bandwidth from
+    full = x.detach().reshape(-1).double()
+    std = full.std() if full.numel() > 1 else torch.zeros((), dtype=torch.float64)
+    if std <= 0:  # constant input: no spread to estimate a bandwidth from
         return points, (points == sample[0]).double()
-    bandwidth = std * n ** (-1.0 / 5.0)  # Scott's rule in one dimension
+    bandwidth = float(std) * full.numel() ** (-1.0 / 5.0)  # Scott's rule in one dimension, full tensor
     z = (points[:, None] - sample[None, :]) / bandwidth
     density = torch.exp(-0.5 * z * z).sum(dim=1) / (n * bandwidth * math.sqrt(2.0 * math.pi))
     return points, density
@@ -121,7 +124,7 @@ def TOKEN_TO_IMAGE_ATTENTIONS(model: nn.Module) -> list[str]:  # noqa: N802 (nam
 
 
 def bimodal_fold_(model: nn.Module, item: CalibrationItem, show_progress: bool = False) -> dict[str, bool]:
-    """Detect bimodal keys on the first prompt of ``item`` (FP model) and fold signs where found.
+    """Detect bimodal keys on all prompts of ``item`` (FP model) and fold signs where found.
 
     Returns {attention name: folded}. Call before calibration observers run.
     """
@@ -138,7 +141,7 @@ def bimodal_fold_(model: nn.Module, item: CalibrationItem, show_progress: bool =
             handles.append(model.get_submodule(name).k_proj.register_forward_hook(hook))
         with quant_mode(model, QuantMode.OFF):
             encoded = encode_image(model, load_image(item.image.path))
-            decode_boxes(model, encoded, torch.tensor([item.prompts[0].box_xyxy]), return_masks=False)
+            decode_boxes(model, encoded, torch.tensor([p.box_xyxy for p in item.prompts]), return_masks=False)
     finally:
         for handle in handles:
             handle.remove()

@@ -17,6 +17,10 @@ def is_activation(_name: str, q) -> bool:
     return q.role is Role.ACTIVATION
 
 
+def is_uncalibrated_activation(_name: str, q) -> bool:
+    return q.role is Role.ACTIVATION and not q.is_calibrated
+
+
 @torch.no_grad()
 def calibrate_weights_(model: nn.Module) -> int:
     """Weight ranges straight from the parameters (no data needed)."""
@@ -32,10 +36,12 @@ def calibrate_weights_(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def calibrate_activations_(model: nn.Module, items: list[CalibrationItem], show_progress: bool = True) -> int:
-    """Run the FP model on the calibration images and their boxes with activation observers on."""
+def calibrate_activations_(model: nn.Module, items: list[CalibrationItem], show_progress: bool = True,
+                           keep_calibrated: bool = False) -> int:
+    """Run the FP model on the calibration images and their boxes with activation observers on
+    (``keep_calibrated``: only for quantizers without a range yet, e.g. those PCC did not set)."""
     with quant_mode(model, QuantMode.OFF):
-        set_quant_mode(model, QuantMode.OBSERVE, where=is_activation)
+        set_quant_mode(model, QuantMode.OBSERVE, where=is_uncalibrated_activation if keep_calibrated else is_activation)
         for name, q in iter_quantizers(model):
             if q.observer is not None:
                 q.observer.name = name  # error messages name the module
@@ -52,9 +58,11 @@ def calibrate_activations_(model: nn.Module, items: list[CalibrationItem], show_
     return len(observed)
 
 
-def calibrate_(model: nn.Module, items: list[CalibrationItem], show_progress: bool = True) -> dict[str, int]:
-    """Calibrate every quantizer and switch them all to QUANTIZE."""
+def calibrate_(model: nn.Module, items: list[CalibrationItem], show_progress: bool = True,
+               keep_calibrated: bool = False) -> dict[str, int]:
+    """Calibrate every quantizer (``keep_calibrated``: every activation quantizer without a range) and
+    switch them all to QUANTIZE."""
     weights = calibrate_weights_(model)
-    activations = calibrate_activations_(model, items, show_progress)
+    activations = calibrate_activations_(model, items, show_progress, keep_calibrated)
     set_quant_mode(model, QuantMode.QUANTIZE)
     return {"weight_quantizers": weights, "activation_quantizers": activations}

@@ -238,8 +238,6 @@ def _pcc_quantizers(model: nn.Module, modules: list[str]) -> dict[tuple[str, str
             where = f"{name}.{point}"
             if q.spec.quantizer != "uniform" or not isinstance(q.granularity, PerTensor):
                 raise ValueError(f"PCC needs a uniform per-tensor quantizer at {where}, got {q.extra_repr()}")
-            if not q.is_calibrated:
-                raise RuntimeError(f"{where} is not calibrated: run calibrate_ before pcc_search_")
             if q.scale_is_learnable:
                 raise RuntimeError(f"{where} already has a learnable step: PCC must run before reconstruction")
             found[(name, point)] = q
@@ -300,6 +298,8 @@ def _search_point(record_base: dict[str, Any], attention: nn.Module, q: FakeQuan
     else:  # measured for the record only, not a candidate
         q.set_range(x_min, x_max)
         loss_no_clip = score()
+    if record_base["initial_range"] is None:  # searched before calibration: min-max is its starting range
+        record_base = {**record_base, "initial_range": (float(x_min), float(x_max))}
     best = best_candidate(percentiles, losses)
     p, lo, hi = candidates[best]
     q.set_range(lo, hi)  # stays in QUANTIZE: later searches see it fixed
@@ -316,7 +316,9 @@ def pcc_search_(model: nn.Module, items: list[CalibrationItem], theta: float = 0
                 show_progress: bool = True) -> PCCResult:
     """Greedy PCC search over the decoder attentions' q/k quantizers; sets the chosen ranges in place.
 
-    The model must be quantized and calibrated. During the search every quantizer is OFF except the
+    The model must be quantized; by the reference order PCC runs after the bimodal fold and before the
+    observers (uncalibrated PCC points start from their min-max range; calibrate_ with
+    ``keep_calibrated=True`` then leaves the searched ranges alone). During the search every quantizer is OFF except the
     PCC quantizers fixed so far (QUANTIZE); on return each quantizer has its previous mode back and
     the searched ones keep their chosen range.
     """
@@ -334,7 +336,8 @@ def pcc_search_(model: nn.Module, items: list[CalibrationItem], theta: float = 0
     quantizers = _pcc_quantizers(model, modules)
     if not quantizers:
         raise ValueError(f"none of the decoder attentions has a quantizer at {PCC_POINTS}")
-    initial = {key: quantizer_range(q) for key, q in quantizers.items()}
+    # PCC normally runs before the observers (METHOD.md section 4): an uncalibrated point has no range yet
+    initial = {key: quantizer_range(q) if q.is_calibrated else None for key, q in quantizers.items()}
     num_items = len(items)
     result = PCCResult(theta=theta, passes=passes, num_items=num_items)
     start = time.perf_counter()

@@ -14,6 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from saq.data import select_calibration
+from saq.data.calibration import cap_prompts
 from saq.data.sources import dataset_from_config, prompts_from_config
 from saq.eval import EvalResult, add_fidelity, evaluate, per_set_metrics
 from saq.eval.evaluate import detections, save_examples
@@ -24,9 +25,9 @@ from saq.export import save_quantized
 from saq.models import build_model
 from saq.nn import QuantLinear, assert_deployable, harden_weights_, quantize_
 from saq.nn.deploy import deployment_check
-from saq.ptq.calibrate import calibrate_
 from saq.ptq.preflight import preflight
 from saq.ptq.recipe import rules_from_config
+from saq.ptq.stages import StageContext, run_stages
 from saq.quant import QuantMode, set_quant_mode
 from saq.utils.loggers import RunLogger
 from saq.utils.run_files import format_table, result_rows, write_json
@@ -41,44 +42,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("runtime.device=cuda but no CUDA device is visible; use runtime.device=auto or cpu")
     return device
-
-
-def run_stages(model, calib_items, config: dict[str, Any], run_dir: Path, logger: RunLogger,
-               progress: bool) -> dict[str, Any]:
-    """The recipe's stages in order (bimodal fold -> calibrate -> reconstruct)."""
-    info: dict[str, Any] = {}
-    for stage in config["ptq"]["stages"]:
-        if stage == "bimodal":
-            from saq.ptq.bimodal import bimodal_fold_
-
-            info["bimodal"] = bimodal_fold_(model, calib_items[0])
-        elif stage == "pcc":
-            from saq.ptq.pcc_plots import save_pcc_plots
-            from saq.ptq.pcc import DEFAULT_PERCENTILES, pcc_search_
-
-            pcc_cfg = config["ptq"]["pcc"]
-            result = pcc_search_(model, calib_items[: int(pcc_cfg.get("num_images", 1))],
-                                 theta=float(pcc_cfg.get("theta", 0.5)),
-                                 percentiles=tuple(pcc_cfg.get("percentiles") or DEFAULT_PERCENTILES),
-                                 passes=int(pcc_cfg.get("passes", 2)), show_progress=progress)
-            write_json(run_dir / "pcc" / "search.json", result.to_json())
-            for path in save_pcc_plots(result, run_dir / "pcc"):
-                logger.log_image(f"pcc/{path.stem}", path)
-            info["pcc"] = {"records": len(result.records), "dir": str(run_dir / "pcc")}
-        elif stage == "calibrate":
-            info["calibrate"] = calibrate_(model, calib_items, progress)
-        elif stage == "reconstruct":
-            from saq.ptq.reconstruct import reconstruct_
-
-            from saq.eval.plots import plot_recon_curves
-
-            units = reconstruct_(model, calib_items, config["ptq"]["recon"], run_dir, logger, int(config["seed"]),
-                                 progress)
-            logger.log_image("recon/curves", plot_recon_curves(units, run_dir / "recon_curves.png"))
-            info["reconstruct"] = [{k: v for k, v in u.items() if k != "curve"} for u in units]
-        else:
-            raise ValueError(f"ptq.stages: unknown stage {stage!r} (bimodal, calibrate, reconstruct)")
-    return info
 
 
 @contextlib.contextmanager
@@ -128,7 +91,7 @@ def run_ptq(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict[str, Any]
     eval_prompts = prompts_from_config(config["prompts"], eval_set, model, progress)
     calib_prompts = prompts_from_config(config["calib"]["prompts"], calib_set, model, progress)
     calib_items = select_calibration(calib_set, calib_prompts, int(cfg.calib.num_images), str(cfg.calib.strategy),
-                                     int(cfg.calib.seed), int(cfg.calib.max_prompts_per_image))
+                                     int(cfg.calib.seed))  # every prompt: the prompt cap is reconstruction's
     if cfg.calib.exclude_from_eval:  # hold the calibration images out of evaluation (by file)
         used = {item.image.path for item in calib_items}
         eval_set = eval_set.subset(img.id for img in eval_set.images if img.path not in used)
@@ -151,7 +114,8 @@ def run_ptq(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict[str, Any]
     reference = None
     if cfg.ptq.quantize:
         layout = quantize_(model, rules_from_config(config["quant"], config["ptq"]))
-        stage_info = run_stages(model, calib_items, config, run_dir, logger, progress)
+        recon_items = cap_prompts(calib_items, cfg.calib.max_prompts_per_image, int(cfg.calib.seed))
+        stage_info = run_stages(StageContext(model, calib_items, recon_items, config, run_dir, logger, progress))
         harden_weights_(model)
         set_quant_mode(model, QuantMode.QUANTIZE)
         model.eval()

@@ -152,7 +152,7 @@ def reconstruct_(model: nn.Module, items: list[CalibrationItem], cfg: Mapping[st
             state.save(model, done, global_step + iters, stats)
 
         if iters > 0:
-            batches = UnitBatches(q_inputs, fp_inputs[unit.entry] if settings.qdrop_prob > 0 else None, targets,
+            batches = UnitBatches(q_inputs, fp_inputs[unit.entry] if module.mixes_input else None, targets,
                                   head_targets)
             trainer = unit_trainer(unit.name, device, settings.precision, run_dir, logger, global_step,
                                    [windows, UnitCheckpoint(save_unit)], show_progress)

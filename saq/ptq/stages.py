@@ -1,0 +1,86 @@
+"""The stages a recipe lists (``ptq.stages``), one function each, in one typed registry.
+
+Reference order (METHOD.md sections 3-5): bimodal fold -> PCC -> observers of everything else ->
+reconstruction. PCC after the observers also runs (its searched points then start from their
+calibrated range): the order is the recipe's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from torch import nn
+
+from saq.config.schema import Stage
+from saq.data.calibration import CalibrationItem
+from saq.utils.loggers import RunLogger
+from saq.utils.run_files import write_json
+
+
+@dataclass
+class StageContext:
+    model: nn.Module
+    calib_items: list[CalibrationItem]  # every prompt of each image: BIG, PCC and the observers
+    recon_items: list[CalibrationItem]  # at most calib.max_prompts_per_image prompts each: reconstruction
+    config: dict[str, Any]
+    run_dir: Path
+    logger: RunLogger
+    progress: bool
+    done: list[Stage] = field(default_factory=list)
+
+
+def bimodal_stage(ctx: StageContext) -> Any:
+    from saq.ptq.bimodal import bimodal_fold_
+
+    return bimodal_fold_(ctx.model, ctx.calib_items[0])
+
+
+def pcc_stage(ctx: StageContext) -> Any:
+    from saq.ptq.pcc import DEFAULT_PERCENTILES, pcc_search_
+    from saq.ptq.pcc_plots import save_pcc_plots
+
+    pcc_cfg = ctx.config["ptq"]["pcc"]
+    result = pcc_search_(ctx.model, ctx.calib_items[: int(pcc_cfg["num_images"])], theta=float(pcc_cfg["theta"]),
+                         percentiles=tuple(pcc_cfg.get("percentiles") or DEFAULT_PERCENTILES),
+                         passes=int(pcc_cfg["passes"]), show_progress=ctx.progress)
+    write_json(ctx.run_dir / "pcc" / "search.json", result.to_json())
+    for path in save_pcc_plots(result, ctx.run_dir / "pcc"):
+        ctx.logger.log_image(f"pcc/{path.stem}", path)
+    return {"records": len(result.records), "dir": str(ctx.run_dir / "pcc")}
+
+
+def calibrate_stage(ctx: StageContext) -> Any:
+    from saq.ptq.calibrate import calibrate_
+
+    # ranges PCC already chose are kept; every other quantizer gets its observer's range
+    return calibrate_(ctx.model, ctx.calib_items, ctx.progress, keep_calibrated=Stage.pcc in ctx.done)
+
+
+def reconstruct_stage(ctx: StageContext) -> Any:
+    from saq.eval.plots import plot_recon_curves
+    from saq.ptq.reconstruct import reconstruct_
+
+    units = reconstruct_(ctx.model, ctx.recon_items, ctx.config["ptq"]["recon"], ctx.run_dir, ctx.logger,
+                         int(ctx.config["seed"]), ctx.progress)
+    ctx.logger.log_image("recon/curves", plot_recon_curves(units, ctx.run_dir / "recon_curves.png"))
+    return [{k: v for k, v in u.items() if k != "curve"} for u in units]
+
+
+STAGES: dict[Stage, Callable[[StageContext], Any]] = {
+    Stage.bimodal: bimodal_stage,
+    Stage.pcc: pcc_stage,
+    Stage.calibrate: calibrate_stage,
+    Stage.reconstruct: reconstruct_stage,
+}
+
+
+def run_stages(ctx: StageContext) -> dict[str, Any]:
+    """The recipe's stages in its order; returns what each reported, by stage name."""
+    info: dict[str, Any] = {}
+    for name in ctx.config["ptq"]["stages"]:
+        stage = Stage(name)
+        info[stage.value] = STAGES[stage](ctx)
+        ctx.done.append(stage)
+    return info
