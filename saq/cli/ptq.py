@@ -26,7 +26,20 @@ def main(cfg: DictConfig) -> float:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     name = f"{cfg.model.name}-{cfg.quant.name}-{cfg.ptq.name}"
     metrics = run_task(cfg, run_dir, run_ptq, name)
+    print_run_summary(metrics, run_dir)
     return metrics["quantized"]["mask_AP"]  # the sweep objective
+
+
+def print_run_summary(metrics: dict, run_dir: Path) -> None:
+    """The results table and where the run's files are (the library logs; the command line prints)."""
+    from saq.utils.run_files import format_table, result_rows
+
+    print("\n" + format_table(result_rows(metrics)))
+    if (run_dir / "side_by_side.png").is_file():
+        print(f"  side-by-side masks: {run_dir / 'side_by_side.png'}")
+    checkpoint = metrics.get("checkpoint")
+    print(f"\nrun dir: {run_dir}\n  metrics: {run_dir / 'metrics.json'}" +
+          (f"\n  quantized checkpoint: {checkpoint}" if checkpoint else ""))
 
 
 def demo_or_main() -> None:

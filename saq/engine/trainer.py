@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.utilities import rank_zero_only
 
+from saq.engine.callbacks import UnitProgress
 from saq.utils.loggers import RunLogger
 
 
@@ -52,15 +53,17 @@ def accelerator_and_devices(device: torch.device) -> tuple[str, Any]:
 
 
 def unit_trainer(unit_name: str, device: torch.device, precision: str, run_dir: Path, run_logger: RunLogger,
-                 step_offset: int, callbacks: list, progress: bool) -> L.Trainer:
+                 step_offset: int, iters: int, callbacks: list, progress: bool) -> L.Trainer:
     """One epoch over the unit's sampled items; the module's manual optimisation steps once per item."""
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no per-unit "GPU available" banner
     accelerator, devices = accelerator_and_devices(device)
     loggers = [RunLoggerBridge(run_logger, step_offset),
                CSVLogger(str(run_dir), name="recon_csv", version=unit_name)]  # recon_csv/<unit>/metrics.csv
+    if progress:
+        callbacks = [*callbacks, UnitProgress(unit_name, iters)]
     return L.Trainer(accelerator=accelerator, devices=devices, precision=precision, max_epochs=1, logger=loggers,
                      callbacks=callbacks, log_every_n_steps=1, enable_checkpointing=False,
-                     enable_model_summary=False, enable_progress_bar=progress, num_sanity_val_steps=0,
+                     enable_model_summary=False, enable_progress_bar=False, num_sanity_val_steps=0,
                      default_root_dir=str(run_dir))
 
 
@@ -69,4 +72,5 @@ def fit_quietly(trainer: L.Trainer, module: L.LightningModule, loader) -> None:
         # the cached items live in memory: worker processes would only copy them
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         warnings.filterwarnings("ignore", ".*LightningModule.*without a `validation_step`.*")
+        warnings.filterwarnings("ignore", ".*LeafSpec.*")  # lightning's own use of a deprecated torch API
         trainer.fit(module, train_dataloaders=loader)

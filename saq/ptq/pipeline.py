@@ -30,7 +30,7 @@ from saq.ptq.recipe import rules_from_config
 from saq.ptq.stages import StageContext, run_stages
 from saq.quant import QuantMode, set_quant_mode
 from saq.utils.loggers import RunLogger
-from saq.utils.run_files import format_table, result_rows, write_json
+from saq.utils.run_files import result_rows, write_json
 
 METRIC_KEYS = ("mask_AP", "mask_AP50", "mask_AP75", "mask_APs", "mask_APm", "mask_APl", "mIoU")
 
@@ -169,9 +169,4 @@ def run_ptq(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict[str, Any]
     logger.log_table("results", rows)
     logger.log_summary({"fp/mask_AP": metrics["fp"]["mask_AP"], "quantized/mask_AP": metrics["quantized"]["mask_AP"],
                         "quantized/mIoU": metrics["quantized"]["mIoU"], "wall_time_s": metrics["wall_time_s"]})
-    print("\n" + format_table(rows))
-    if (run_dir / "side_by_side.png").is_file():
-        print(f"  side-by-side masks: {run_dir / 'side_by_side.png'}")
-    print(f"\nrun dir: {run_dir}\n  metrics: {run_dir / 'metrics.json'}" +
-          (f"\n  quantized checkpoint: {checkpoint}" if checkpoint else ""))
     return metrics

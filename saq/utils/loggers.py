@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Mapping
+
+log = logging.getLogger(__name__)
 
 
 class RunLogger:
@@ -70,7 +73,7 @@ class WandbRunLogger(RunLogger):
         run_path = Path(self.run.dir).parent  # .../wandb/offline-run-*/files -> the offline run
         self.run.finish(exit_code=1 if failed else 0)
         if self._announce:
-            print(f"  W&B (offline): {run_path}  (upload with: wandb sync {run_path})")
+            log.info("W&B (offline): %s  (upload with: wandb sync %s)", run_path, run_path)
 
 
 def build_logger(cfg: Mapping[str, Any], run_dir: Path, config: Mapping[str, Any], name: str) -> RunLogger:
