@@ -154,7 +154,7 @@ def reconstruct_(model: nn.Module, items: list[CalibrationItem], cfg: Mapping[st
         if iters > 0:
             batches = UnitBatches(q_inputs, fp_inputs[unit.entry] if module.mixes_input else None, targets,
                                   head_targets)
-            trainer = unit_trainer(unit.name, device, settings.precision, run_dir, logger, global_step,
+            trainer = unit_trainer(unit.name, device, settings.precision, run_dir, logger, global_step, iters,
                                    [windows, UnitCheckpoint(save_unit)], show_progress)
             fit_quietly(trainer, module, _unit_loader(batches, iters, unit_seed))
         else:  # nothing to optimise (no parameters or iters=0): the calibrated values, frozen
