@@ -5,6 +5,16 @@
 Each row is one run (quant, recipe, the overrides that distinguish it), with mask AP and mean IoU of
 the honest quantized model, the reference-protocol numbers where a run computed them, and wall time.
 Also writes <out>.png: mask AP per row as bars.
+
+    python experiments/tables.py compare results/vit_t_coco [run or sweep dirs ...] --baseline ptq4sam_l
+    python experiments/tables.py collect outputs/vit_t_coco/* [--results results] [--experiment vit_t_coco]
+
+``compare``: one row per (bits, recipe, variant, reconstruction iterations), mask AP and mIoU as mean +-
+std over seeds, and the AP difference to the baseline recipe at the same bits with a paired bootstrap
+95% interval over the evaluation images (win / loss only where it excludes 0); writes <out>.md, .csv,
+.json and <out>_iters.png (AP against ptq.recon.iters). ``collect``: copies the small files of finished
+runs (metrics.json, predictions.json.gz, status.json, .hydra/*.yaml) into
+results/<experiment>/<quant>/<recipe>[-iters<N>]/seed<k>/ (see results/README.md).
 """
 
 from __future__ import annotations
@@ -63,7 +73,83 @@ def to_markdown(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+COMPARE_CSV_COLUMNS = ["model", "quant", "recipe", "iters", "variant", "n", "seeds", "mask_AP", "mask_AP_std", "mIoU",
+                       "mIoU_std", "fidelity_mIoU", "baseline", "delta", "ci_low", "ci_high", "p_le_0", "pairs",
+                       "paired_seeds", "verdict", "note"]
+
+
+def compare_main(argv: list[str]) -> int:
+    """compare: the benchmark table with paired bootstrap intervals against a baseline recipe."""
+    from saq.eval.compare import compare_table, footnote, plot_ap_vs_iters, to_markdown
+    from saq.eval.run_index import find_runs
+
+    parser = argparse.ArgumentParser(prog="tables.py compare", description=compare_main.__doc__)
+    parser.add_argument("dirs", type=Path, nargs="+", help="results/<experiment> trees, sweep dirs or run dirs")
+    parser.add_argument("--baseline", required=True, help="recipe every row is compared with (e.g. ptq4sam_l)")
+    parser.add_argument("--baseline-iters", type=int, default=None,
+                        help="the baseline's ptq.recon.iters (default: its run with the most iterations)")
+    parser.add_argument("--samples", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    parser.add_argument("--out", type=Path, default=None, help="basename of the outputs (default: <first dir>/compare)")
+    args = parser.parse_args(argv)
+    missing = [d for d in args.dirs if not d.is_dir()]
+    if missing:
+        print(f"error: not a directory: {', '.join(map(str, missing))}", file=sys.stderr)
+        return 2
+    runs = find_runs(args.dirs)
+    if not runs:
+        print(f"error: no finished run (metrics.json) under {', '.join(map(str, args.dirs))}", file=sys.stderr)
+        return 2
+    table = compare_table(runs, args.baseline, args.baseline_iters, args.samples, args.seed)
+    out = args.out or args.dirs[0] / "compare"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text = to_markdown(table) + "\n\n" + footnote(table) + "\n"
+    out.with_suffix(".md").write_text(text)
+    out.with_suffix(".json").write_text(json.dumps(table, indent=2, default=str) + "\n")
+    with open(out.with_suffix(".csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COMPARE_CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows({**r, "seeds": " ".join(map(str, r.get("seeds", []))),
+                          "paired_seeds": " ".join(map(str, r.get("paired_seeds", [])))} for r in table["rows"])
+    written = [out.with_suffix(s) for s in (".md", ".csv", ".json")]
+    plot = plot_ap_vs_iters(table["rows"], out.with_name(out.name + "_iters.png"))
+    written += [plot] if plot else []
+    print(text)
+    print(f"wrote {', '.join(map(str, written))}")
+    return 0
+
+
+def collect_main(argv: list[str]) -> int:
+    """collect: copy the small files of finished runs into results/<experiment>/<quant>/<recipe>/seed<k>."""
+    from saq.eval.run_index import collect_run, find_runs
+
+    parser = argparse.ArgumentParser(prog="tables.py collect", description=collect_main.__doc__)
+    parser.add_argument("dirs", type=Path, nargs="+", help="run dirs or sweep dirs")
+    parser.add_argument("--results", type=Path, default=Path(__file__).resolve().parents[1] / "results",
+                        help="results root (default: the project's results/)")
+    parser.add_argument("--experiment", default=None,
+                        help="experiment dir name (default: the run's experiment= override or logger.group)")
+    parser.add_argument("--force", action="store_true", help="replace files that differ")
+    args = parser.parse_args(argv)
+    runs = find_runs(args.dirs)
+    if not runs:
+        print(f"error: no finished run (metrics.json) under {', '.join(map(str, args.dirs))}", file=sys.stderr)
+        return 2
+    for run in runs:
+        try:
+            dest = collect_run(run, args.results, args.experiment, args.force)
+        except (FileExistsError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        print(f"{run.run_dir} -> {dest}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    subcommands = {"compare": compare_main, "collect": collect_main}
+    if argv and argv[0] in subcommands:
+        return subcommands[argv[0]](argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dirs", type=Path, nargs="+")
     parser.add_argument("--out", type=Path, default=None, help="basename for .md and .csv (default: <first sweep>/table)")

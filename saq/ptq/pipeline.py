@@ -164,6 +164,9 @@ def run_ptq(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict[str, Any]
         metrics["reference_protocol"] = {**_metric_block(reference.metrics),
                                          "fidelity_mIoU": reference.metrics["fidelity_mIoU"],
                                          "note": "published evaluation defect: QDrop left on Linear inputs"}
+    from saq.eval.predictions import save_predictions  # per-image results for paired comparisons
+
+    save_predictions(run_dir, eval_set, fp, quantized, calib_items)
     write_json(run_dir / "metrics.json", metrics)
     rows = result_rows(metrics)
     logger.log_table("results", rows)

@@ -1,0 +1,129 @@
+"""The vectorised COCO AP of resampled image sets equals pycocotools; paired bootstrap intervals."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from saq.eval.bootstrap import (METRICS, ap_samples, bootstrap_weights, coco_ap, match_table_from_json,
+                                paired_difference)
+from saq.eval.metrics import coco_mask_ap, encode_mask
+from saq.eval.predictions import evaluated_coco, match_table
+
+H, W = 180, 220  # large enough for COCO's small, medium and large area ranges
+
+
+def _rect_mask(x0, y0, x1, y1):
+    mask = np.zeros((H, W), dtype=bool)
+    mask[int(y0):int(y1), int(x0):int(x1)] = True
+    return mask
+
+
+def _box(rng):
+    w, h = [(8, 10), (20, 25), (45, 50), (120, 100)][rng.integers(0, 4)]  # small .. large
+    x0, y0 = rng.integers(0, W - w), rng.integers(0, H - h)
+    return float(x0), float(y0), float(x0 + w), float(y0 + h)
+
+
+def synthetic_coco(seed=0, n_images=14, n_cats=5, tie_scores=True):
+    """Ground truth (polygons, one crowd region) and detections with hits, misses, duplicates,
+    false positives, a category without ground truth and an image-category over maxDets."""
+    rng = np.random.default_rng(seed)
+    images = [{"id": 10 + 3 * i, "width": W, "height": H, "file_name": f"{i}.jpg"} for i in range(n_images)]
+    cats = [{"id": c, "name": f"c{c}"} for c in range(1, n_cats + 2)]  # the last one has no ground truth
+    anns, dets = [], []
+    score = (lambda: float(np.round(rng.random(), 2))) if tie_scores else (lambda: float(rng.random()))
+    for img in images[:-1]:  # the last image has neither ground truth nor detections
+        for _ in range(rng.integers(1, 7)):
+            x0, y0, x1, y1 = _box(rng)
+            cat = int(rng.integers(1, n_cats + 1))
+            anns.append({"id": len(anns) + 1, "image_id": img["id"], "category_id": cat, "iscrowd": 0,
+                         "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0),
+                         "segmentation": [[x0, y0, x1, y0, x1, y1, x0, y1]]})
+            for _ in range(rng.choice([0, 1, 1, 1, 2])):  # missed, found, found twice
+                shift = rng.normal(0, 0.15) * (x1 - x0)
+                mask = _rect_mask(max(0, x0 + shift), y0, min(W, x1 + shift), y1)
+                dets.append({"image_id": img["id"], "category_id": cat, "score": score(),
+                             "segmentation": encode_mask(mask)})
+        for _ in range(rng.integers(0, 3)):  # false positives, also of the class without ground truth
+            dets.append({"image_id": img["id"], "category_id": int(rng.integers(1, n_cats + 2)),
+                         "score": score(), "segmentation": encode_mask(_rect_mask(*_box(rng)))})
+    crowd = encode_mask(_rect_mask(0, 0, 60, 60))
+    anns.append({"id": len(anns) + 1, "image_id": images[0]["id"], "category_id": 1, "iscrowd": 1,
+                 "bbox": [0, 0, 60, 60], "area": 3600.0, "segmentation": crowd})
+    dets.append({"image_id": images[0]["id"], "category_id": 1, "score": 0.9,
+                 "segmentation": encode_mask(_rect_mask(5, 5, 50, 50))})  # on the crowd: ignored
+    for _ in range(105):  # more than maxDets=100 in one image and category
+        dets.append({"image_id": images[1]["id"], "category_id": 2, "score": score() * 0.5,
+                     "segmentation": encode_mask(_rect_mask(*_box(rng)))})
+    return {"images": images, "annotations": anns, "categories": cats}, dets
+
+
+def _table(gt, dets, image_ids=None):
+    stored = json.loads(json.dumps(match_table(evaluated_coco(gt, dets))))  # through JSON, as on disk
+    return match_table_from_json(stored, image_ids)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_full_set_ap_equals_pycocotools(seed):
+    gt, dets = synthetic_coco(seed)
+    reference = coco_mask_ap(gt, dets)
+    table = _table(gt, dets)
+    for metric in METRICS:
+        assert coco_ap(table, metric) == pytest.approx(reference[metric], abs=1e-9), metric
+
+
+def test_resampled_ap_equals_pycocotools_on_the_expanded_image_set():
+    """Weights w_i give the AP of the set holding image i w_i times (distinct scores: no tie order)."""
+    gt, dets = synthetic_coco(3, tie_scores=False)
+    table = _table(gt, dets)
+    weights = bootstrap_weights(table.num_images, 3, seed=5)
+    for row in weights:
+        images, anns, expanded = [], [], []
+        for img, count in zip(gt["images"], row.astype(int)):
+            for copy in range(count):
+                new_id = img["id"] * 100 + copy
+                images.append({**img, "id": new_id})
+                anns += [{**a, "id": len(anns) + k + 1, "image_id": new_id}
+                         for k, a in enumerate(a for a in gt["annotations"] if a["image_id"] == img["id"])]
+                expanded += [{**d, "image_id": new_id} for d in dets if d["image_id"] == img["id"]]
+        reference = coco_mask_ap({**gt, "images": images, "annotations": anns}, expanded)
+        for metric in ("mask_AP", "mask_AP50", "mask_APs"):
+            assert ap_samples(table, row[None], metric)[0] == pytest.approx(reference[metric], abs=1e-9)
+
+
+def test_ci_of_a_recipe_against_itself_is_zero():
+    gt, dets = synthetic_coco(0)
+    table = _table(gt, dets)
+    result = paired_difference([table, table], [table, table], bootstrap_weights(table.num_images, 200, 0))
+    assert (result["delta"], result["ci_low"], result["ci_high"]) == (0.0, 0.0, 0.0)
+
+
+def test_clearly_better_recipe_has_a_ci_above_zero():
+    gt, dets = synthetic_coco(2, n_images=40, tie_scores=False)
+    worse = [d for i, d in enumerate(dets) if i % 3]  # misses a third of its detections
+    weights = bootstrap_weights(len(gt["images"]), 300, seed=1)
+    result = paired_difference([_table(gt, dets)], [_table(gt, worse)], weights)
+    assert result["delta"] > 0 and result["ci_low"] > 0
+    again = paired_difference([_table(gt, dets)], [_table(gt, worse)], weights)
+    assert again == result  # deterministic for a given seed
+
+
+def test_pool_must_cover_the_tables_images():
+    gt, dets = synthetic_coco(0)
+    with pytest.raises(ValueError, match="not in the image pool"):
+        _table(gt, dets, image_ids=[img["id"] for img in gt["images"][:3]])
+
+
+def test_bootstrap_is_fast_at_benchmark_scale():
+    """128 images, ~1000 detections, B=1000: well under a second per run."""
+    gt, dets = synthetic_coco(4, n_images=128, n_cats=60, tie_scores=False)
+    table = _table(gt, dets)
+    weights = bootstrap_weights(table.num_images, 1000, 0)
+    start = time.perf_counter()
+    samples = ap_samples(table, weights)
+    assert time.perf_counter() - start < 5.0 and samples.shape == (1000,)
+    assert abs(np.mean(samples) - coco_ap(table)) < 5.0
