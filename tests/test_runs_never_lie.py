@@ -26,7 +26,7 @@ from saq.data.folder import folder_dataset
 from saq.data.prompts import Prompt
 from saq.eval.cache import cached_evaluation
 from saq.eval.evaluate import EvalResult, evaluate
-from saq.eval.finite import NonFiniteOutputError
+from saq.models.finite import NonFiniteOutputError
 from saq.export import load_quantized, save_quantized
 from saq.models import CheckpointError, build_model, build_tiny_sam
 from saq.utils.run_files import write_json

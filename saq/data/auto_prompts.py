@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from saq.data.coco import CocoInstances, DatasetError, load_image
 from saq.data.prompts import Prompt
-from saq.eval.finite import has_non_finite, non_finite_error
+from saq.models.finite import has_non_finite, non_finite_error
 from saq.models.predictor import EncodedImage, encode_image
 
 CACHE_VERSION = 1  # bump when the prompt definition changes, so old cache files are ignored

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 
 from saq.eval.evaluate import EvalResult
-from saq.eval.finite import NonFiniteOutputError
+from saq.models.finite import NonFiniteOutputError
 from saq.utils.run_files import write_text_atomic
 
 log = logging.getLogger(__name__)

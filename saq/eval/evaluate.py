@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from saq.data.coco import CocoInstances, load_image
 from saq.data.prompts import Prompt
-from saq.eval.finite import FiniteWatch, non_finite_error, watch_finite
+from saq.models.finite import FiniteWatch, non_finite_error, watch_finite
 from saq.eval.metrics import coco_mask_ap, encode_mask, fidelity, gt_rle, mask_iou
 from saq.models.predictor import decode_boxes, encode_image
 
