@@ -99,7 +99,7 @@ def _mix(quantized: Any, fp: Any, prob: float) -> Any:
 def _as_float32(value: Any) -> Any:
     """Cached tensors may be stored in half precision; the unit computes in float32."""
     if isinstance(value, torch.Tensor):
-        return value.float() if value.is_floating_point() else value
+        return value.to(torch.promote_types(value.dtype, torch.float32)) if value.is_floating_point() else value
     if isinstance(value, (tuple, list)):
         return type(value)(_as_float32(v) for v in value)
     if isinstance(value, dict):

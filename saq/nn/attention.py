@@ -29,9 +29,10 @@ class _QuantAttention(QuantizedModule):
         if act is None:
             raise ValueError("attention quantization points need an activation spec")
         new = _adopt(cls, module)
+        like = next(module.parameters(), None)  # quantizers live on the module's device, in its dtype
         for point in ATTENTION_POINTS:
             spec = softmax if point == "softmax_quantizer" and softmax is not None else act
-            setattr(new, point, make_quantizer(spec, Role.ACTIVATION))
+            setattr(new, point, make_quantizer(spec, Role.ACTIVATION, like))
         return new
 
 

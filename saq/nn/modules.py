@@ -45,8 +45,9 @@ class _WeightedQuantModule(QuantizedModule):
     @classmethod
     def from_float(cls, module: nn.Module, weight: QuantSpec | None, act: QuantSpec | None):
         new = _adopt(cls, module)
-        new.weight_quantizer = FakeQuantizer(weight, Role.WEIGHT) if weight is not None else None
-        new.input_quantizer = FakeQuantizer(act, Role.ACTIVATION) if act is not None else None
+        like = module.weight  # quantizers live on the module's device, in its dtype
+        new.weight_quantizer = FakeQuantizer(weight, Role.WEIGHT, like) if weight is not None else None
+        new.input_quantizer = FakeQuantizer(act, Role.ACTIVATION, like) if act is not None else None
         return new
 
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:

@@ -59,11 +59,14 @@ def capture_inputs(model: nn.Module, entries: list[str], items: list[Calibration
     return captured
 
 
-def to_device(value: Any, device: torch.device, dtype: torch.dtype = torch.float32) -> Any:
-    """Move a cached (args, kwargs) structure back to the compute device in float32."""
+def to_device(value: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
+    """Move a cached (args, kwargs) structure back to the compute device; ``dtype`` None: tensors cached
+    in 16 bits come back as float32, float32/float64 ones as they were captured (the model's dtype)."""
     if isinstance(value, torch.Tensor):
         v = value.to(device)
-        return v.to(dtype) if v.is_floating_point() else v
+        if not v.is_floating_point():
+            return v
+        return v.to(dtype if dtype is not None else torch.promote_types(v.dtype, torch.float32))
     if isinstance(value, (tuple, list)):
         return type(value)(to_device(v, device, dtype) for v in value)
     if isinstance(value, dict):

@@ -19,7 +19,7 @@ import torch
 from saq.quant.functional import round_ste
 from saq.quant.granularity import PerTensor
 from saq.quant.observers import CalibrationDataError, Observer
-from saq.quant.quantizer import FakeQuantizer, QuantMode, QuantSpec, Role
+from saq.quant.quantizer import FakeQuantizer, QuantMode, QuantSpec, Role, tensor_kwargs
 
 DEFAULT_TAUS = (1.0, 2.0, 4.0)
 DEFAULT_CHUNK_ELEMS = 2**24  # attention-map elements per search block (bounds the search's memory)
@@ -131,17 +131,17 @@ class AGQObserver(Observer):
 class LogSoftmaxQuantizer(FakeQuantizer):
     """Log2 fake quantizer with adaptive base 2^(1/tau) for post-softmax maps (values in [0, 1])."""
 
-    def __init__(self, spec: QuantSpec, role: Role) -> None:
+    def __init__(self, spec: QuantSpec, role: Role, like: torch.Tensor | None = None) -> None:
         if spec.observer != "agq":
             raise ValueError(f"the log quantizer is calibrated by the AGQ search: use observer='agq' "
                              f"(got {spec.observer!r})")
         if spec.granularity != "tensor":
             raise ValueError(f"the log quantizer is per-tensor, got granularity={spec.granularity!r}")
-        super().__init__(spec, role)
+        super().__init__(spec, role, like)
         self.qmin, self.qmax = 0, 2**spec.bits - 1  # log codes are unsigned; 2^b stands for exact zero
         self.n_levels = 2**spec.bits
-        self.zero_point = torch.zeros(())  # unused; kept so generic checks see a finite value
-        self.register_buffer("tau", torch.empty(0))  # 0-dim once calibrated
+        self.zero_point = torch.zeros((), **tensor_kwargs(like))  # unused; kept so generic checks see a finite value
+        self.register_buffer("tau", torch.empty(0, **tensor_kwargs(like)))  # 0-dim once calibrated
 
     # state --------------------------------------------------------------------------------------
     @property
@@ -161,10 +161,10 @@ class LogSoftmaxQuantizer(FakeQuantizer):
         if not (torch.isfinite(scale_t) and scale_t > 0 and torch.isfinite(tau_t) and tau_t > 0):
             raise ValueError(f"log quantizer needs finite positive scale and tau, "
                              f"got {float(scale_t)}, {float(tau_t)}")
-        device = self.scale.device
-        self.scale = scale_t.to(device)
-        self.tau = tau_t.to(device)
-        self.zero_point = torch.zeros((), device=device)
+        where = {"device": self.scale.device, "dtype": self.scale.dtype}  # the wrapped module's
+        self.scale = scale_t.to(**where)
+        self.tau = tau_t.to(**where)
+        self.zero_point = torch.zeros((), **where)
 
     def set_range(self, min_val: torch.Tensor, max_val: torch.Tensor) -> None:
         raise TypeError("a log quantizer has no affine range: use set_params(scale, tau) or the AGQ observer")
@@ -224,7 +224,7 @@ class LogSoftmaxQuantizer(FakeQuantizer):
         # tau is empty before calibration, like scale: take the checkpoint's shape.
         key = prefix + "tau"
         if key in state_dict:
-            self.tau = torch.empty_like(state_dict[key], device=self.tau.device)
+            self.tau = torch.empty(state_dict[key].shape, device=self.tau.device, dtype=self.tau.dtype)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:

@@ -20,6 +20,14 @@ from saq.quant.granularity import granularity_from_str
 from saq.quant.observers import Observer, build_observer
 
 
+def tensor_kwargs(like: torch.Tensor | None) -> dict[str, Any]:
+    """device/dtype of ``like`` for new qparams (defaults when absent or not floating point). Half
+    precision modules keep float32 qparams: a 16-bit step size would move the grid itself."""
+    if like is None or not like.is_floating_point():
+        return {}
+    return {"device": like.device, "dtype": like.dtype if like.element_size() >= 4 else torch.float32}
+
+
 class QuantMode(enum.Enum):
     OFF = "off"  # identity: the FP model
     OBSERVE = "observe"  # identity, statistics go to the observer
@@ -57,15 +65,17 @@ class QuantSpec:
 class FakeQuantizer(nn.Module):
     """Uniform affine fake quantizer for one tensor (a weight or an activation)."""
 
-    def __init__(self, spec: QuantSpec, role: Role) -> None:
+    def __init__(self, spec: QuantSpec, role: Role, like: torch.Tensor | None = None) -> None:
+        """``like``: a tensor of the wrapped module (its weight) whose device and dtype the qparams take,
+        so a quantizer inserted into a model already on a GPU (or in float64) lives there too."""
         super().__init__()
         self.spec = spec
         self.role = role
         self.granularity = granularity_from_str(spec.granularity)
         self.qmin, self.qmax = int_range(spec.bits, spec.symmetric)
         # Empty until calibrated; resized on load so checkpoints restore any granularity.
-        self.register_buffer("scale", torch.empty(0))
-        self.register_buffer("zero_point", torch.empty(0))
+        self.register_buffer("scale", torch.empty(0, **tensor_kwargs(like)))
+        self.register_buffer("zero_point", torch.empty(0, **tensor_kwargs(like)))
         self.mode = QuantMode.OFF
         self.observer: Observer | None = None
         # Probability of passing the FP value through (QDrop). Only reconstruction may set it > 0;
@@ -91,8 +101,9 @@ class FakeQuantizer(nn.Module):
     def set_range(self, min_val: torch.Tensor, max_val: torch.Tensor) -> None:
         """Store qparams that cover [min_val, max_val] (shapes follow the granularity)."""
         qp = compute_qparams(min_val.detach().float(), max_val.detach().float(), self.spec.bits, self.spec.symmetric)
-        self.scale = qp.scale.to(self.scale.device)
-        self.zero_point = qp.zero_point.to(self.scale.device)
+        # where the (empty) qparams already live: the wrapped module's device and dtype
+        self.scale = qp.scale.to(device=self.scale.device, dtype=self.scale.dtype)
+        self.zero_point = qp.zero_point.to(device=self.scale.device, dtype=self.scale.dtype)
 
     def finalize_observer(self) -> None:
         """Turn the observer's statistics into qparams and drop the observer."""
@@ -137,7 +148,7 @@ class FakeQuantizer(nn.Module):
         """End of a unit: the learned rounding becomes a fixed 0/1 offset; the FP weight stays intact
         so later units still see the true FP model."""
         if self.alpha is not None:
-            self.rounding = (adaround.rectified_sigmoid(self.alpha) >= 0.5).float()
+            self.rounding = (adaround.rectified_sigmoid(self.alpha) >= 0.5).to(self.alpha.dtype)
             self.alpha = None
 
     @torch.no_grad()
@@ -189,13 +200,15 @@ class FakeQuantizer(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # qparams are empty before calibration: take the checkpoint's shapes.
+        # New tensors are made where this quantizer lives (its module's device and dtype), not the file's.
         if prefix + "rounding" in state_dict and self.rounding is None:
-            self._buffers["rounding"] = torch.empty_like(state_dict[prefix + "rounding"])
+            self._buffers["rounding"] = torch.empty(state_dict[prefix + "rounding"].shape, device=self.scale.device,
+                                                    dtype=self.scale.dtype)
         for name in ("scale", "zero_point"):
             key = prefix + name
             current = getattr(self, name)
             if key in state_dict and current.shape != state_dict[key].shape:
-                resized = torch.empty_like(state_dict[key], device=current.device)
+                resized = torch.empty(state_dict[key].shape, device=current.device, dtype=current.dtype)
                 if isinstance(current, nn.Parameter):
                     self._parameters[name] = nn.Parameter(resized)
                 else:
