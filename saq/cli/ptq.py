@@ -9,7 +9,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from saq.cli.task import config_dir, expand_resume, register_resolvers, run_task
+from saq.cli.task import config_dir, device_or_exit, expand_resume, register_resolvers, run_task
 
 register_resolvers()
 
@@ -23,6 +23,7 @@ def main(cfg: DictConfig) -> float:
         validate_ptq_config(cfg)  # before the run dir is claimed or anything is computed
     except ConfigError as exc:
         raise SystemExit(f"config error: {exc}") from None
+    device_or_exit(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     name = f"{cfg.model.name}-{cfg.quant.name}-{cfg.ptq.name}"
     metrics = run_task(cfg, run_dir, run_ptq, name)

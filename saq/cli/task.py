@@ -32,6 +32,16 @@ LOCK_NAME = "run.lock"
 INTERRUPTED_EXIT_CODE = 128 + signal.SIGTERM  # what a shell reports for a SIGTERM-killed process
 
 
+def device_or_exit(cfg: DictConfig) -> None:
+    """Stop with one line (no traceback) when ``runtime.device`` names a device this machine lacks."""
+    from saq.ptq.pipeline import resolve_device
+
+    try:
+        resolve_device(str(cfg.runtime.device))
+    except RuntimeError as exc:
+        raise SystemExit(f"config error: {exc}") from None
+
+
 class RunDirInUseError(RuntimeError):
     """Another live run holds the run directory."""
 

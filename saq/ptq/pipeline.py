@@ -36,11 +36,18 @@ METRIC_KEYS = ("mask_AP", "mask_AP50", "mask_AP75", "mask_APs", "mask_APm", "mas
 
 
 def resolve_device(name: str) -> torch.device:
+    """The torch device of ``runtime.device``; a CUDA device that is not there fails here, before any work."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise RuntimeError(f"runtime.device={name}: {exc}; use auto, cpu, cuda or cuda:<index>") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("runtime.device=cuda but no CUDA device is visible; use runtime.device=auto or cpu")
+        raise RuntimeError(f"runtime.device={name}: no CUDA device is visible (torch.cuda.is_available() is False); "
+                           "use runtime.device=auto or cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise RuntimeError(f"runtime.device={name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
     return device
 
 
