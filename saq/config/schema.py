@@ -177,7 +177,6 @@ class ReconConfig:
     best_window: int = 50
     cache_device: str = "cpu"
     cache_dtype: CacheDtype = CacheDtype.float32
-    precision: str = "32-true"
 
 
 @dataclass
@@ -227,6 +226,7 @@ class RuntimeConfig:
     device: str = "auto"
     num_threads: Optional[int] = None
     progress: bool = True
+    precision: str = "32-true"  # engine loops: see saq.engine.precision.PRECISIONS
 
 
 @dataclass

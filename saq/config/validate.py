@@ -71,5 +71,9 @@ def validate_ptq_config(cfg: DictConfig) -> None:
         _check_range(cfg, key, 1, float("inf"))
     for i, p in enumerate(cfg.ptq.pcc.percentiles or []):
         _check(0.5 < p <= 1.0, f"ptq.pcc.percentiles[{i}]", p, "clip percentiles must lie in (0.5, 1]")
+    from saq.engine.precision import PRECISIONS
+
+    _check(cfg.runtime.precision in PRECISIONS, "runtime.precision", cfg.runtime.precision,
+           f"choose one of {list(PRECISIONS)}")
     if cfg.ptq.quantize:
         _check(len(cfg.ptq.stages) > 0, "ptq.stages", list(cfg.ptq.stages), "a quantizing recipe needs stages")

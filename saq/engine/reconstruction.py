@@ -48,7 +48,6 @@ class ReconSettings:
     par_mse_weight: float = 0.0  # optional weight of the plain stage-output MSE next to PAR
     decoder_loss: DecoderLoss = DecoderLoss.mse
     final_attn_iters: int | None = None  # iterations of the final token-to-image attention unit
-    precision: str = "32-true"
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "ReconSettings":

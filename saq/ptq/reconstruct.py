@@ -79,8 +79,10 @@ def _unit_loader(batches: UnitBatches, iters: int, seed: int) -> DataLoader:
 
 def reconstruct_(model: nn.Module, items: list[CalibrationItem], cfg: Mapping[str, Any], run_dir: Path,
                  logger: RunLogger, seed: int = 0, show_progress: bool = True,
-                 units: list[ReconUnit] | None = None, stop_after: int | None = None) -> list[dict[str, Any]]:
-    """Reconstruct every unit in order; returns per-unit statistics (loss, time, memory)."""
+                 units: list[ReconUnit] | None = None, stop_after: int | None = None,
+                 precision: str = "32-true") -> list[dict[str, Any]]:
+    """Reconstruct every unit in order; returns per-unit statistics (loss, time, memory). ``precision``
+    is the Trainer's (runtime.precision)."""
     settings = ReconSettings.from_config(cfg)
     device = next(model.parameters()).device
     cache_device = torch.device(cfg.get("cache_device", "cpu"))
@@ -154,7 +156,7 @@ def reconstruct_(model: nn.Module, items: list[CalibrationItem], cfg: Mapping[st
         if iters > 0:
             batches = UnitBatches(q_inputs, fp_inputs[unit.entry] if module.mixes_input else None, targets,
                                   head_targets)
-            trainer = unit_trainer(unit.name, device, settings.precision, run_dir, logger, global_step, iters,
+            trainer = unit_trainer(unit.name, device, precision, run_dir, logger, global_step, iters,
                                    [windows, UnitCheckpoint(save_unit)], show_progress)
             fit_quietly(trainer, module, _unit_loader(batches, iters, unit_seed))
         else:  # nothing to optimise (no parameters or iters=0): the calibrated values, frozen
