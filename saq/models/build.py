@@ -22,6 +22,7 @@ from saq.models.checkpoints import (CheckpointArchitectureError, CheckpointError
 log = logging.getLogger(__name__)
 
 MODEL_NAMES = ("vit_b", "vit_l", "vit_h", "vit_t", "tiny")
+RANDOM_WEIGHTS = "random"  # model.checkpoint=random: the architecture at its random init (timing only)
 
 
 def _sam_decoder(dim: int, image_size: int, patch: int, mlp_dim: int, heads: int, mask_in_chans: int):
@@ -131,6 +132,9 @@ def build_model(cfg: dict[str, Any]) -> Sam:
     """Build the FP model of a ``model`` config node, in eval mode on the CPU."""
     name = cfg["name"]
     model = build_architecture(name, seed=int(cfg.get("init_seed", 0)))
+    if cfg.get("checkpoint") == RANDOM_WEIGHTS:
+        log.warning("model.checkpoint=random: %s keeps its random initialisation (for timing, not accuracy)", name)
+        return model.eval()
     checkpoint = resolve_checkpoint(cfg)
     if checkpoint is None and name != "tiny":
         raise CheckpointError(f"model={name} needs weights and none were found: set model.checkpoint=/path/to/file "
@@ -140,5 +144,5 @@ def build_model(cfg: dict[str, Any]) -> Sam:
     return model.eval()
 
 
-__all__ = ["MODEL_NAMES", "build_model", "build_architecture", "build_tiny_sam", "build_vit_t_architecture",
+__all__ = ["MODEL_NAMES", "RANDOM_WEIGHTS", "build_model", "build_architecture", "build_tiny_sam", "build_vit_t_architecture",
            "load_weights_", "resolve_checkpoint", "CheckpointError", "CheckpointArchitectureError"]
