@@ -94,6 +94,10 @@ class CacheDtype(Choice):
     bfloat16 = "bfloat16"
 
 
+# engine loop precisions (Lightning's names; they start with a digit, so not enum member names)
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
+
+
 class CalibStrategy(Choice):
     random = "random"
     first = "first"

@@ -10,7 +10,7 @@ from typing import Any, Iterator
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from saq.config.schema import PTQRunConfig
+from saq.config.schema import PRECISIONS, PTQRunConfig
 
 MIN_BITS, MAX_BITS = 2, 16
 
@@ -71,8 +71,6 @@ def validate_ptq_config(cfg: DictConfig) -> None:
         _check_range(cfg, key, 1, float("inf"))
     for i, p in enumerate(cfg.ptq.pcc.percentiles or []):
         _check(0.5 < p <= 1.0, f"ptq.pcc.percentiles[{i}]", p, "clip percentiles must lie in (0.5, 1]")
-    from saq.engine.precision import PRECISIONS
-
     _check(cfg.runtime.precision in PRECISIONS, "runtime.precision", cfg.runtime.precision,
            f"choose one of {list(PRECISIONS)}")
     if cfg.ptq.quantize:

@@ -11,7 +11,7 @@ from contextlib import AbstractContextManager
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 
-PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
+from saq.config.schema import PRECISIONS
 
 
 def precision_plugin(precision: str, device: torch.device) -> Precision:
