@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from saq.config.schema import ActivationStep, Choice, DecoderLoss, EncoderLoss, WeightRounding
+from saq.config.schema import ActivationStep, Choice, DecoderLoss, EncoderLoss, ReconConfig, WeightRounding
 from saq.engine.losses import lp_loss
 from saq.models.units import ReconUnit
 from saq.nn.modules import QuantizedModule
@@ -29,25 +29,26 @@ from saq.quant.quantizer import FakeQuantizer, Role
 
 @dataclass(frozen=True)
 class ReconSettings:
-    """The engine's view of ``ptq.recon`` (schema: saq.config.schema.ReconConfig)."""
+    """The engine's view of ``ptq.recon``: the subset of saq.config.schema.ReconConfig the loop reads,
+    frozen, with the schema's defaults (one place to change a default)."""
 
-    iters: int = 20000
-    weights: WeightRounding = WeightRounding.adaround
-    activations: ActivationStep = ActivationStep.lsq
-    w_lr: float = 1e-3
-    a_lr: float = 4e-5
-    qdrop_prob: float = 0.0
-    reg_weight: float = 0.01
-    beta_start: float = 20.0
-    beta_end: float = 2.0
-    warmup: float = 0.2
-    p: float = 2.0
-    keep_best: bool = False
-    best_window: int = 50
-    encoder_loss: EncoderLoss = EncoderLoss.mse
-    par_mse_weight: float = 0.0  # optional weight of the plain stage-output MSE next to PAR
-    decoder_loss: DecoderLoss = DecoderLoss.mse
-    final_attn_iters: int | None = None  # iterations of the final token-to-image attention unit
+    iters: int = ReconConfig.iters
+    weights: WeightRounding = ReconConfig.weights
+    activations: ActivationStep = ReconConfig.activations
+    w_lr: float = ReconConfig.w_lr
+    a_lr: float = ReconConfig.a_lr
+    qdrop_prob: float = ReconConfig.qdrop_prob
+    reg_weight: float = ReconConfig.reg_weight
+    beta_start: float = ReconConfig.beta_start
+    beta_end: float = ReconConfig.beta_end
+    warmup: float = ReconConfig.warmup
+    p: float = ReconConfig.p
+    keep_best: bool = ReconConfig.keep_best
+    best_window: int = ReconConfig.best_window
+    encoder_loss: EncoderLoss = ReconConfig.encoder_loss
+    par_mse_weight: float = ReconConfig.par_mse_weight  # optional weight of the plain stage-output MSE next to PAR
+    decoder_loss: DecoderLoss = ReconConfig.decoder_loss
+    final_attn_iters: int | None = ReconConfig.final_attn_iters  # iterations of the final token-to-image attention unit
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "ReconSettings":
