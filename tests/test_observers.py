@@ -73,3 +73,35 @@ def test_nan_in_calibration_is_named():
 def test_unknown_observer():
     with pytest.raises(ValueError, match="unknown observer"):
         build_observer("nope", 8, False, PerTensor())
+
+
+def _lp_error(w, lo, hi, bits, p=2.4):
+    from saq.quant.functional import compute_qparams, fake_quantize
+
+    qp = compute_qparams(lo, hi, bits, False)
+    return float((fake_quantize(w, qp.scale, qp.zero_point, qp.qmin, qp.qmax) - w).abs().pow(p).sum())
+
+
+def test_weight_mse_searches_every_zero_point_per_range():
+    """METHOD.md section 2: weights search ranges x zero points per channel. The 2-D grid contains the
+    1-D shrink's candidates, so it is never worse; on skewed channels it is strictly better; and the
+    returned range maps back to an on-grid (step, integer zero point) pair."""
+    torch.manual_seed(0)
+    w = torch.randn(8, 64) * torch.rand(8, 1) + 0.4 * torch.rand(8, 1)  # channels off centre
+    w[:, 0] += 3.0  # one large positive outlier per channel: a shifted zero point pays off
+    ranges = {}
+    for zps in (False, True):
+        obs = build_observer("mse", 3, False, PerChannel(0), zero_point_search=zps)
+        obs.update(w)
+        ranges[zps] = obs.compute_range()
+    err_1d, err_2d = _lp_error(w, *ranges[False], 3), _lp_error(w, *ranges[True], 3)
+    assert err_2d < err_1d
+    per_row = [(_lp_error(w[i:i + 1], ranges[True][0][i:i + 1], ranges[True][1][i:i + 1], 3),
+                _lp_error(w[i:i + 1], ranges[False][0][i:i + 1], ranges[False][1][i:i + 1], 3)) for i in range(8)]
+    assert all(a <= b * (1 + 1e-5) for a, b in per_row)
+    from saq.quant.functional import compute_qparams
+
+    qp = compute_qparams(*ranges[True], 3, False)
+    lo, hi = ranges[True]
+    torch.testing.assert_close((hi - lo) / qp.scale, torch.full_like(qp.scale, 7.0))
+    torch.testing.assert_close(qp.zero_point, (-lo / qp.scale).round(), atol=1e-4, rtol=0)

@@ -377,3 +377,21 @@ def test_quantized_checkpoint_saved_without_leftovers(tmp_path):
     path = _tiny_checkpoint(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
     assert load_quantized(path)[1]["model_name"] == "tiny"
+
+
+def test_fp_cache_key_is_the_same_for_typed_and_plain_configs(tmp_path):
+    """The schema hands enums (ModelName.vit_t) where a plain config has strings, and a path can be
+    reached through '..': neither may change the FP cache key, or every run re-evaluates FP."""
+    from saq.config.schema import ModelName
+    from saq.eval.cache import fp_cache_key
+
+    weights = tmp_path / "w" / "sam.pt"
+    weights.parent.mkdir()
+    weights.write_bytes(b"0" * 10)
+    plain = fp_cache_key({"name": "vit_t", "checkpoint": str(weights)}, {"images": str(tmp_path)}, {"source": "gt"},
+                         [1, 2], "cpu")
+    typed = fp_cache_key({"name": ModelName.vit_t, "checkpoint": str(tmp_path / "w" / ".." / "w" / "sam.pt")},
+                         {"images": str(tmp_path / "w" / "..")}, {"source": "gt"}, [1, 2], "cpu")
+    assert plain == typed
+    assert fp_cache_key({"name": "vit_b", "checkpoint": str(weights)}, {"images": str(tmp_path)}, {"source": "gt"},
+                        [1, 2], "cpu") != plain

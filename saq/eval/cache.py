@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import math
+from enum import Enum
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,6 +25,21 @@ log = logging.getLogger(__name__)
 CACHE_FORMAT = 2  # bump when EvalResult records change shape, so older cache files are not reused
 
 
+def _canonical(value: Any) -> Any:
+    """The key's view of a config value: enums as their values, existing paths resolved, so that the
+    same settings give the same key whether they came typed from the schema or as plain strings, and
+    whichever relative route led to the file."""
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, dict):
+        return {str(k): _canonical(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    if isinstance(value, str) and ("/" in value or "\\" in value) and Path(value).expanduser().exists():
+        return str(Path(value).expanduser().resolve())
+    return value
+
+
 def fp_cache_key(model_cfg: dict[str, Any], data_cfg: Any, prompts_cfg: Any, image_ids: list[int],
                  device: str) -> str:
     checkpoint = model_cfg.get("checkpoint")
@@ -31,8 +47,9 @@ def fp_cache_key(model_cfg: dict[str, Any], data_cfg: Any, prompts_cfg: Any, ima
     if checkpoint and Path(checkpoint).expanduser().is_file():
         stat = Path(checkpoint).expanduser().stat()
         fingerprint = [stat.st_size, int(stat.st_mtime)]
-    blob = json.dumps({"model": model_cfg, "weights": fingerprint, "data": data_cfg, "prompts": prompts_cfg,
-                       "images": image_ids, "device": device, "torch": torch.__version__, "format": CACHE_FORMAT}, sort_keys=True, default=str)
+    blob = json.dumps(_canonical({"model": model_cfg, "weights": fingerprint, "data": data_cfg, "prompts": prompts_cfg,
+                                  "images": image_ids, "device": device, "torch": torch.__version__,
+                                  "format": CACHE_FORMAT}), sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 

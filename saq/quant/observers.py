@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from saq.quant import stats
-from saq.quant.functional import compute_qparams, fake_quantize
+from saq.quant.functional import MIN_SCALE, compute_qparams, fake_quantize, int_range
 from saq.quant.granularity import Granularity, PerTensor
 
 
@@ -149,17 +149,21 @@ class LpSearchObserver(_AveragingObserver):
 
     Per-tensor: a histogram of each batch is scored against ``grid`` shrink factors of the batch
     range (fast on activations of millions of elements); the best ranges are averaged over batches.
-    Per-channel (weights): the error is evaluated exactly for every channel and factor.
+    Per-channel (weights): the error is evaluated exactly for every channel and factor; with
+    ``zero_point_search`` (asymmetric only) every factor's step is tried with every zero point of the
+    integer range, a 2-D grid of ``grid`` ranges x 2^bits zero points per channel.
     With ``independent_bounds`` the per-tensor lower and upper bounds shrink independently (a 2-D
     search).
     """
 
     def __init__(self, bits, symmetric, granularity, p: float = 2.4, grid: int = 100,
-                 bins: int = 2048, independent_bounds: bool = False, min_ratio: float = 0.01) -> None:
+                 bins: int = 2048, independent_bounds: bool = False, min_ratio: float = 0.01,
+                 zero_point_search: bool = False) -> None:
         super().__init__(bits, symmetric, granularity)
         self.p, self.grid, self.bins = p, grid, bins
         self.independent_bounds = independent_bounds
         self.min_ratio = min_ratio
+        self.zero_point_search = zero_point_search
 
     def _factors(self, device) -> torch.Tensor:
         return torch.linspace(self.min_ratio, 1.0, self.grid, device=device)
@@ -185,6 +189,10 @@ class LpSearchObserver(_AveragingObserver):
     def _per_channel_range(self, x):
         axis = self.granularity.axis
         rows = x.movedim(axis, 0).reshape(x.shape[axis], -1)  # (C, M)
+        if self.zero_point_search and not self.symmetric:
+            best_lo, best_hi = self._range_zero_point_search(rows)
+            shape = self.granularity.param_shape(tuple(x.shape))
+            return best_lo.reshape(shape), best_hi.reshape(shape)
         lo = rows.amin(dim=1).clamp(max=0.0)
         hi = rows.amax(dim=1).clamp(min=0.0)
         f = self._factors(x.device)
@@ -205,11 +213,42 @@ class LpSearchObserver(_AveragingObserver):
         return best_lo.reshape(shape), best_hi.reshape(shape)
 
 
-class MSEObserver(LpSearchObserver):
-    """Lp search with p = 2.4 over a symmetric shrink of the range (the PTQ4SAM/QDrop convention)."""
+    def _range_zero_point_search(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per channel, the (step, zero point) pair with the lowest Lp error: steps are ``grid``
+        fractions of the full channel range over the 2^bits - 1 intervals, zero points every integer
+        code. Returned as the (lo, hi) that ``compute_qparams`` maps back to exactly that pair."""
+        qmin, qmax = int_range(self.bits, self.symmetric)
+        levels = qmax - qmin
+        span = (rows.amax(dim=1).clamp(min=0.0) - rows.amin(dim=1).clamp(max=0.0)).clamp_min(MIN_SCALE)
+        zero_points = torch.arange(qmin, qmax + 1, device=rows.device, dtype=rows.dtype)
+        best_err = torch.full_like(span, math.inf)
+        best_scale, best_zp = span / levels, torch.full_like(span, float(qmin))
+        # With an integer zero point, clamp(round(x/s) + z) - z = clamp(round(x/s), qmin - z, qmax - z):
+        # the rounding is shared by every zero point of a step, only the clamp bounds move.
+        chunk = max(1, (1 << 24) // max(rows.numel(), 1))
+        for fraction in torch.linspace(1.0 / self.grid, 1.0, self.grid, device=rows.device):
+            scale = (span * fraction / levels).clamp_min(MIN_SCALE)[:, None]  # (C, 1)
+            codes = torch.round(rows / scale)
+            for start in range(0, zero_points.numel(), chunk):
+                zp = zero_points[start:start + chunk][:, None, None]  # (Z, 1, 1)
+                deq = torch.maximum(torch.minimum(codes[None], qmax - zp), qmin - zp) * scale[None]
+                err = (deq - rows[None]).abs().pow(self.p).sum(dim=2)  # (Z, C)
+                chunk_err, chunk_idx = err.min(dim=0)
+                better = chunk_err < best_err
+                best_err = torch.where(better, chunk_err, best_err)
+                best_scale = torch.where(better, scale[:, 0], best_scale)
+                best_zp = torch.where(better, zero_points[start:start + chunk][chunk_idx], best_zp)
+        return (qmin - best_zp) * best_scale, (qmax - best_zp) * best_scale
 
-    def __init__(self, bits, symmetric, granularity, p: float = 2.4, grid: int = 100, bins: int = 2048) -> None:
-        super().__init__(bits, symmetric, granularity, p=p, grid=grid, bins=bins)
+
+class MSEObserver(LpSearchObserver):
+    """Lp search with p = 2.4 (the PTQ4SAM/QDrop convention): per-tensor a symmetric shrink of the
+    range; per-channel (weights) a 2-D grid of ranges x zero points unless ``zero_point_search=False``."""
+
+    def __init__(self, bits, symmetric, granularity, p: float = 2.4, grid: int = 100, bins: int = 2048,
+                 zero_point_search: bool = True) -> None:
+        super().__init__(bits, symmetric, granularity, p=p, grid=grid, bins=bins,
+                         zero_point_search=zero_point_search)
 
 
 class OMSEObserver(LpSearchObserver):
