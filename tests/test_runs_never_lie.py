@@ -321,6 +321,7 @@ def test_missing_image_fails_the_run_before_the_model_runs(tmp_path):
     assert proc.returncode != 0
     error = read(run_dir / "status.json")["error"]
     assert "gone.png" in error and "data.images" in error
+    assert "Traceback" not in proc.stderr and "gone.png" in proc.stderr.strip().splitlines()[-1]
     log = run_dir / "log.jsonl"
     assert not log.is_file() or "eval/fp" not in log.read_text()  # failed before the FP evaluation
 
@@ -395,3 +396,13 @@ def test_fp_cache_key_is_the_same_for_typed_and_plain_configs(tmp_path):
     assert plain == typed
     assert fp_cache_key({"name": "vit_b", "checkpoint": str(weights)}, {"images": str(tmp_path)}, {"source": "gt"},
                         [1, 2], "cpu") != plain
+
+
+def test_wrong_checkpoint_path_is_one_line_on_the_command_line(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run("saq.ptq", "model=vit_t", f"model.checkpoint={tmp_path / 'nope.pt'}", "logger=none",
+               f"hydra.run.dir={run_dir}", check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "nope.pt does not exist" in last and "model.checkpoint" in last
+    assert read(run_dir / "status.json")["state"] == "failed"

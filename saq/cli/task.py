@@ -214,6 +214,18 @@ def expand_resume(argv: list[str]) -> list[str]:
     return [argv[0], *previous, *rest, f"hydra.run.dir={run_dir}", "hydra.mode=RUN"]
 
 
+def user_input_errors() -> tuple[type[BaseException], ...]:
+    """Errors raised for a wrong path, file, data set or setting, each with a message naming the fix."""
+    from saq.config.validate import ConfigError
+    from saq.data.coco import DatasetError
+    from saq.models.checkpoints import CheckpointError
+    from saq.models.minisam_convert import WeightsUnavailableError
+    from saq.ptq.preflight import PreflightError
+    from saq.quant.observers import CalibrationDataError
+
+    return (CheckpointError, ConfigError, DatasetError, PreflightError, CalibrationDataError, WeightsUnavailableError)
+
+
 # --- the task --------------------------------------------------------------------------------------
 
 def _run_claimed(cfg: DictConfig, run_dir: Path, job: Callable[[DictConfig, Path, RunLogger], Any],
@@ -237,6 +249,10 @@ def _run_claimed(cfg: DictConfig, run_dir: Path, job: Callable[[DictConfig, Path
         write_status(run_dir, "failed", format_error(exc))
         if logger is not None:
             logger.finish(failed=True)
+        if isinstance(exc, user_input_errors()):
+            # The message already names the bad input and the fix: one line, not a traceback.
+            log.error("%s: %s", type(exc).__name__, exc)
+            raise SystemExit(f"error: {exc}") from None
         raise
     write_status(run_dir, "completed")
     logger.finish()
