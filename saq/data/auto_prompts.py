@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ from saq.data.coco import CocoInstances, DatasetError, load_image
 from saq.data.prompts import Prompt
 from saq.models.finite import has_non_finite, non_finite_error
 from saq.models.predictor import EncodedImage, encode_image
+from saq.utils.run_files import write_json
 
 CACHE_VERSION = 1  # bump when the prompt definition changes, so old cache files are ignored
 _POINT_BATCH = 16  # single-point prompts decoded together
@@ -156,17 +155,8 @@ def _read_cache(path: Path) -> list[Prompt] | None:
 
 
 def _write_cache(path: Path, prompts: list[Prompt], meta: dict[str, Any]) -> None:
-    """Write atomically (temp file + rename) so that parallel runs never read a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = json.dumps({**meta, "prompts": [[*p.box_xyxy, p.score] for p in prompts]})
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Written atomically so that parallel runs never read a half-written file."""
+    write_json(path, {**meta, "prompts": [[*p.box_xyxy, p.score] for p in prompts]})
 
 
 @torch.no_grad()

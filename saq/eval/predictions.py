@@ -25,14 +25,14 @@ import hashlib
 import io
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
+from saq.utils.run_files import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -185,17 +185,9 @@ def save_predictions(run_dir: Path, eval_set, fp, quantized, calib_items=(), mas
                     "evaluation", payload["calibration"]["in_eval"])
     path = Path(run_dir) / FILE_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    # a temporary file of its own + os.replace: readers never see half a file; mtime=0 gives the same
-    # bytes for the same predictions (diff-friendly once committed under results/)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
-            f.write(json.dumps(payload, separators=(",", ":")).encode())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # mtime=0: the same predictions give the same bytes (diff-friendly once committed under results/)
+    with atomic_file(path) as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
+        f.write(json.dumps(payload, separators=(",", ":")).encode())
     return path
 
 

@@ -6,9 +6,7 @@ the state dict strictly, so a checkpoint never depends on the rules or observers
 
 from __future__ import annotations
 
-import os
 import platform
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,7 @@ from saq.models.build import MODEL_NAMES, build_architecture
 from saq.models.checkpoints import CheckpointError, detect_architecture, load_torch_file
 from saq.nn.quantize import apply_layout_
 from saq.quant.quantizer import QuantMode, set_quant_mode
+from saq.utils.run_files import atomic_file
 
 FORMAT = "saq.quantized/1"
 
@@ -48,16 +47,8 @@ def save_quantized(path: str | Path, model: nn.Module, layout: dict[str, Any], c
         "metrics": metrics or {},
         "versions": package_versions(),
     }
-    # A temporary file of its own + os.replace: never a half-written checkpoint, never a shared temporary.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as f:  # never a half-written checkpoint, never a shared temporary file
+        torch.save(payload, f)
     return path
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -9,25 +10,32 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, BinaryIO, Iterable, Iterator
 
 import yaml
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write via a temporary file of its own in the same dir + os.replace: readers see the old or the new
-    file, never a half-written one, and concurrent writers never share a temporary file."""
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """A binary file that appears at ``path`` only when the block ends without error: written to a
+    temporary file of its own in the same dir, then os.replace. Readers see the old or the new file,
+    never a half-written one, and concurrent writers never share a temporary file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
         os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide results from the rest of a group
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    with atomic_file(path) as f:
+        f.write(data)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
