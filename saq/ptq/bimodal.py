@@ -16,8 +16,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from saq.data.calibration import CalibrationItem
-from saq.data.coco import load_image
-from saq.models.predictor import decode_boxes, encode_image
+from saq.models.image_source import ImageSource
+from saq.models.predictor import decode_boxes
 from saq.quant.quantizer import FakeQuantizer, QuantMode, quant_mode
 
 KDE_MAX_POINTS = 20000  # subsample for speed; the KDE of 20k points is smooth enough for 128 grid points
@@ -123,7 +123,8 @@ def TOKEN_TO_IMAGE_ATTENTIONS(model: nn.Module) -> list[str]:  # noqa: N802 (nam
     return names + ["mask_decoder.transformer.final_attn_token_to_image"]
 
 
-def bimodal_fold_(model: nn.Module, item: CalibrationItem, show_progress: bool = False) -> dict[str, bool]:
+def bimodal_fold_(model: nn.Module, item: CalibrationItem, show_progress: bool = False,
+                  images: ImageSource | None = None) -> dict[str, bool]:
     """Detect bimodal keys on all prompts of ``item`` (FP model) and fold signs where found.
 
     Returns {attention name: folded}. Call before calibration observers run.
@@ -140,7 +141,7 @@ def bimodal_fold_(model: nn.Module, item: CalibrationItem, show_progress: bool =
 
             handles.append(model.get_submodule(name).k_proj.register_forward_hook(hook))
         with quant_mode(model, QuantMode.OFF):
-            encoded = encode_image(model, load_image(item.image.path))
+            encoded = (images or ImageSource(model)).fp_embedding(item.image.path)
             decode_boxes(model, encoded, torch.tensor([p.box_xyxy for p in item.prompts]), return_masks=False)
     finally:
         for handle in handles:

@@ -7,7 +7,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from saq.data.calibration import CalibrationItem
-from saq.data.coco import load_image
+from saq.models.image_source import ImageSource
 from saq.models.predictor import decode_boxes, encode_image
 from saq.nn.modules import QuantizedModule
 from saq.quant.quantizer import QuantMode, Role, iter_quantizers, quant_mode, set_quant_mode
@@ -37,16 +37,17 @@ def calibrate_weights_(model: nn.Module) -> int:
 
 @torch.no_grad()
 def calibrate_activations_(model: nn.Module, items: list[CalibrationItem], show_progress: bool = True,
-                           keep_calibrated: bool = False) -> int:
+                           keep_calibrated: bool = False, images: ImageSource | None = None) -> int:
     """Run the FP model on the calibration images and their boxes with activation observers on
     (``keep_calibrated``: only for quantizers without a range yet, e.g. those PCC did not set)."""
+    images = images or ImageSource(model)
     with quant_mode(model, QuantMode.OFF):
         set_quant_mode(model, QuantMode.OBSERVE, where=is_uncalibrated_activation if keep_calibrated else is_activation)
         for name, q in iter_quantizers(model):
             if q.observer is not None:
                 q.observer.name = name  # error messages name the module
         for item in tqdm(items, desc="calibrate", disable=not show_progress, leave=False):
-            encoded = encode_image(model, load_image(item.image.path))
+            encoded = encode_image(model, images.image(item.image.path))  # observers see the encoder run
             decode_boxes(model, encoded, torch.tensor([p.box_xyxy for p in item.prompts]), return_masks=False)
         observed = [(n, q) for n, q in iter_quantizers(model) if q.mode is QuantMode.OBSERVE]
         unreached = [n for n, q in observed if q.observer.num_updates == 0]
@@ -59,10 +60,10 @@ def calibrate_activations_(model: nn.Module, items: list[CalibrationItem], show_
 
 
 def calibrate_(model: nn.Module, items: list[CalibrationItem], show_progress: bool = True,
-               keep_calibrated: bool = False) -> dict[str, int]:
+               keep_calibrated: bool = False, images: ImageSource | None = None) -> dict[str, int]:
     """Calibrate every quantizer (``keep_calibrated``: every activation quantizer without a range) and
     switch them all to QUANTIZE."""
     weights = calibrate_weights_(model)
-    activations = calibrate_activations_(model, items, show_progress, keep_calibrated)
+    activations = calibrate_activations_(model, items, show_progress, keep_calibrated, images)
     set_quant_mode(model, QuantMode.QUANTIZE)
     return {"weight_quantizers": weights, "activation_quantizers": activations}

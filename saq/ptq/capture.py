@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from saq.data.calibration import CalibrationItem
-from saq.data.coco import load_image
+from saq.models.image_source import ImageSource
 from saq.models.predictor import EncodedImage, decode_boxes, encode_image
 
 
@@ -23,22 +23,28 @@ def _detach(value: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
     return value
 
 
-def run_items(model: nn.Module, items: list[CalibrationItem], encoded: list[EncodedImage] | None = None) -> None:
+def run_items(model: nn.Module, items: list[CalibrationItem], encoded: list[EncodedImage] | None = None,
+              images: ImageSource | None = None) -> None:
     """The SAM forward for each item: encoder (unless ``encoded`` holds its output) + decoder with its boxes."""
+    images = images or ImageSource(model)
     for i, item in enumerate(items):
-        image = encoded[i] if encoded is not None else encode_image(model, load_image(item.image.path))
+        image = encoded[i] if encoded is not None else encode_image(model, images.image(item.image.path))
         decode_boxes(model, image, torch.tensor([p.box_xyxy for p in item.prompts]), return_masks=False)
 
 
 @torch.no_grad()
-def encode_items(model: nn.Module, items: list[CalibrationItem]) -> list[EncodedImage]:
-    return [encode_image(model, load_image(item.image.path)) for item in items]
+def encode_items(model: nn.Module, items: list[CalibrationItem], images: ImageSource | None = None
+                 ) -> list[EncodedImage]:
+    """The model's image embeddings in its current quantizer modes."""
+    images = images or ImageSource(model)
+    return [encode_image(model, images.image(item.image.path)) for item in items]
 
 
 @torch.no_grad()
 def capture_inputs(model: nn.Module, entries: list[str], items: list[CalibrationItem],
                    cache_device: torch.device, cache_dtype: torch.dtype | None = None,
-                   encoded: list[EncodedImage] | None = None) -> dict[str, list[tuple]]:
+                   encoded: list[EncodedImage] | None = None, images: ImageSource | None = None
+                   ) -> dict[str, list[tuple]]:
     """{entry: [(args, kwargs) per call]} for every call of each entry module while running ``items``
     (decoder only when ``encoded`` gives the image embeddings)."""
     captured: dict[str, list[tuple]] = {name: [] for name in entries}
@@ -52,7 +58,7 @@ def capture_inputs(model: nn.Module, entries: list[str], items: list[Calibration
     try:
         for name in entries:
             handles.append(model.get_submodule(name).register_forward_pre_hook(hook_for(name), with_kwargs=True))
-        run_items(model, items, encoded)
+        run_items(model, items, encoded, images)
     finally:
         for handle in handles:
             handle.remove()

@@ -21,8 +21,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from saq.data.calibration import CalibrationItem
-from saq.data.coco import load_image
-from saq.models.predictor import EncodedImage, decode_boxes, encode_image
+from saq.models.image_source import ImageSource
+from saq.models.predictor import EncodedImage, decode_boxes
 from saq.nn.attention import QuantTwoWayAttention
 from saq.quant.granularity import PerTensor
 from saq.quant.observers import build_observer
@@ -313,7 +313,7 @@ def _search_point(record_base: dict[str, Any], attention: nn.Module, q: FakeQuan
 @torch.no_grad()
 def pcc_search_(model: nn.Module, items: list[CalibrationItem], theta: float = 0.5,
                 percentiles: Sequence[float] = DEFAULT_PERCENTILES, passes: int = 2,
-                show_progress: bool = True) -> PCCResult:
+                show_progress: bool = True, images: ImageSource | None = None) -> PCCResult:
     """Greedy PCC search over the decoder attentions' q/k quantizers; sets the chosen ranges in place.
 
     The model must be quantized; by the reference order PCC runs after the bimodal fold and before the
@@ -344,7 +344,8 @@ def pcc_search_(model: nn.Module, items: list[CalibrationItem], theta: float = 0
 
     with quant_mode(model, QuantMode.OFF):
         # FP reference: the encoder runs once per image; its embedding is reused by every decoder run.
-        encoded = [encode_image(model, load_image(item.image.path)) for item in items]
+        images = images or ImageSource(model)
+        encoded = [images.fp_embedding(item.image.path) for item in items]
         call_items: list[int] = []  # calibration item of each decoder call (boxes come in batches)
         with contextlib.ExitStack() as stack:
             stores = {n: stack.enter_context(_first_inputs(model.get_submodule(n).softmax_quantizer)) for n in modules}

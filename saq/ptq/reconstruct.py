@@ -25,6 +25,7 @@ from saq.engine.callbacks import LossWindows, UnitCheckpoint
 from saq.engine.reconstruction import ReconSettings, UnitBatches, UnitReconstruction, unit_quantizers
 from saq.engine.trainer import fit_quietly, unit_trainer
 from saq.models.units import ReconUnit, reconstruction_units
+from saq.models.image_source import ImageSource
 from saq.ptq.capture import _detach, capture_inputs, encode_items, to_device
 from saq.quant.quantizer import QuantMode, quant_mode, set_quant_mode
 from saq.utils.loggers import RunLogger
@@ -80,10 +81,11 @@ def _unit_loader(batches: UnitBatches, iters: int, seed: int) -> DataLoader:
 def reconstruct_(model: nn.Module, items: list[CalibrationItem], cfg: Mapping[str, Any], run_dir: Path,
                  logger: RunLogger, seed: int = 0, show_progress: bool = True,
                  units: list[ReconUnit] | None = None, stop_after: int | None = None,
-                 precision: str = "32-true") -> list[dict[str, Any]]:
+                 precision: str = "32-true", images: ImageSource | None = None) -> list[dict[str, Any]]:
     """Reconstruct every unit in order; returns per-unit statistics (loss, time, memory). ``precision``
     is the Trainer's (runtime.precision)."""
     settings = ReconSettings.from_config(cfg)
+    images = images or ImageSource(model)
     device = next(model.parameters()).device
     cache_device = torch.device(cfg.get("cache_device", "cpu"))
     cache_dtype = CACHE_DTYPES[CacheDtype(cfg.get("cache_dtype", "float32"))]
@@ -103,7 +105,8 @@ def reconstruct_(model: nn.Module, items: list[CalibrationItem], cfg: Mapping[st
         return stats
     set_quant_mode(model, QuantMode.QUANTIZE)
     with quant_mode(model, QuantMode.OFF):
-        fp_inputs = capture_inputs(model, sorted({u.entry for u in todo}), items, cache_device, cache_dtype)
+        fp_inputs = capture_inputs(model, sorted({u.entry for u in todo}), items, cache_device, cache_dtype,
+                                   images=images)
     q_cache: dict[str, list] = {}  # quantized inputs known without a forward pass (chained units)
     encoded = None  # quantized image embeddings, once the encoder is final
     for position, unit in enumerate(todo):
@@ -118,9 +121,9 @@ def reconstruct_(model: nn.Module, items: list[CalibrationItem], cfg: Mapping[st
         else:
             if unit.part == "decoder" and encoded is None:
                 with torch.no_grad():
-                    encoded = encode_items(model, items)  # every encoder unit comes before the decoder
+                    encoded = encode_items(model, items, images)  # every encoder unit comes before the decoder
             q_inputs = capture_inputs(model, [unit.entry], items, cache_device, cache_dtype,
-                                      encoded if unit.part == "decoder" else None)[unit.entry]
+                                      encoded if unit.part == "decoder" else None, images)[unit.entry]
             q_cache = {unit.entry: q_inputs}
         target_inputs = q_inputs if unit.target_inputs == "quantized" else fp_inputs[unit.entry]
         targets = _targets(model, unit, target_inputs, device, cache_device, cache_dtype)

@@ -15,6 +15,7 @@ from torch import nn
 
 from saq.config.schema import Stage
 from saq.data.calibration import CalibrationItem
+from saq.models.image_source import ImageSource
 from saq.utils.loggers import RunLogger
 from saq.utils.run_files import write_json
 
@@ -29,12 +30,17 @@ class StageContext:
     logger: RunLogger
     progress: bool
     done: list[Stage] = field(default_factory=list)
+    images: ImageSource | None = None  # shared by the stages: each image decoded once, FP-encoded once
+
+    def __post_init__(self) -> None:
+        if self.images is None:
+            self.images = ImageSource(self.model)
 
 
 def bimodal_stage(ctx: StageContext) -> Any:
     from saq.ptq.bimodal import bimodal_fold_
 
-    return bimodal_fold_(ctx.model, ctx.calib_items[0])
+    return bimodal_fold_(ctx.model, ctx.calib_items[0], images=ctx.images)
 
 
 def pcc_stage(ctx: StageContext) -> Any:
@@ -50,7 +56,7 @@ def pcc_stage(ctx: StageContext) -> Any:
         result = pcc_search_(ctx.model, ctx.calib_items[: int(pcc_cfg["num_images"])],
                              theta=float(pcc_cfg["theta"]),
                              percentiles=tuple(pcc_cfg.get("percentiles") or DEFAULT_PERCENTILES),
-                             passes=int(pcc_cfg["passes"]), show_progress=ctx.progress)
+                             passes=int(pcc_cfg["passes"]), show_progress=ctx.progress, images=ctx.images)
     ctx.logger.log_table("pcc/records", result.table_rows())
     write_json(ctx.run_dir / "pcc" / "search.json", result.to_json())
     for path in save_pcc_plots(result, ctx.run_dir / "pcc"):
@@ -62,7 +68,8 @@ def calibrate_stage(ctx: StageContext) -> Any:
     from saq.ptq.calibrate import calibrate_
 
     # ranges PCC already chose are kept; every other quantizer gets its observer's range
-    return calibrate_(ctx.model, ctx.calib_items, ctx.progress, keep_calibrated=Stage.pcc in ctx.done)
+    return calibrate_(ctx.model, ctx.calib_items, ctx.progress, keep_calibrated=Stage.pcc in ctx.done,
+                      images=ctx.images)
 
 
 def reconstruct_stage(ctx: StageContext) -> Any:
@@ -70,7 +77,7 @@ def reconstruct_stage(ctx: StageContext) -> Any:
     from saq.ptq.reconstruct import reconstruct_
 
     units = reconstruct_(ctx.model, ctx.recon_items, ctx.config["ptq"]["recon"], ctx.run_dir, ctx.logger,
-                         int(ctx.config["seed"]), ctx.progress, precision=ctx.config["runtime"]["precision"])
+                         int(ctx.config["seed"]), ctx.progress, precision=ctx.config["runtime"]["precision"], images=ctx.images)
     ctx.logger.log_image("recon/curves", plot_recon_curves(units, ctx.run_dir / "recon_curves.png"))
     return [{k: v for k, v in u.items() if k != "curve"} for u in units]
 
@@ -90,4 +97,6 @@ def run_stages(ctx: StageContext) -> dict[str, Any]:
         stage = Stage(name)
         info[stage.value] = STAGES[stage](ctx)
         ctx.done.append(stage)
+    info["image_source"] = {"images_decoded": ctx.images.decoded, "fp_encoder_passes": ctx.images.fp_encoded}
+    ctx.images.forget_embeddings()  # hardening follows: FP embeddings would no longer be the FP model's
     return info
