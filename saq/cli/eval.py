@@ -48,6 +48,18 @@ def _labels_or_fp_masks(cfg: DictConfig, trained: dict[str, Any], data_cfg: dict
     return dataset, prompts, fp
 
 
+def _shard(dataset, prompts, fp, shard: int, num_shards: int):
+    """Images shard, shard + num_shards, ... of the evaluation set, their prompts and FP records."""
+    from saq.eval.evaluate import EvalResult
+    from saq.eval.shards import shard_images
+
+    ids = [img.id for img in shard_images(dataset.images, shard, num_shards)]
+    keep = set(ids)
+    if fp is not None:
+        fp = EvalResult([r for r in fp.records if r["image_id"] in keep], {})
+    return dataset.subset(ids), {i: prompts.get(i, []) for i in ids}, fp
+
+
 def run_eval(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict[str, Any]:
     from saq.eval import add_fidelity, evaluate, per_set_metrics
     from saq.export import load_quantized
@@ -55,7 +67,11 @@ def run_eval(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict[str, Any
     from saq.ptq.pipeline import METRIC_KEYS, resolve_device
     from saq.utils.run_files import format_table, write_json
 
+    from saq.config.validate import validate_shard
+
     start = time.perf_counter()
+    num_shards, shard = cfg.eval.get("num_shards", 1), cfg.eval.get("shard", 0)
+    validate_shard(num_shards, shard)  # before the checkpoint is read
     model, payload = load_quantized(cfg.ckpt_path)
     trained = payload["config"]
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True, enum_to_str=True) if cfg.get("data") else trained["data"]
@@ -65,6 +81,8 @@ def run_eval(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict[str, Any
     device = resolve_device(str(cfg.runtime.device))
     model = model.to(device)
     dataset, prompts, fp = _labels_or_fp_masks(cfg, trained, data_cfg, prompts_cfg, device)
+    if num_shards > 1:
+        dataset, prompts, fp = _shard(dataset, prompts, fp, shard, num_shards)
     result = evaluate(model, dataset, prompts, "eval", int(cfg.eval.prompt_batch), bool(cfg.runtime.progress))
     quantized = {k: float(result.metrics[k]) for k in METRIC_KEYS}
     if fp is not None:
@@ -77,6 +95,13 @@ def run_eval(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict[str, Any
                "ground_truth": "labels" if fp is None else "fp_masks",
                "deployable": not problems, "deployment_problems": problems, "quantizers_checked": checked,
                "wall_time_s": time.perf_counter() - start, "timing": result.timing}
+    if num_shards > 1:
+        from saq.eval.shards import save_shard
+
+        metrics["shard"] = {"index": shard, "of": num_shards, "note": "one shard only: merge all shards with "
+                             "python -m saq.eval.merge OUT_DIR SHARD_RUN_DIR..."}
+        save_shard(run_dir, shard, num_shards, str(cfg.ckpt_path), dataset.to_coco_dict(), result, fp,
+                   {k: metrics[k] for k in ("recipe", "model", "quant", "ground_truth")})
     write_json(run_dir / "metrics.json", metrics)
     logger.log_metrics({f"eval/{k}": v for k, v in metrics["quantized"].items()})
     print("\n" + format_table([{**metrics, **metrics["quantized"]}]))

@@ -223,6 +223,8 @@ class EvalConfig:
     reference_protocol: bool = False
     reference_drop_prob: float = 0.5
     side_by_side: int = 4
+    num_shards: int = 1  # python -m saq.eval: evaluate every num_shards-th image, starting at shard
+    shard: int = 0
 
 
 @dataclass

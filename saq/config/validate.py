@@ -75,3 +75,13 @@ def validate_ptq_config(cfg: DictConfig) -> None:
            f"choose one of {list(PRECISIONS)}")
     if cfg.ptq.quantize:
         _check(len(cfg.ptq.stages) > 0, "ptq.stages", list(cfg.ptq.stages), "a quantizing recipe needs stages")
+    _check(cfg.eval.num_shards == 1, "eval.num_shards", cfg.eval.num_shards,
+           "python -m saq.ptq evaluates every image; shard the evaluation of its quantized.pt with "
+           "python -m saq.eval ckpt_path=<run>/quantized.pt eval.num_shards=N eval.shard=i")
+
+
+def validate_shard(num_shards: Any, shard: Any) -> None:
+    """``eval.num_shards`` >= 1 and ``eval.shard`` one of 0 .. num_shards - 1."""
+    _check(isinstance(num_shards, int) and num_shards >= 1, "eval.num_shards", num_shards, "an integer >= 1")
+    _check(isinstance(shard, int) and 0 <= shard < num_shards, "eval.shard", shard,
+           f"an integer in [0, {num_shards - 1}] (eval.num_shards={num_shards})")

@@ -14,7 +14,7 @@ from saq.data.coco import CocoInstances, load_image
 from saq.data.prompts import Prompt
 from saq.models.finite import FiniteWatch, non_finite_error, watch_finite
 from saq.eval.metrics import coco_mask_ap, encode_mask, fidelity, gt_rle, mask_iou
-from saq.models.predictor import decode_boxes, encode_image
+from saq.models.predictor import decode_boxes, encode_image, model_device
 
 
 @dataclass
@@ -24,9 +24,18 @@ class EvalResult:
     records: list[dict[str, Any]]  # image_id, category_id, score, iou_pred, segmentation (RLE), iou_gt
     metrics: dict[str, float]
     timing: dict[str, float] = field(default_factory=dict)
+    gt_ious: list[float] = field(default_factory=list)  # the values mIoU averages, in image order
 
     def masks(self) -> list[dict[str, Any]]:
         return [r["segmentation"] for r in self.records]
+
+
+def _synchronized_clock(device: torch.device) -> float:
+    """perf_counter after the device finished its queued work: CUDA kernels run asynchronously, so an
+    unsynchronised timer would charge the encoder's time to whatever synchronises next."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def _best_gt_iou(rles: list[dict], gts: list[dict]) -> list[float]:
@@ -48,6 +57,7 @@ def _evaluate(model: torch.nn.Module, dataset: CocoInstances, prompts: dict[int,
               prompt_batch: int, show_progress: bool, watch: FiniteWatch) -> EvalResult:
     records: list[dict[str, Any]] = []
     ious: list[float] = []
+    device = model_device(model)
     t_encoder = t_decoder = 0.0
     n_images = 0
     skipped = 0
@@ -57,12 +67,12 @@ def _evaluate(model: torch.nn.Module, dataset: CocoInstances, prompts: dict[int,
             skipped += 1
             continue
         image = load_image(img.path)
-        t0 = time.perf_counter()
+        t0 = _synchronized_clock(device)
         encoded = encode_image(model, image)
-        t1 = time.perf_counter()
+        t1 = _synchronized_clock(device)
         box_tensor = torch.tensor([p.box_xyxy for p in boxes])
         masks, iou_pred = decode_boxes(model, encoded, box_tensor, prompt_batch)
-        t2 = time.perf_counter()
+        t2 = _synchronized_clock(device)
         if watch.tripped:
             raise non_finite_error(model, image, img.path, desc, box_tensor)
         t_encoder, t_decoder, n_images = t_encoder + t1 - t0, t_decoder + t2 - t1, n_images + 1
@@ -93,7 +103,7 @@ def _evaluate(model: torch.nn.Module, dataset: CocoInstances, prompts: dict[int,
     metrics["images_without_prompts"] = skipped
     timing = {"encoder_s_per_image": t_encoder / max(n_images, 1), "decoder_s_per_image": t_decoder / max(n_images, 1),
               "decoder_s_per_prompt": t_decoder / max(len(records), 1)}
-    return EvalResult(records, metrics, timing)
+    return EvalResult(records, metrics, timing, ious)
 
 
 def detections(result: EvalResult) -> list[dict[str, Any]]:

@@ -1,0 +1,58 @@
+"""Sharded evaluation: N shards merged give the unsharded metrics to the last digit."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+UNLABELLED = ["data=skimage", "data.photos=[coffee,rocket,camera]", "prompts=auto", "prompts.pred_iou_thresh=-100",
+              "prompts.stability_thresh=0", "prompts.points_per_side=2"]
+
+
+def run(*args, check=True):
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, coco8):
+    run_dir = tmp_path_factory.mktemp("ptq") / "run"
+    run("-m", "saq.ptq", "debug=fast", "quant=w4a8", "ptq=minmax", "data=coco8_seg", "runtime.progress=false",
+        f"hydra.run.dir={run_dir}")
+    return run_dir / "quantized.pt"
+
+
+def _eval(checkpoint, out, *overrides):
+    run("-m", "saq.eval", f"ckpt_path={checkpoint}", "logger=none", "runtime.progress=false", f"hydra.run.dir={out}",
+        *overrides)
+    return json.loads((out / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize("data", [[], UNLABELLED], ids=["labels", "fp_masks"])
+def test_merged_shards_equal_the_unsharded_evaluation(checkpoint, tmp_path, data):
+    whole = _eval(checkpoint, tmp_path / "whole", *data)["quantized"]
+    shards = [tmp_path / f"shard{i}" for i in range(3)]
+    for i, out in enumerate(shards):
+        part = _eval(checkpoint, out, *data, "eval.num_shards=3", f"eval.shard={i}")
+        assert part["shard"]["index"] == i and part["shard"]["of"] == 3
+    run("-m", "saq.eval.merge", str(tmp_path / "merged"), *map(str, reversed(shards)))
+    merged = json.loads((tmp_path / "merged" / "metrics.json").read_text())["quantized"]
+    for key, value in whole.items():
+        assert merged[key] == value, key  # exactly: same sequences in the same order
+    assert ("fidelity_mIoU" in whole) == bool(data)
+
+
+def test_incomplete_or_bad_shards_are_refused(checkpoint, tmp_path):
+    _eval(checkpoint, tmp_path / "s0", "eval.num_shards=2", "eval.shard=0")
+    proc = run("-m", "saq.eval.merge", str(tmp_path / "m"), str(tmp_path / "s0"), check=False)
+    assert proc.returncode == 2 and "missing [1]" in proc.stderr
+    proc = run("-m", "saq.eval", f"ckpt_path={checkpoint}", "logger=none", "eval.num_shards=2", "eval.shard=2",
+               f"hydra.run.dir={tmp_path / 'bad'}", check=False)
+    assert proc.returncode != 0 and "eval.shard=2" in proc.stderr.strip().splitlines()[-1]
