@@ -207,3 +207,43 @@ def test_make_quantizer_and_end_to_end_calibration(tmp_path):
     restored = dict(iter_quantizers(fresh))
     for name, q in log_quantizers.items():
         assert torch.equal(restored[name].tau, q.tau) and torch.equal(restored[name].scale, q.scale)
+
+
+def test_sampled_search_estimates_the_full_search():
+    """max_maps: the error is estimated on a seeded sample of the forward's maps; with every map kept it
+    is the exact search, and a sample of half the maps picks the same tau and a nearby scale."""
+    g = torch.Generator().manual_seed(5)
+    attn = torch.softmax(torch.randn(64, 4, 16, 16, generator=g) * 3, dim=-1)
+    values = torch.randn(64, 4, 16, 8, generator=g)
+    full, same, half = AGQObserver(4, grid=20), AGQObserver(4, grid=20, max_maps=256), AGQObserver(4, grid=20, max_maps=128)
+    for obs in (full, same, half):
+        obs.update(attn, values)
+    assert same.best() == full.best() and same.total_errors() == full.total_errors()
+    assert half.best()[0] == full.best()[0]
+    assert math.isclose(half.best()[1], full.best()[1], rel_tol=0.1)
+    assert half.total_errors() != full.total_errors()  # it did sample
+    again = AGQObserver(4, grid=20, max_maps=128)
+    again.update(attn, values)
+    assert again.total_errors() == half.total_errors()  # seeded
+    with pytest.raises(ValueError, match="max_maps"):
+        AGQObserver(4, max_maps=0)
+
+
+@pytest.mark.parametrize("recipe,expected", [("ptq4sam_s", 16), ("minmax", None)])
+def test_benchmark_sets_the_agq_sample_for_every_agq_recipe(recipe, expected):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from saq.cli.task import config_dir, register_resolvers
+    from saq.ptq.recipe import rules_from_config
+
+    register_resolvers()
+    with initialize_config_dir(config_dir(), version_base="1.3"):
+        cfg = compose("ptq", overrides=["experiment=vit_t_coco", f"ptq={recipe}", "quant=w4a4"])
+    c = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    softmax = [r.softmax for r in rules_from_config(c["quant"], c["ptq"]) if r.softmax is not None]
+    if expected is None:  # no log quantizer: nothing receives the setting
+        assert all(s.observer != "agq" and "max_maps" not in s.observer_kwargs for s in softmax)
+        return
+    assert softmax and {s.observer for s in softmax} == {"agq"}
+    assert {s.observer_kwargs.get("max_maps") for s in softmax} == {expected}

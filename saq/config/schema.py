@@ -199,6 +199,9 @@ class RecipeConfig:
     weight_observer: ObserverConfig = field(default_factory=ObserverConfig)
     act_observer: ObserverConfig = field(default_factory=ObserverConfig)
     softmax_quantizer: Optional[SoftmaxQuantizerConfig] = None
+    # AGQ (log softmax quantizer) search on at most this many attention maps per forward (a seeded
+    # sample; null = every map, the reference). A CPU budget knob: set it for all recipes of a table.
+    agq_max_maps: Optional[int] = None
     recon: ReconConfig = field(default_factory=ReconConfig)
     pcc: PCCConfig = field(default_factory=PCCConfig)
 

@@ -24,9 +24,12 @@ def rules_from_config(quant: Mapping[str, Any], ptq: Mapping[str, Any]) -> list[
         act = _spec(entry.get("a_bits"), quant["act"], ptq["act_observer"])
         softmax = None
         if act is not None and softmax_cfg:
-            softmax = QuantSpec(bits=act.bits, symmetric=False, granularity="tensor",
-                                observer=str(softmax_cfg.get("observer", act.observer)),
-                                observer_kwargs=dict(softmax_cfg.get("kwargs") or {}),
+            observer = str(softmax_cfg.get("observer") or act.observer)
+            kwargs = dict(softmax_cfg.get("kwargs") or {})
+            if observer == "agq" and ptq.get("agq_max_maps") is not None:
+                kwargs.setdefault("max_maps", int(ptq["agq_max_maps"]))
+            softmax = QuantSpec(bits=act.bits, symmetric=False, granularity="tensor", observer=observer,
+                                observer_kwargs=kwargs,
                                 quantizer=str(softmax_cfg.get("quantizer", "uniform")))
         rules.append(QuantRule(
             pattern=str(entry["pattern"]),

@@ -6,7 +6,7 @@ powers of 2^(1/tau) below s (2^b + 1 values, as in PTQ4SAM).
 
 Calibration (METHOD.md section 2): for every observed forward and every tau, the scale s is searched
 on a grid in [min(0.1, 0.01 max a), max a] minimising mean |(A^ - A) V|^p, the error AFTER the map is
-applied to V. Errors of each tau's best s are summed over forwards; the tau with the lowest total wins
+applied to V (``max_maps``: estimated on a seeded sample of at most that many maps of the forward). Errors of each tau's best s are summed over forwards; the tau with the lowest total wins
 and its per-forward best scales are averaged.
 """
 
@@ -58,7 +58,7 @@ class AGQObserver(Observer):
     """Per-forward scale search for every tau; the statistics of :class:`LogSoftmaxQuantizer`."""
 
     def __init__(self, bits: int, taus: Sequence[float] = DEFAULT_TAUS, grid: int = 50, p: float = 2.4,
-                 chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> None:
+                 chunk_elems: int = DEFAULT_CHUNK_ELEMS, max_maps: int | None = None) -> None:
         super().__init__(bits, symmetric=False, granularity=PerTensor())
         self.taus = tuple(float(t) for t in taus)
         if not self.taus or any(t <= 0 for t in self.taus):
@@ -66,6 +66,9 @@ class AGQObserver(Observer):
         if grid < 1 or chunk_elems < 1 or p <= 0:
             raise ValueError(f"AGQ needs grid >= 1, chunk_elems >= 1 and p > 0 (got {grid}, {chunk_elems}, {p})")
         self.grid, self.p, self.chunk_elems = int(grid), float(p), int(chunk_elems)
+        if max_maps is not None and int(max_maps) < 1:
+            raise ValueError(f"AGQ max_maps must be >= 1 or null, got {max_maps}")
+        self.max_maps = None if max_maps is None else int(max_maps)
         self.n_levels = 2**bits
         self.total_error: torch.Tensor | None = None  # (T,) sum over forwards of each tau's best error
         self.best_scales: list[torch.Tensor] = []  # per forward: (T,) best s of each tau
@@ -93,6 +96,12 @@ class AGQObserver(Observer):
         v = values.reshape(-1, n_k, n_c).float()
         amax = a.max().clamp_min(torch.finfo(a.dtype).tiny)
         lo = torch.minimum(0.01 * amax, torch.full_like(amax, 0.1))
+        if self.max_maps is not None and a.shape[0] > self.max_maps:
+            # The error is a mean over maps: a seeded sample of them estimates it at a fraction of the cost
+            # (the candidate range still comes from the whole forward's maximum).
+            keep = torch.randperm(a.shape[0], generator=torch.Generator().manual_seed(self.num_updates))
+            keep = keep[: self.max_maps].to(a.device)
+            a, v = a[keep], v[keep]
         cands = lo + (amax - lo) * torch.linspace(0.0, 1.0, self.grid, device=a.device)
         log2_cands = torch.log2(cands)
         sums = torch.zeros(len(self.taus), self.grid, device=a.device)
