@@ -78,6 +78,14 @@ COMPARE_CSV_COLUMNS = ["model", "quant", "recipe", "iters", "variant", "n", "see
                        "paired_seeds", "verdict", "note"]
 
 
+def _all_dirs(paths: list[Path]) -> bool:
+    """True when every path is a directory; otherwise says which are not."""
+    missing = [d for d in paths if not d.is_dir()]
+    if missing:
+        print(f"error: not a directory: {', '.join(map(str, missing))}", file=sys.stderr)
+    return not missing
+
+
 def compare_main(argv: list[str]) -> int:
     """compare: the benchmark table with paired bootstrap intervals against a baseline recipe."""
     from saq.eval.compare import compare_table, footnote, plot_ap_vs_iters, to_markdown
@@ -92,9 +100,7 @@ def compare_main(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     parser.add_argument("--out", type=Path, default=None, help="basename of the outputs (default: <first dir>/compare)")
     args = parser.parse_args(argv)
-    missing = [d for d in args.dirs if not d.is_dir()]
-    if missing:
-        print(f"error: not a directory: {', '.join(map(str, missing))}", file=sys.stderr)
+    if not _all_dirs(args.dirs):
         return 2
     runs = find_runs(args.dirs)
     if not runs:
@@ -154,9 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sweep_dirs", type=Path, nargs="+")
     parser.add_argument("--out", type=Path, default=None, help="basename for .md and .csv (default: <first sweep>/table)")
     args = parser.parse_args(argv)
-    missing = [d for d in args.sweep_dirs if not d.is_dir()]
-    if missing:
-        print(f"error: not a directory: {', '.join(map(str, missing))}", file=sys.stderr)
+    if not _all_dirs(args.sweep_dirs):
         return 2
     rows = collect_rows(args.sweep_dirs)
     if not rows:

@@ -42,3 +42,24 @@ def vit_t_checkpoint() -> Path:
 def coco8() -> dict:
     root = require_asset("data/coco8_seg")
     return {"name": "coco8_seg", "images": str(root / "images"), "annotations": str(root / "annotations.json")}
+
+
+@pytest.fixture(scope="module")
+def random_calibration_items(tmp_path_factory):
+    """Two random 128 x 96 images with two boxes each: calibration items that need no shared asset."""
+    import numpy as np
+    from PIL import Image
+
+    from saq.data.calibration import CalibrationItem
+    from saq.data.coco import ImageRecord
+    from saq.data.prompts import Prompt
+
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(2):
+        path = tmp_path_factory.mktemp("img") / f"{i}.png"
+        Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(path)
+        image = ImageRecord(id=i, path=path, width=128, height=96, set_name="random", source_id=i)
+        out.append(CalibrationItem(image, [Prompt((10.0, 12.0, 90.0, 80.0), 1.0, 1),
+                                           Prompt((30.0, 5.0, 120.0, 60.0), 1.0, 1)]))
+    return out

@@ -4,13 +4,9 @@ A model on the ``meta`` device or in float64 stands in for a model already moved
 quantizer tensor created with the defaults (CPU, float32) shows up as a mismatch here.
 """
 
-import numpy as np
 import pytest
 import torch
 
-from saq.data.calibration import CalibrationItem
-from saq.data.coco import ImageRecord
-from saq.data.prompts import Prompt
 from saq.models import build_tiny_sam
 from saq.nn import QuantRule, harden_weights_, quantize_
 from saq.ptq.calibrate import calibrate_
@@ -46,18 +42,8 @@ def float64_tiny() -> torch.nn.Module:
 
 
 @pytest.fixture(scope="module")
-def items(tmp_path_factory) -> list[CalibrationItem]:
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    out = []
-    for i in range(2):
-        path = tmp_path_factory.mktemp("img") / f"{i}.png"
-        Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(path)
-        image = ImageRecord(id=i, path=path, width=128, height=96, set_name="random", source_id=i)
-        out.append(CalibrationItem(image, [Prompt((10.0, 12.0, 90.0, 80.0), 1.0, 1),
-                                           Prompt((30.0, 5.0, 120.0, 60.0), 1.0, 1)]))
-    return out
+def items(random_calibration_items):
+    return random_calibration_items
 
 
 def test_quantizers_are_created_on_the_module_device():

@@ -14,13 +14,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from saq.data.calibration import CalibrationItem
-from saq.data.coco import ImageRecord, load_image
-from saq.data.prompts import Prompt
+from saq.data.coco import load_image
 from saq.export import load_quantized
 from saq.models import build_tiny_sam
 from saq.models.predictor import encode_image
@@ -56,18 +53,8 @@ def no_tf32():
 
 
 @pytest.fixture(scope="module")
-def items(tmp_path_factory) -> list[CalibrationItem]:
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    out = []
-    for i in range(2):
-        path = tmp_path_factory.mktemp("img") / f"{i}.png"
-        Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(path)
-        image = ImageRecord(id=i, path=path, width=128, height=96, set_name="random", source_id=i)
-        out.append(CalibrationItem(image, [Prompt((10.0, 12.0, 90.0, 80.0), 1.0, 1),
-                                           Prompt((30.0, 5.0, 120.0, 60.0), 1.0, 1)]))
-    return out
+def items(random_calibration_items):
+    return random_calibration_items
 
 
 @torch.no_grad()
