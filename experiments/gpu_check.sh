@@ -34,7 +34,7 @@ if [ "$TINY" = 1 ]; then
   BENCH_T=(model=tiny debug=fast data.max_images=2)
   BENCH_B=(model=tiny model.checkpoint=random debug=fast data.max_images=2)
   RUN=(debug=fast quant=w4a8 data.max_images=2)
-  SAQ_ITERS=(ptq.recon.iters=2 ptq.pcc.percentiles=[0.99,1.0] ptq.pcc.passes=1)
+  SAQ_ITERS=(ptq.recon.iters=2 ptq.recon.final_attn_iters=2 ptq.pcc.percentiles=[0.99,1.0] ptq.pcc.passes=1)
   PTQ4SAM_L_ITERS=2
   LIMIT=300
 else
