@@ -1,0 +1,229 @@
+"""Export-time stand-ins for the fake quantizers: ONNX QuantizeLinear / DequantizeLinear with the
+checkpoint's own scales and zero points.
+
+``to_qdq_(model)`` swaps, in place, every quantized Linear / Conv2d for a module that holds its weight
+as integer codes (DequantizeLinear with the per-channel scales) and every activation quantizer that
+standard QDQ can express for a QuantizeLinear + DequantizeLinear pair. What QDQ cannot express stays
+floating point and is reported, never silently dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from saq.nn.modules import QuantConv2d, QuantLinear
+from saq.quant.log_quantizer import LogSoftmaxQuantizer
+from saq.quant.granularity import PerChannel
+from saq.quant.quantizer import FakeQuantizer, QuantMode, Role, iter_quantizers
+
+GRID_TOLERANCE = 1e-3  # steps: a weight further from its grid was not hardened
+UINT8 = (0, 255)
+INT8 = (-128, 127)
+
+
+@dataclass(frozen=True)
+class PointReport:
+    """What became of one quantization point in the exported graph."""
+
+    name: str
+    role: str  # weight | activation
+    bits: int
+    exported_as: str  # qdq_uint8 | qdq_int8 | fp
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ExportError(RuntimeError):
+    """The model cannot be exported as asked (not hardened, not calibrated, ...)."""
+
+
+class _DequantizeWeight(torch.autograd.Function):
+    """Integer weight codes -> float; exported as one DequantizeLinear on an integer initializer."""
+
+    @staticmethod
+    def forward(ctx, codes, scale, zero_point, axis: int):
+        shape = [1] * codes.ndim
+        shape[axis] = -1 if scale.ndim else 1
+        return (codes.float() - zero_point.float().reshape(shape)) * scale.reshape(shape)
+
+    @staticmethod
+    def symbolic(g, codes, scale, zero_point, axis: int):
+        return g.op("DequantizeLinear", codes, scale, zero_point, axis_i=axis)
+
+
+def _integer_range(qmin: int, qmax: int) -> tuple[int, int, int]:
+    """(offset, low, high): codes + offset fit an 8-bit type whose range is [low, high]."""
+    if qmin >= 0 and qmax <= 255:
+        return 0, *UINT8
+    if qmin >= -128 and qmax <= 127:
+        return 0, *INT8
+    raise ExportError(f"integer range [{qmin}, {qmax}] does not fit 8 bits")
+
+
+class ActivationQDQ(nn.Module):
+    """QuantizeLinear + DequantizeLinear per tensor (exported from torch's fused fake-quant op).
+
+    Codes narrower than 8 bits are kept exact by clipping x to the quantizer's range first: with the
+    same scale and zero point an 8-bit Q then never leaves [qmin, qmax].
+    """
+
+    def __init__(self, q: FakeQuantizer) -> None:
+        super().__init__()
+        self.scale = float(q.scale.reshape(()))
+        self.zero_point = int(round(float(q.zero_point.reshape(()))))
+        self.low, self.high = (0, 255) if q.qmin >= 0 else INT8
+        narrow = (q.qmin, q.qmax) != (self.low, self.high)
+        self.clip = ((q.qmin - self.zero_point) * self.scale, (q.qmax - self.zero_point) * self.scale) if narrow else None
+
+    def forward(self, x: torch.Tensor, values: torch.Tensor | None = None) -> torch.Tensor:
+        if self.clip is not None:
+            x = x.clamp(*self.clip)
+        return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, self.low, self.high)
+
+
+class _QDQWeighted(nn.Module):
+    """Shared by the exported Linear / Conv2d: integer weight codes + per-output-channel qparams."""
+
+    def _init_weight(self, module: nn.Module, name: str, signed_weights: bool, axis: int, transpose: bool) -> None:
+        q = module.weight_quantizer
+        weight = module.weight.detach()
+        codes = q.int_codes(weight)
+        off_grid = ((weight / q.scale + q.zero_point) - codes).abs().max().item()
+        if off_grid > GRID_TOLERANCE:
+            raise ExportError(f"{name}.weight is {off_grid:.3g} steps off its integer grid: only hardened checkpoints "
+                              "(written by saq.ptq) export exactly")
+        zero_point = q.zero_point.detach().round().reshape(-1)
+        offset, low, high = _integer_range(q.qmin, q.qmax)
+        if signed_weights and low == 0:  # same values as int8: runtimes' int8 kernels prefer signed weights
+            offset, low, high = -128, *INT8
+        dtype = torch.uint8 if low == 0 else torch.int8
+        codes = (codes + offset).to(torch.int16)
+        if transpose:
+            codes = codes.t()
+        self.register_buffer("codes", codes.contiguous().to(dtype))
+        per_tensor = q.scale.numel() == 1  # a 0-d scale: DequantizeLinear then ignores the axis
+        shape = () if per_tensor else (-1,)
+        self.register_buffer("scale", q.scale.detach().float().reshape(shape).clone())
+        self.register_buffer("zero_point", (zero_point + offset).to(torch.int16).to(dtype).reshape(shape))
+        self.axis = axis
+        self.exported_as = f"qdq_{'uint8' if dtype == torch.uint8 else 'int8'}"
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return _DequantizeWeight.apply(self.codes, self.scale, self.zero_point, self.axis)
+
+
+class QDQLinear(_QDQWeighted):
+    """x @ W^T + b with W stored transposed (in x out, scales on axis 1): the MatMul layout, so no
+    Transpose sits between DequantizeLinear and MatMul in the graph."""
+
+    def __init__(self, module: QuantLinear, name: str, signed_weights: bool) -> None:
+        super().__init__()
+        self._init_weight(module, name, signed_weights, axis=1, transpose=True)
+        self.bias = None if module.bias is None else nn.Parameter(module.bias.detach().clone(), requires_grad=False)
+        self.input_qdq = _activation_stand_in(module.input_quantizer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.matmul(self.input_qdq(x), self.dequantized_weight())
+        return y if self.bias is None else y + self.bias
+
+
+class QDQConv2d(_QDQWeighted):
+    def __init__(self, module: QuantConv2d, name: str, signed_weights: bool) -> None:
+        super().__init__()
+        self._init_weight(module, name, signed_weights, axis=0, transpose=False)
+        self.bias = None if module.bias is None else nn.Parameter(module.bias.detach().clone(), requires_grad=False)
+        self.input_qdq = _activation_stand_in(module.input_quantizer)
+        self.conv_args = dict(stride=module.stride, padding=module.padding, dilation=module.dilation, groups=module.groups)
+        if module.padding_mode != "zeros":
+            raise ExportError(f"conv padding_mode {module.padding_mode!r} is not exported")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(self.input_qdq(x), self.dequantized_weight(), self.bias, **self.conv_args)
+
+
+class KeptFloat(nn.Module):
+    """Identity: a quantization point the export keeps in floating point (listed in export.json)."""
+
+    def forward(self, x: torch.Tensor, values: torch.Tensor | None = None) -> torch.Tensor:
+        return x
+
+
+def _activation_stand_in(q: FakeQuantizer | None) -> nn.Module:
+    if q is None or not qdq_expressible(q)[0]:
+        return KeptFloat()
+    return ActivationQDQ(q)
+
+
+def qdq_expressible(q: FakeQuantizer) -> tuple[bool, str]:
+    """(whether standard 8-bit QDQ reproduces this quantizer exactly, why not)."""
+    if isinstance(q, LogSoftmaxQuantizer):
+        return False, "log2 quantizer (AGQ): its levels are powers of 2^(1/tau), not a uniform grid"
+    if q.spec.bits > 8:
+        return False, f"{q.spec.bits}-bit codes do not fit an 8-bit QDQ type"
+    if q.role is Role.ACTIVATION and q.scale.numel() != 1:
+        return False, "per-channel activation scales are not exported"
+    if q.role is Role.WEIGHT and q.granularity != PerChannel(0) and q.scale.numel() != 1:
+        return False, "weight scales along an axis other than the output channel are not exported"
+    return True, ""
+
+
+def _report(name: str, q: FakeQuantizer, exported_as: str | None = None) -> PointReport:
+    ok, why = qdq_expressible(q)
+    if exported_as is None:
+        exported_as = ("qdq_uint8" if q.qmin >= 0 else "qdq_int8") if ok else "fp"
+    note = why if not ok else (f"{q.spec.bits}-bit codes in an 8-bit type, range clipped to "
+                               f"[{q.qmin}, {q.qmax}]" if q.spec.bits < 8 else "")
+    return PointReport(name, q.role.value, q.spec.bits, exported_as, note)
+
+
+def _check_ready(model: nn.Module) -> None:
+    for name, q in iter_quantizers(model):
+        if q.mode is not QuantMode.QUANTIZE or not q.is_calibrated or q.drop_prob:
+            raise ExportError(f"quantizer {name} is not a calibrated, deterministic QUANTIZE-mode quantizer "
+                              f"(mode={q.mode.value}); export a checkpoint written by saq.ptq")
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+@torch.no_grad()
+def to_qdq_(model: nn.Module, signed_weights: bool = True) -> list[PointReport]:
+    """Replace fake quantization by QDQ stand-ins in place; one report per quantization point."""
+    _check_ready(model)
+    reports: list[PointReport] = []
+    weighted = [(n, m) for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantConv2d))]
+    for name, module in weighted:
+        if module.weight_quantizer is None or not qdq_expressible(module.weight_quantizer)[0]:
+            # weight-only-FP modules: keep the FP class, its input quantizer becomes a stand-in
+            fp = module.to_float()
+            if module.weight_quantizer is not None:
+                reports.append(_report(f"{name}.weight_quantizer", module.weight_quantizer))
+            if module.input_quantizer is not None:
+                reports.append(_report(f"{name}.input_quantizer", module.input_quantizer))
+                fp = nn.Sequential(_activation_stand_in(module.input_quantizer), fp)
+            _set_submodule(model, name, fp)
+            continue
+        new = (QDQLinear if isinstance(module, QuantLinear) else QDQConv2d)(module, name, signed_weights)
+        reports.append(_report(f"{name}.weight_quantizer", module.weight_quantizer, new.exported_as))
+        if module.input_quantizer is not None:
+            reports.append(_report(f"{name}.input_quantizer", module.input_quantizer))
+        _set_submodule(model, name, new)
+    for name, q in list(iter_quantizers(model)):  # the attention points left
+        reports.append(_report(name, q))
+        _set_submodule(model, name, _activation_stand_in(q))
+    return reports
+
+
+def strip_quantizers_(model: nn.Module) -> nn.Module:
+    """Every quantizer becomes an identity (the FP graph of the same weights)."""
+    for name, _ in list(iter_quantizers(model)):
+        _set_submodule(model, name, KeptFloat())
+    return model
