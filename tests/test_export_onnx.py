@@ -50,10 +50,10 @@ def _images() -> list[np.ndarray]:
     return [data.astronaut(), data.coffee(), data.chelsea()]
 
 
-def _quantized_tiny(path, w_bits=8, a_bits=8, softmax: QuantSpec | None = None):
+def _quantized_tiny(path, w_bits=8, a_bits=8, softmax: QuantSpec | None = None, symmetric_weights: bool = False):
     """A calibrated, hardened tiny SAM saved as saq.ptq does (min-max ranges from three photos)."""
     model = build_tiny_sam(seed=0).eval()
-    rule = QuantRule("*", QuantSpec(w_bits, granularity="channel"), QuantSpec(a_bits), softmax)
+    rule = QuantRule("*", QuantSpec(w_bits, symmetric_weights, granularity="channel"), QuantSpec(a_bits), softmax)
     layout = quantize_(model, [QuantRule("prompt_encoder*"), rule])
     calibrate_weights_(model)
     with torch.no_grad(), quant_mode(model, QuantMode.OFF):
@@ -102,41 +102,74 @@ def agreement(ckpt, onnx_dir, backend="onnxruntime") -> dict[str, float]:
             "pred_iou_max_diff": max(iou_diff)}
 
 
-def test_w8a8_export_under_onnxruntime_matches_fake_quant(w8a8):
+@pytest.mark.parametrize("layout", ["symmetric", "int8", "uint8"])
+def test_w8a8_export_under_onnxruntime_matches_fake_quant(w8a8, layout, tmp_path):
     ckpt, result = w8a8
-    measured = agreement(ckpt, result.out_dir)
+    out = result.out_dir if layout == "symmetric" else export_checkpoint(ckpt, "onnx", tmp_path / layout, weight_layout=layout).out_dir
+    measured = agreement(ckpt, out)
     assert measured["mask_iou_mean"] >= 0.99, measured
     assert measured["embedding_rel_err"] <= 1e-3, measured
     assert measured["pred_iou_max_diff"] <= 1e-2, measured
 
 
-def _initializers(path) -> dict[str, np.ndarray]:
-    return {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
+def _weight_dequantizers(graph) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, int | None]]:
+    """(codes, scale, zero point, axis) of every DequantizeLinear on an integer initializer."""
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    inits.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant"})
+    for node in graph.node:  # the exporter shares equal initializers through Identity nodes
+        if node.op_type == "Identity" and node.input[0] in inits:
+            inits[node.output[0]] = inits[node.input[0]]
+    found = []
+    for node in graph.node:
+        codes = inits.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
+        if codes is not None and codes.dtype in (np.int8, np.uint8):
+            axis = next((a.i for a in node.attribute if a.name == "axis"), None)
+            found.append((codes, inits[node.input[1]], inits[node.input[2]], axis))
+    return found
 
 
 def test_weights_are_integer_codes_with_the_checkpoints_scales(w8a8):
+    """Default layout: the uint8 codes shifted to int8 with zero point 0 in the graph, the checkpoint's
+    per-channel scales, and the zero points folded into a correction term (all-ones int8 weights)."""
     ckpt, result = w8a8
     model, _ = load_quantized(ckpt)
     graph = onnx.load(str(result.out_dir / "decoder.onnx")).graph
     inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     assert not [n for n, a in inits.items() if a.dtype == np.float32 and a.ndim == 2 and min(a.shape) > 4
-                and "transformer" in n and "weight" in n], "a quantized decoder weight was exported in float"
+                and "transformer" in n], "a quantized decoder weight was exported in float"
     linear = model.mask_decoder.transformer.layers[0].mlp.lin1
     q = linear.weight_quantizer
-    weight_dqs = [n for n in graph.node if n.op_type == "DequantizeLinear" and inits.get(n.input[0]) is not None
-                  and inits[n.input[0]].dtype == np.int8]
     expected_codes = (q.int_codes(linear.weight) - 128).to(torch.int8).t().numpy()  # uint8 grid shifted to int8
-    match = [n for n in weight_dqs if inits[n.input[0]].shape == expected_codes.shape
-             and np.array_equal(inits[n.input[0]], expected_codes)]
+    match = [d for d in _weight_dequantizers(graph) if np.array_equal(d[0], expected_codes)]
     assert len(match) == 1
-    node = match[0]
-    np.testing.assert_array_equal(inits[node.input[1]], q.scale.reshape(-1).numpy())
-    np.testing.assert_array_equal(inits[node.input[2]].astype(np.int32), q.zero_point.reshape(-1).numpy().astype(np.int32) - 128)
-    assert next(a.i for a in node.attribute if a.name == "axis") == 1  # output channels: columns of the MatMul weight
+    codes, scale, zero_point, axis = match[0]
+    np.testing.assert_array_equal(scale, q.scale.reshape(-1).numpy())
+    assert zero_point.dtype == np.int8 and not zero_point.any() and axis == 1  # output channels: MatMul columns
     points = read_manifest(result.out_dir)["quantization_points"]
-    n_weights = sum(1 for _ in iter_quantizers(model) if _[1].role.value == "weight")
-    assert [p["exported_as"] for p in points].count("qdq_int8") == n_weights
-    assert all(p["exported_as"] in ("qdq_int8", "qdq_uint8") for p in points)  # W8A8 uniform: nothing stays FP
+    n_weights = sum(1 for _, quantizer in iter_quantizers(model) if quantizer.role.value == "weight")
+    assert [p["exported_as"] for p in points].count("qdq_int8_zero_point_folded") == n_weights
+    assert all(p["exported_as"] != "fp" for p in points)  # W8A8 uniform: nothing stays FP
+
+
+def test_int8_layout_keeps_shifted_zero_points(w8a8, tmp_path):
+    ckpt, _ = w8a8
+    model, _ = load_quantized(ckpt)
+    out = export_checkpoint(ckpt, "onnx", tmp_path / "int8", weight_layout="int8").out_dir
+    q = model.mask_decoder.transformer.layers[0].mlp.lin1.weight_quantizer
+    zero_points = [d[2] for d in _weight_dequantizers(onnx.load(str(out / "decoder.onnx")).graph)]
+    assert any(np.array_equal(z.astype(np.int32), q.zero_point.reshape(-1).numpy().astype(np.int32) - 128)
+               for z in zero_points)
+
+
+def test_symmetric_weights_export_without_correction(tmp_path):
+    """A checkpoint with symmetric weights: int8 codes as stored, zero point 0, nothing to fold."""
+    ckpt = _quantized_tiny(tmp_path / "quantized.pt", symmetric_weights=True)
+    result = export_checkpoint(ckpt, "onnx")
+    assert {p["exported_as"] for p in result.manifest["quantization_points"] if p["role"] == "weight"} == {"qdq_int8"}
+    graph = onnx.load(str(result.out_dir / "decoder.onnx")).graph
+    assert all(not d[2].any() for d in _weight_dequantizers(graph))
+    assert not [d for d in _weight_dequantizers(graph) if d[0].size > 1 and (d[0] == 1).all()]  # no all-ones sums
+    assert agreement(ckpt, result.out_dir)["mask_iou_mean"] >= 0.99
 
 
 def test_activation_qdq_pairs_carry_the_checkpoints_scales(w8a8):
@@ -178,14 +211,13 @@ def test_fake_quant_rounds_ties_as_onnx_quantize_linear(tmp_path):
 
 def test_four_bit_codes_stay_on_their_grid(tmp_path):
     """W4A4: 4-bit activations as 8-bit QDQ after a clip to the 4-bit range, weights as int8 codes
-    spanning 16 levels; the runtime still gives the fake-quant masks."""
+    in [-8, 7]; the runtime still gives the fake-quant masks."""
     ckpt = _quantized_tiny(tmp_path / "quantized.pt", w_bits=4, a_bits=4)
     result = export_checkpoint(ckpt, "onnx")
     points = result.manifest["quantization_points"]
     assert all(p["exported_as"] != "fp" and "clipped to [0, 15]" in p["note"] for p in points if p["role"] == "activation")
-    inits = _initializers(result.out_dir / "decoder.onnx")
-    codes = [a for a in inits.values() if a.dtype == np.int8 and a.ndim == 2]
-    assert codes and all(a.min() >= -128 and a.max() <= -128 + 15 for a in codes)
+    codes = [d[0] for d in _weight_dequantizers(onnx.load(str(result.out_dir / "decoder.onnx")).graph)]
+    assert codes and all(a.min() >= -8 and a.max() <= 7 for a in codes)
     measured = agreement(ckpt, result.out_dir)
     assert measured["mask_iou_mean"] >= 0.99, measured
 

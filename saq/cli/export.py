@@ -34,7 +34,7 @@ def main(cfg: DictConfig) -> None:
     from saq.nn.deploy import NotDeployableError
 
     try:
-        result = export_checkpoint(cfg.ckpt_path, str(cfg.format), cfg.out_dir, int(cfg.opset), bool(cfg.signed_weights))
+        result = export_checkpoint(cfg.ckpt_path, str(cfg.format), cfg.out_dir, int(cfg.opset), str(cfg.weight_layout))
     except (CheckpointError, ExportError, NotDeployableError, ValueError) as exc:
         raise SystemExit(f"export error: {exc}") from None
     print_export_summary(result)

@@ -99,7 +99,7 @@ def default_out_dir(ckpt_path: Path, fmt: str) -> Path:
 
 
 def export_checkpoint(ckpt_path: str | Path, fmt: str = "onnx", out_dir: str | Path | None = None,
-                      opset: int = DEFAULT_OPSET, signed_weights: bool = True) -> ExportResult:
+                      opset: int = DEFAULT_OPSET, weight_layout: str = "symmetric") -> ExportResult:
     """Export a saq.ptq checkpoint: ``onnx`` = QDQ with its own qparams, ``onnx_fp`` = the FP model it came from."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}: choose one of {', '.join(FORMATS)}")
@@ -108,7 +108,7 @@ def export_checkpoint(ckpt_path: str | Path, fmt: str = "onnx", out_dir: str | P
     reports: list[PointReport] = []
     if fmt == "onnx":
         assert_deployable(model, require_quantizers=bool(payload["layout"]))
-        reports = to_qdq_(model, signed_weights=signed_weights)
+        reports = to_qdq_(model, weight_layout=weight_layout)
     else:
         model = strip_quantizers_(_fp_model(payload))
     out = Path(out_dir).expanduser() if out_dir else default_out_dir(ckpt_path, fmt)
@@ -119,7 +119,7 @@ def export_checkpoint(ckpt_path: str | Path, fmt: str = "onnx", out_dir: str | P
         "model": payload["model_name"],
         "quant": payload["config"]["quant"].get("name") if fmt == "onnx" else "fp32",
         "recipe": payload["config"]["ptq"].get("name") if fmt == "onnx" else "fp",
-        "weights": "int8 codes (uint8 grid shifted by -128, zero points too: same values)" if signed_weights else "as stored",
+        "weight_layout": weight_layout if fmt == "onnx" else "fp32",
         "preprocessing": _preprocessing(model),
         "files": {k: {"path": p.name, "bytes": p.stat().st_size, "sha256": _sha256(p)} for k, p in files.items()},
         "quantization_points_summary": dict(counts),

@@ -87,10 +87,25 @@ class ActivationQDQ(nn.Module):
         return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, self.low, self.high)
 
 
-class _QDQWeighted(nn.Module):
-    """Shared by the exported Linear / Conv2d: integer weight codes + per-output-channel qparams."""
+WEIGHT_LAYOUTS = ("symmetric", "int8", "uint8")
 
-    def _init_weight(self, module: nn.Module, name: str, signed_weights: bool, axis: int, transpose: bool) -> None:
+
+class _QDQWeighted(nn.Module):
+    """Shared by the exported Linear / Conv2d: integer weight codes + per-output-channel qparams.
+
+    ``weight_layout`` (the dequantized weights are the checkpoint's in all three):
+    - ``symmetric``: asymmetric b-bit codes q become q - 2^(b-1) (int8, zero point 0 in the graph); the
+      remainder s (2^(b-1) - z) per output channel is added exactly as that constant times the sum of
+      the layer's input over the reduced axes. OpenVINO runs int8 kernels only for weights without
+      zero points; this keeps the recipe's asymmetric grid and still gets them. The input sums come from
+      an int8 kernel too: the same op with all-ones int8 weights (one output channel per group).
+    - ``int8``: codes and zero points shifted by -128 (int8 with per-channel zero points).
+    - ``uint8``: codes and zero points as stored.
+    """
+
+    def _init_weight(self, module: nn.Module, name: str, layout: str, axis: int, transpose: bool) -> None:
+        if layout not in WEIGHT_LAYOUTS:
+            raise ValueError(f"unknown weight layout {layout!r}: choose one of {', '.join(WEIGHT_LAYOUTS)}")
         q = module.weight_quantizer
         weight = module.weight.detach()
         codes = q.int_codes(weight)
@@ -99,44 +114,63 @@ class _QDQWeighted(nn.Module):
             raise ExportError(f"{name}.weight is {off_grid:.3g} steps off its integer grid: only hardened checkpoints "
                               "(written by saq.ptq) export exactly")
         zero_point = q.zero_point.detach().round().reshape(-1)
-        offset, low, high = _integer_range(q.qmin, q.qmax)
-        if signed_weights and low == 0:  # same values as int8: runtimes' int8 kernels prefer signed weights
-            offset, low, high = -128, *INT8
-        dtype = torch.uint8 if low == 0 else torch.int8
-        codes = (codes + offset).to(torch.int16)
+        scale = q.scale.detach().float().reshape(-1)
+        shift, low, _ = _integer_range(q.qmin, q.qmax)
+        fold = layout == "symmetric" and bool((zero_point != 0).any())
+        if low == 0 and layout != "uint8":  # unsigned grid: shift into int8
+            shift = -(2 ** (q.spec.bits - 1)) if layout == "symmetric" else -128
+        codes, zero_point = codes + shift, zero_point + shift
+        # Folded zero points: W = s (codes - zp) = s codes + s (-zp), the second part as a correction term.
+        self.register_buffer("zero_point_offset", (-zero_point * scale) if fold else None)
+        if fold:
+            zero_point = torch.zeros_like(zero_point)
+        dtype = torch.uint8 if codes.min() >= 0 and layout == "uint8" else torch.int8
         if transpose:
             codes = codes.t()
-        self.register_buffer("codes", codes.contiguous().to(dtype))
-        per_tensor = q.scale.numel() == 1  # a 0-d scale: DequantizeLinear then ignores the axis
-        shape = () if per_tensor else (-1,)
-        self.register_buffer("scale", q.scale.detach().float().reshape(shape).clone())
-        self.register_buffer("zero_point", (zero_point + offset).to(torch.int16).to(dtype).reshape(shape))
+        self.register_buffer("codes", codes.contiguous().to(torch.int16).to(dtype))
+        shape = () if scale.numel() == 1 else (-1,)  # a 0-d scale: DequantizeLinear ignores the axis
+        self.register_buffer("scale", scale.reshape(shape).clone())
+        self.register_buffer("zero_point", zero_point.to(torch.int16).to(dtype).reshape(shape))
         self.axis = axis
-        self.exported_as = f"qdq_{'uint8' if dtype == torch.uint8 else 'int8'}"
+        self.exported_as = f"qdq_{'uint8' if dtype == torch.uint8 else 'int8'}" + ("_zero_point_folded" if fold else "")
 
     def dequantized_weight(self) -> torch.Tensor:
         return _DequantizeWeight.apply(self.codes, self.scale, self.zero_point, self.axis)
+
+    def _init_ones(self, shape: tuple[int, ...]) -> None:
+        """All-ones int8 weights (scale 1): the op applied with them sums its input (zero-point folding)."""
+        self.register_buffer("ones_codes", torch.ones(shape, dtype=torch.int8) if self.zero_point_offset is not None else None)
+        self.register_buffer("ones_scale", torch.tensor(1.0))
+        self.register_buffer("ones_zero_point", torch.tensor(0, dtype=torch.int8))
+
+    def ones(self) -> torch.Tensor:
+        return _DequantizeWeight.apply(self.ones_codes, self.ones_scale, self.ones_zero_point, 0)
 
 
 class QDQLinear(_QDQWeighted):
     """x @ W^T + b with W stored transposed (in x out, scales on axis 1): the MatMul layout, so no
     Transpose sits between DequantizeLinear and MatMul in the graph."""
 
-    def __init__(self, module: QuantLinear, name: str, signed_weights: bool) -> None:
+    def __init__(self, module: QuantLinear, name: str, layout: str) -> None:
         super().__init__()
-        self._init_weight(module, name, signed_weights, axis=1, transpose=True)
+        self._init_weight(module, name, layout, axis=1, transpose=True)
+        self._init_ones((module.in_features, 1))
         self.bias = None if module.bias is None else nn.Parameter(module.bias.detach().clone(), requires_grad=False)
         self.input_qdq = _activation_stand_in(module.input_quantizer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.matmul(self.input_qdq(x), self.dequantized_weight())
+        x = self.input_qdq(x)
+        y = torch.matmul(x, self.dequantized_weight())
+        if self.zero_point_offset is not None:
+            y = y + torch.matmul(x, self.ones()) * self.zero_point_offset
         return y if self.bias is None else y + self.bias
 
 
 class QDQConv2d(_QDQWeighted):
-    def __init__(self, module: QuantConv2d, name: str, signed_weights: bool) -> None:
+    def __init__(self, module: QuantConv2d, name: str, layout: str) -> None:
         super().__init__()
-        self._init_weight(module, name, signed_weights, axis=0, transpose=False)
+        self._init_weight(module, name, layout, axis=0, transpose=False)
+        self._init_ones((module.groups, module.in_channels // module.groups, *module.kernel_size))
         self.bias = None if module.bias is None else nn.Parameter(module.bias.detach().clone(), requires_grad=False)
         self.input_qdq = _activation_stand_in(module.input_quantizer)
         self.conv_args = dict(stride=module.stride, padding=module.padding, dilation=module.dilation, groups=module.groups)
@@ -144,7 +178,16 @@ class QDQConv2d(_QDQWeighted):
             raise ExportError(f"conv padding_mode {module.padding_mode!r} is not exported")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(self.input_qdq(x), self.dequantized_weight(), self.bias, **self.conv_args)
+        x = self.input_qdq(x)
+        y = F.conv2d(x, self.dequantized_weight(), self.bias, **self.conv_args)
+        if self.zero_point_offset is not None:  # sums over each receptive field, per group
+            window_sums = F.conv2d(x, self.ones(), None, **self.conv_args)  # B x groups x H x W
+            b, g, h, w = window_sums.shape
+            c = self.zero_point_offset.numel()
+            if 1 < g < c:
+                window_sums = window_sums.unsqueeze(2).expand(b, g, c // g, h, w).reshape(b, c, h, w)
+            y = y + window_sums * self.zero_point_offset.reshape(1, -1, 1, 1)
+        return y
 
 
 class KeptFloat(nn.Module):
@@ -195,7 +238,7 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 @torch.no_grad()
-def to_qdq_(model: nn.Module, signed_weights: bool = True) -> list[PointReport]:
+def to_qdq_(model: nn.Module, weight_layout: str = "symmetric") -> list[PointReport]:
     """Replace fake quantization by QDQ stand-ins in place; one report per quantization point."""
     _check_ready(model)
     reports: list[PointReport] = []
@@ -211,7 +254,7 @@ def to_qdq_(model: nn.Module, signed_weights: bool = True) -> list[PointReport]:
                 fp = nn.Sequential(_activation_stand_in(module.input_quantizer), fp)
             _set_submodule(model, name, fp)
             continue
-        new = (QDQLinear if isinstance(module, QuantLinear) else QDQConv2d)(module, name, signed_weights)
+        new = (QDQLinear if isinstance(module, QuantLinear) else QDQConv2d)(module, name, weight_layout)
         reports.append(_report(f"{name}.weight_quantizer", module.weight_quantizer, new.exported_as))
         if module.input_quantizer is not None:
             reports.append(_report(f"{name}.input_quantizer", module.input_quantizer))
