@@ -210,14 +210,25 @@ def test_fake_quant_rounds_ties_as_onnx_quantize_linear(tmp_path):
 
 
 def test_four_bit_codes_stay_on_their_grid(tmp_path):
-    """W4A4: 4-bit activations as 8-bit QDQ after a clip to the 4-bit range, weights as int8 codes
-    in [-8, 7]; the runtime still gives the fake-quant masks."""
+    """W4A4: 4-bit activations as 8-bit QDQ after a clip to the 4-bit range; Linear weights as UINT4
+    blocks (opset 21, the checkpoint's per-channel qparams repeated per block), conv weights as int8
+    codes in [-8, 7]; the runtime still gives the fake-quant masks."""
     ckpt = _quantized_tiny(tmp_path / "quantized.pt", w_bits=4, a_bits=4)
     result = export_checkpoint(ckpt, "onnx")
     points = result.manifest["quantization_points"]
     assert all(p["exported_as"] != "fp" and "clipped to [0, 15]" in p["note"] for p in points if p["role"] == "activation")
-    codes = [d[0] for d in _weight_dequantizers(onnx.load(str(result.out_dir / "decoder.onnx")).graph)]
-    assert codes and all(a.min() >= -8 and a.max() <= 7 for a in codes)
+    model = onnx.load(str(result.out_dir / "decoder.onnx"))
+    assert {o.version for o in model.opset_import if o.domain in ("", "ai.onnx")} == {21}
+    packed = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.UINT4]
+    linears = [n for n, m in load_quantized(ckpt)[0].named_modules()
+               if n.startswith("mask_decoder") and type(m).__name__ == "QuantLinear"]
+    assert len([i for i in packed if i.name.endswith("codes_int4")]) == len(linears)
+    assert all(0 <= a.min() and a.max() <= 15 for a in (numpy_helper.to_array(i) for i in packed))
+    weights = [p for p in points if p["role"] == "weight"]
+    assert {p["exported_as"] for p in weights} == {"qdq_uint4_block16", "qdq_uint4_block32", "qdq_uint4_block64",
+                                                 "qdq_int8_zero_point_folded"}
+    conv_codes = [d[0] for d in _weight_dequantizers(onnx.load(str(result.out_dir / "encoder.onnx")).graph) if d[0].ndim == 4]
+    assert conv_codes and all(-8 <= a.min() and a.max() <= 7 for a in conv_codes if a.size > 1 and not (a == 1).all())
     measured = agreement(ckpt, result.out_dir)
     assert measured["mask_iou_mean"] >= 0.99, measured
 

@@ -22,13 +22,15 @@ from segment_anything.modeling import Sam
 
 from saq.export.checkpoint import load_quantized, package_versions
 from saq.export.graphs import DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS, DecoderGraph, EncoderGraph
-from saq.export.qdq import ExportError, PointReport, strip_quantizers_, to_qdq_
+from saq.export.int4 import pack_4bit_weights
+from saq.export.qdq import PACKED_4BIT_SUFFIX, ExportError, PointReport, strip_quantizers_, to_qdq_
 from saq.nn.deploy import assert_deployable
 
 FORMATS = ("onnx", "onnx_fp")
 MANIFEST = "export.json"
 MANIFEST_FORMAT = "saq.onnx/1"
 DEFAULT_OPSET = 17  # per-axis DequantizeLinear needs >= 13; 17 has LayerNormalization
+OPSET_BEFORE_4BIT = 20
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GB limit: larger models keep weights beside the graph
 
 
@@ -56,14 +58,21 @@ def _export_graph(module: torch.nn.Module, args: tuple, path: Path, inputs, outp
         torch.onnx.export(module, args, str(path), dynamo=False, opset_version=opset, input_names=list(inputs),
                           output_names=list(outputs), dynamic_axes=dynamic_axes, do_constant_folding=True)
     graph = onnx.load(str(path))
+    packed = pack_4bit_weights(graph)
     if graph.ByteSize() > EXTERNAL_DATA_BYTES:
         onnx.save_model(graph, str(path), save_as_external_data=True, location=path.name + ".data")
+    elif packed:
+        onnx.save_model(graph, str(path))
     onnx.checker.check_model(str(path))
 
 
 def export_graphs(sam: Sam, out_dir: Path, opset: int = DEFAULT_OPSET) -> dict[str, Path]:
     """encoder.onnx and decoder.onnx of ``sam`` (whatever modules it holds) in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    if any(name.endswith(PACKED_4BIT_SUFFIX) for name, _ in sam.named_buffers()):
+        # 4-bit storage needs opset 21; from 20 on, raising the opset changes no operator's meaning
+        # (the TorchScript exporter writes at most 20).
+        opset = max(opset, OPSET_BEFORE_4BIT)
     size = sam.image_encoder.img_size
     embed = sam.prompt_encoder.embed_dim
     h, w = sam.prompt_encoder.image_embedding_size

@@ -135,7 +135,8 @@ class _QDQWeighted(nn.Module):
         self.exported_as = f"qdq_{'uint8' if dtype == torch.uint8 else 'int8'}" + ("_zero_point_folded" if fold else "")
 
     def dequantized_weight(self) -> torch.Tensor:
-        return _DequantizeWeight.apply(self.codes, self.scale, self.zero_point, self.axis)
+        codes = self._buffers.get("codes", self._buffers.get(PACKED_4BIT_SUFFIX))
+        return _DequantizeWeight.apply(codes, self.scale, self.zero_point, self.axis)
 
     def _init_ones(self, shape: tuple[int, ...]) -> None:
         """All-ones int8 weights (scale 1): the op applied with them sums its input (zero-point folding)."""
@@ -147,13 +148,32 @@ class _QDQWeighted(nn.Module):
         return _DequantizeWeight.apply(self.ones_codes, self.ones_scale, self.ones_zero_point, 0)
 
 
+PACKED_4BIT_SUFFIX = "codes_4bit"  # weights the ONNX post-processing stores as 4-bit blocks (saq.export.onnx)
+BLOCK_SIZES = (128, 64, 32, 16)  # DequantizeLinear block sizes runtimes fuse into 4-bit MatMul kernels
+
+
+def packable_block_size(module: QuantLinear) -> int | None:
+    """Block size along K for 4-bit storage of this Linear's weight, None when it cannot be packed."""
+    q = module.weight_quantizer
+    if q is None or q.spec.bits > 4 or q.granularity != PerChannel(0):
+        return None
+    return next((b for b in BLOCK_SIZES if module.in_features % b == 0), None)
+
+
 class QDQLinear(_QDQWeighted):
     """x @ W^T + b with W stored transposed (in x out, scales on axis 1): the MatMul layout, so no
-    Transpose sits between DequantizeLinear and MatMul in the graph."""
+    Transpose sits between DequantizeLinear and MatMul in the graph.
 
-    def __init__(self, module: QuantLinear, name: str, layout: str) -> None:
+    ``pack_4bit``: weights of <= 4 bits keep their stored codes and zero points (no folding), under a
+    buffer name that tells the ONNX post-processing to store them as 4-bit blocks."""
+
+    def __init__(self, module: QuantLinear, name: str, layout: str, pack_4bit: bool = False) -> None:
         super().__init__()
-        self._init_weight(module, name, layout, axis=1, transpose=True)
+        block = packable_block_size(module) if pack_4bit else None
+        self._init_weight(module, name, "uint8" if block else layout, axis=1, transpose=True)
+        if block:
+            self.register_buffer(PACKED_4BIT_SUFFIX, self._buffers.pop("codes"))
+            self.exported_as = f"qdq_{'uint4' if self.codes_4bit.dtype == torch.uint8 else 'int4'}_block{block}"
         self._init_ones((module.in_features, 1))
         self.bias = None if module.bias is None else nn.Parameter(module.bias.detach().clone(), requires_grad=False)
         self.input_qdq = _activation_stand_in(module.input_quantizer)
@@ -238,8 +258,9 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 @torch.no_grad()
-def to_qdq_(model: nn.Module, weight_layout: str = "symmetric") -> list[PointReport]:
-    """Replace fake quantization by QDQ stand-ins in place; one report per quantization point."""
+def to_qdq_(model: nn.Module, weight_layout: str = "symmetric", pack_4bit: bool = True) -> list[PointReport]:
+    """Replace fake quantization by QDQ stand-ins in place; one report per quantization point.
+    ``pack_4bit``: Linear weights of <= 4 bits are marked for 4-bit block storage (see QDQLinear)."""
     _check_ready(model)
     reports: list[PointReport] = []
     weighted = [(n, m) for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantConv2d))]
@@ -254,7 +275,10 @@ def to_qdq_(model: nn.Module, weight_layout: str = "symmetric") -> list[PointRep
                 fp = nn.Sequential(_activation_stand_in(module.input_quantizer), fp)
             _set_submodule(model, name, fp)
             continue
-        new = (QDQLinear if isinstance(module, QuantLinear) else QDQConv2d)(module, name, weight_layout)
+        if isinstance(module, QuantLinear):
+            new = QDQLinear(module, name, weight_layout, pack_4bit)
+        else:
+            new = QDQConv2d(module, name, weight_layout)
         reports.append(_report(f"{name}.weight_quantizer", module.weight_quantizer, new.exported_as))
         if module.input_quantizer is not None:
             reports.append(_report(f"{name}.input_quantizer", module.input_quantizer))
