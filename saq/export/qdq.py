@@ -94,11 +94,11 @@ class _QDQWeighted(nn.Module):
     """Shared by the exported Linear / Conv2d: integer weight codes + per-output-channel qparams.
 
     ``weight_layout`` (the dequantized weights are the checkpoint's in all three):
-    - ``symmetric``: asymmetric b-bit codes q become q - 2^(b-1) (int8, zero point 0 in the graph); the
-      remainder s (2^(b-1) - z) per output channel is added exactly as that constant times the sum of
-      the layer's input over the reduced axes. OpenVINO runs int8 kernels only for weights without
-      zero points; this keeps the recipe's asymmetric grid and still gets them. The input sums come from
-      an int8 kernel too: the same op with all-ones int8 weights (one output channel per group).
+    - ``symmetric``: Linear weights: asymmetric b-bit codes q become q - 2^(b-1) (int8, zero point 0 in
+      the graph); the remainder s (2^(b-1) - z) per output channel is added exactly as that constant
+      times the sum of the layer's input. OpenVINO runs int8 kernels only for weights without zero
+      points; this keeps the recipe's asymmetric grid and still gets them. The input sums come from an
+      int8 MatMul with all-ones weights. Conv weights: as ``int8``.
     - ``int8``: codes and zero points shifted by -128 (int8 with per-channel zero points).
     - ``uint8``: codes and zero points as stored.
     """
@@ -171,10 +171,10 @@ class QDQLinear(_QDQWeighted):
         super().__init__()
         block = packable_block_size(module) if pack_4bit else None
         self._init_weight(module, name, "uint8" if block else layout, axis=1, transpose=True)
+        self._init_ones((module.in_features, 1))
         if block:
             self.register_buffer(PACKED_4BIT_SUFFIX, self._buffers.pop("codes"))
             self.exported_as = f"qdq_{'uint4' if self.codes_4bit.dtype == torch.uint8 else 'int4'}_block{block}"
-        self._init_ones((module.in_features, 1))
         self.bias = None if module.bias is None else nn.Parameter(module.bias.detach().clone(), requires_grad=False)
         self.input_qdq = _activation_stand_in(module.input_quantizer)
 
@@ -182,6 +182,8 @@ class QDQLinear(_QDQWeighted):
         x = self.input_qdq(x)
         y = torch.matmul(x, self.dequantized_weight())
         if self.zero_point_offset is not None:
+            # The input sums as an int8 MatMul with all-ones weights: with ReduceSum instead, OpenVINO
+            # 2026.4 computed a wrong vit_t embedding (relative error 1.2).
             y = y + torch.matmul(x, self.ones()) * self.zero_point_offset
         return y if self.bias is None else y + self.bias
 
@@ -189,8 +191,10 @@ class QDQLinear(_QDQWeighted):
 class QDQConv2d(_QDQWeighted):
     def __init__(self, module: QuantConv2d, name: str, layout: str) -> None:
         super().__init__()
-        self._init_weight(module, name, layout, axis=0, transpose=False)
-        self._init_ones((module.groups, module.in_channels // module.groups, *module.kernel_size))
+        # Conv weights keep their zero points (int8 layout): folding them (input sums over each receptive
+        # field, as a sum pool or an all-ones conv) gave correct single convs but a wrong vit_t embedding
+        # under OpenVINO 2026.4 (relative error 0.95-2.2 against 0.024 for the int8 layout).
+        self._init_weight(module, name, "int8" if layout == "symmetric" else layout, axis=0, transpose=False)
         self.bias = None if module.bias is None else nn.Parameter(module.bias.detach().clone(), requires_grad=False)
         self.input_qdq = _activation_stand_in(module.input_quantizer)
         self.conv_args = dict(stride=module.stride, padding=module.padding, dilation=module.dilation, groups=module.groups)
@@ -200,13 +204,6 @@ class QDQConv2d(_QDQWeighted):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.input_qdq(x)
         y = F.conv2d(x, self.dequantized_weight(), self.bias, **self.conv_args)
-        if self.zero_point_offset is not None:  # sums over each receptive field, per group
-            window_sums = F.conv2d(x, self.ones(), None, **self.conv_args)  # B x groups x H x W
-            b, g, h, w = window_sums.shape
-            c = self.zero_point_offset.numel()
-            if 1 < g < c:
-                window_sums = window_sums.unsqueeze(2).expand(b, g, c // g, h, w).reshape(b, c, h, w)
-            y = y + window_sums * self.zero_point_offset.reshape(1, -1, 1, 1)
         return y
 
 
