@@ -149,9 +149,11 @@ def markdown(result: dict[str, Any]) -> str:
     for name, row in result["configs"].items():
         enc, dec, acc = row["encoder"], row["decoder"], row["accuracy"]
         size = f"{sum(row['files_bytes'].values()) / 1e6:.1f}" if row["files_bytes"] else "-"
+        scores = " | ".join("-" if np.isnan(acc[k]) else f"{acc[k]:{fmt}}"
+                            for k, fmt in (("mask_AP", ".2f"), ("mIoU", ".3f"), ("fidelity_mIoU", ".3f")))
         rows.append(f"| {name} | {enc['median_s']:.3f} | {enc['min_s']:.3f} | {row['encoder_speedup']:.2f} | "
                     f"{dec['median_s'] * 1e3:.1f} | {dec['min_s'] * 1e3:.1f} | {row['decoder_speedup']:.2f} | {size} | "
-                    f"{acc['mask_AP']:.2f} | {acc['mIoU']:.3f} | {acc['fidelity_mIoU']:.3f} |")
+                    f"{scores} |")
     cpu = result["cpu"]
     head = (f"{result['model']} {result['quant']} {result['recipe']} ({result['run']}); {result['threads']} thread(s), "
             f"{result['rounds']} interleaved rounds; {cpu.get('model')}, flags {' '.join(cpu.get('flags', []))}; "
