@@ -1,4 +1,4 @@
-"""Imports flow one way: cli -> ptq/export -> engine -> eval -> data/models -> nn/quant/config/utils."""
+"""Imports flow one way: cli -> ptq/export/deploy -> engine -> eval -> data/models -> nn/quant/config/utils."""
 
 import ast
 from collections import defaultdict
@@ -7,7 +7,7 @@ from pathlib import Path
 import saq
 
 PACKAGE = Path(saq.__file__).parent
-LAYER = {"cli": 5, "ptq": 4, "export": 4, "engine": 3, "eval": 2, "data": 1, "models": 1,
+LAYER = {"cli": 5, "ptq": 4, "export": 4, "deploy": 4, "engine": 3, "eval": 2, "data": 1, "models": 1,
          "nn": 0, "quant": 0, "config": 0, "utils": 0}
 
 

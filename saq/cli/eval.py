@@ -60,7 +60,75 @@ def _shard(dataset, prompts, fp, shard: int, num_shards: int):
     return dataset.subset(ids), {i: prompts.get(i, []) for i in ids}, fp
 
 
+def _fp_reference(cfg: DictConfig, trained: dict[str, Any], data_cfg: dict[str, Any], prompts_cfg: dict[str, Any],
+                  dataset, prompts, device: Any):
+    """The FP model's evaluation on these prompts (from the FP cache when it is there)."""
+    from saq.eval import evaluate
+    from saq.eval.cache import cached_evaluation, fp_cache_key
+    from saq.models import build_model
+
+    key = fp_cache_key(trained["model"], data_cfg, prompts_cfg, [i.id for i in dataset.images], device.type)
+    cache_dir = Path(cfg.eval.fp_cache_dir) if cfg.eval.cache_fp else None
+    fp, _ = cached_evaluation(cache_dir, key, lambda: evaluate(build_model(trained["model"]).to(device), dataset, prompts,
+                                                               "eval fp", int(cfg.eval.prompt_batch), bool(cfg.runtime.progress)))
+    return fp
+
+
+def run_eval_deployed(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict[str, Any]:
+    """``eval.backend=onnxruntime|openvino``: the exported files of ``ckpt_path`` (an export dir) on that
+    runtime, on the data and prompts of the run that wrote the checkpoint; IoU against the FP masks, and
+    (``eval.compare_fake_quant``) against the fake-quantized PyTorch model of the same checkpoint."""
+    import torch
+
+    from saq.deploy import Predictor
+    from saq.eval import add_fidelity, evaluate, evaluate_runtime, per_set_metrics
+    from saq.eval.metrics import fidelity
+    from saq.export import load_quantized
+    from saq.export.onnx import read_manifest
+    from saq.ptq.pipeline import METRIC_KEYS
+    from saq.utils.run_files import format_table, write_json
+
+    start = time.perf_counter()
+    backend, precision = str(cfg.eval.backend), str(cfg.eval.runtime_precision)
+    manifest = read_manifest(cfg.ckpt_path)
+    trained = manifest["run_config"]
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True, enum_to_str=True) if cfg.get("data") else trained["data"]
+    prompts_cfg = OmegaConf.to_container(cfg.prompts, resolve=True, enum_to_str=True) if cfg.get("prompts") else trained["prompts"]
+    threads = cfg.runtime.num_threads
+    predictor = Predictor(cfg.ckpt_path, backend, num_threads=int(threads) if threads else None, precision=precision)
+    device = torch.device("cpu")
+    dataset, prompts, fp = _labels_or_fp_masks(cfg, trained, data_cfg, prompts_cfg, device)
+    result = evaluate_runtime(predictor, dataset, prompts, f"eval {backend}", int(cfg.eval.prompt_batch),
+                              bool(cfg.runtime.progress))
+    deployed = {k: float(result.metrics[k]) for k in METRIC_KEYS}
+    add_fidelity(result, fp if fp is not None else _fp_reference(cfg, trained, data_cfg, prompts_cfg, dataset, prompts, device))
+    deployed["fidelity_mIoU"] = result.metrics["fidelity_mIoU"]
+    metrics = {"checkpoint": str(cfg.ckpt_path), "backend": backend, "runtime_precision": precision,
+               "export_format": manifest["export_format"], "recipe": manifest["recipe"], "model": manifest["model"],
+               "quant": manifest["quant"], "quantized": deployed, "per_set": per_set_metrics(dataset, result),
+               "ground_truth": "labels" if fp is None else "fp_masks",
+               "export": {"files": manifest["files"], "quantization_points": manifest["quantization_points_summary"],
+                          "kept_fp": [p["name"] for p in manifest["quantization_points"] if p["exported_as"] == "fp"]},
+               "wall_time_s": time.perf_counter() - start, "timing": result.timing}
+    if cfg.eval.compare_fake_quant and manifest["export_format"] == "onnx":
+        model, _ = load_quantized(manifest["checkpoint"])
+        fake = evaluate(model, dataset, prompts, "eval fake-quant", int(cfg.eval.prompt_batch), bool(cfg.runtime.progress))
+        metrics["fake_quant"] = {k: float(fake.metrics[k]) for k in METRIC_KEYS}
+        metrics["deployed_vs_fake_quant_mIoU"] = fidelity(fake.masks(), result.masks())
+        metrics["mask_AP_deployed_minus_fake_quant"] = deployed["mask_AP"] - metrics["fake_quant"]["mask_AP"]
+    write_json(run_dir / "metrics.json", metrics)
+    logger.log_metrics({f"eval/{k}": v for k, v in metrics["quantized"].items()})
+    print("\n" + format_table([{**metrics, **metrics["quantized"]}]))
+    if "fake_quant" in metrics:
+        print(f"fake-quant mask AP {metrics['fake_quant']['mask_AP']:.2f}, deployed {deployed['mask_AP']:.2f}; "
+              f"mask IoU deployed vs fake-quant {metrics['deployed_vs_fake_quant_mIoU']:.4f}")
+    print(f"\nmetrics: {run_dir / 'metrics.json'}")
+    return metrics
+
+
 def run_eval(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict[str, Any]:
+    if str(cfg.eval.get("backend", "torch")) != "torch":
+        return run_eval_deployed(cfg, run_dir, logger)
     from saq.eval import add_fidelity, evaluate, per_set_metrics
     from saq.export import load_quantized
     from saq.nn.deploy import assert_deployable, deployment_check
@@ -109,9 +177,29 @@ def run_eval(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict[str, Any
     return metrics
 
 
+def _inputs_or_exit(cfg: DictConfig) -> None:
+    """One line (no traceback, no run dir) for a backend that is not installed or a ckpt_path of the wrong kind."""
+    backend = str(cfg.eval.get("backend", "torch"))
+    if backend == "torch":
+        if Path(cfg.ckpt_path).is_dir():
+            raise SystemExit(f"config error: ckpt_path={cfg.ckpt_path} is a directory; the PyTorch backend evaluates "
+                             "a quantized.pt (an export dir needs eval.backend=onnxruntime or openvino)")
+        return
+    from saq.deploy.runtime import MissingBackendError, require_backend
+    from saq.export.onnx import read_manifest
+    from saq.export.qdq import ExportError
+
+    try:
+        require_backend(backend)
+        read_manifest(cfg.ckpt_path)
+    except (MissingBackendError, ExportError, ValueError) as exc:
+        raise SystemExit(f"config error: {exc}") from None
+
+
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")
 def _main(cfg: DictConfig) -> float:
     device_or_exit(cfg)  # before the run dir is claimed or the checkpoint is read
+    _inputs_or_exit(cfg)
     metrics = run_task(cfg, Path(HydraConfig.get().runtime.output_dir), run_eval, f"eval-{Path(cfg.ckpt_path).parent.name}")
     return metrics["quantized"]["mask_AP"]
 

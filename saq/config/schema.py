@@ -22,6 +22,17 @@ class Choice(str, Enum):
         return self.value
 
 
+class EvalBackend(Choice):
+    torch = "torch"
+    onnxruntime = "onnxruntime"
+    openvino = "openvino"
+
+
+class RuntimePrecision(Choice):
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
 class ModelName(Choice):
     vit_b = "vit_b"
     vit_l = "vit_l"
@@ -228,6 +239,9 @@ class EvalConfig:
     side_by_side: int = 4
     num_shards: int = 1  # python -m saq.eval: evaluate every num_shards-th image, starting at shard
     shard: int = 0
+    backend: EvalBackend = EvalBackend.torch  # saq.eval only: saq.ptq evaluates the fake-quant model
+    runtime_precision: RuntimePrecision = RuntimePrecision.fp32
+    compare_fake_quant: bool = False
 
 
 @dataclass

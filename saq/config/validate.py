@@ -73,6 +73,9 @@ def validate_ptq_config(cfg: DictConfig) -> None:
         _check(0.5 < p <= 1.0, f"ptq.pcc.percentiles[{i}]", p, "clip percentiles must lie in (0.5, 1]")
     _check(cfg.runtime.precision in PRECISIONS, "runtime.precision", cfg.runtime.precision,
            f"choose one of {list(PRECISIONS)}")
+    _check(str(cfg.eval.backend) == "torch", "eval.backend", cfg.eval.backend,
+           "saq.ptq evaluates the fake-quantized PyTorch model; runtimes evaluate exported files: "
+           "python -m saq.export, then python -m saq.eval ckpt_path=<run>/onnx eval.backend=...")
     if cfg.ptq.quantize:
         _check(len(cfg.ptq.stages) > 0, "ptq.stages", list(cfg.ptq.stages), "a quantizing recipe needs stages")
     _check(cfg.eval.num_shards == 1, "eval.num_shards", cfg.eval.num_shards,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from saq.data.coco import CocoInstances, load_image
 from saq.data.prompts import Prompt
-from saq.models.finite import FiniteWatch, non_finite_error, watch_finite
+from saq.models.finite import NonFiniteOutputError, non_finite_error, watch_finite
 from saq.eval.metrics import coco_mask_ap, encode_mask, fidelity, gt_rle, mask_iou
 from saq.models.predictor import decode_boxes, encode_image, model_device
 
@@ -50,14 +50,34 @@ def evaluate(model: torch.nn.Module, dataset: CocoInstances, prompts: dict[int, 
     Raises NonFiniteOutputError (naming the first module at fault) as soon as the model produces NaN/inf:
     such masks are empty and would report AP 0 as a result."""
     with watch_finite(model) as watch:
-        return _evaluate(model, dataset, prompts, desc, prompt_batch, show_progress, watch)
+        def check(image, path, boxes, masks, ious) -> None:
+            if watch.tripped:
+                raise non_finite_error(model, image, path, desc, boxes)
+
+        return _evaluate(lambda image: encode_image(model, image),
+                         lambda encoded, boxes: decode_boxes(model, encoded, boxes, prompt_batch),
+                         check, dataset, prompts, desc, show_progress,
+                         clock=lambda: _synchronized_clock(model_device(model)))
 
 
-def _evaluate(model: torch.nn.Module, dataset: CocoInstances, prompts: dict[int, list[Prompt]], desc: str,
-              prompt_batch: int, show_progress: bool, watch: FiniteWatch) -> EvalResult:
+def evaluate_runtime(predictor: Any, dataset: CocoInstances, prompts: dict[int, list[Prompt]],
+                     desc: str = "eval", prompt_batch: int = 16, show_progress: bool = True) -> EvalResult:
+    """``evaluate`` for an exported model on an inference runtime (``saq.deploy.Predictor``: its
+    ``encode(image)`` and ``decode_boxes(encoding, boxes, batch)``), with the same data, prompts and metrics."""
+    def check(image, path, boxes, masks, ious) -> None:
+        if not bool(torch.isfinite(ious).all()):
+            raise NonFiniteOutputError(f"{desc}: the exported model produced NaN/inf on {path}; check the export "
+                                       "(its quantizer ranges) and the runtime")
+
+    return _evaluate(predictor.encode, lambda encoded, boxes: predictor.decode_boxes(encoded, boxes, prompt_batch),
+                     check, dataset, prompts, desc, show_progress)
+
+
+def _evaluate(encode: Callable[[np.ndarray], Any], decode: Callable[[Any, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+              check: Callable[..., None], dataset: CocoInstances, prompts: dict[int, list[Prompt]], desc: str,
+              show_progress: bool, clock: Callable[[], float] = time.perf_counter) -> EvalResult:
     records: list[dict[str, Any]] = []
     ious: list[float] = []
-    device = model_device(model)
     t_encoder = t_decoder = 0.0
     n_images = 0
     skipped = 0
@@ -67,14 +87,13 @@ def _evaluate(model: torch.nn.Module, dataset: CocoInstances, prompts: dict[int,
             skipped += 1
             continue
         image = load_image(img.path)
-        t0 = _synchronized_clock(device)
-        encoded = encode_image(model, image)
-        t1 = _synchronized_clock(device)
+        t0 = clock()
+        encoded = encode(image)
+        t1 = clock()
         box_tensor = torch.tensor([p.box_xyxy for p in boxes])
-        masks, iou_pred = decode_boxes(model, encoded, box_tensor, prompt_batch)
-        t2 = _synchronized_clock(device)
-        if watch.tripped:
-            raise non_finite_error(model, image, img.path, desc, box_tensor)
+        masks, iou_pred = decode(encoded, box_tensor)
+        t2 = clock()
+        check(image, img.path, box_tensor, masks, iou_pred)
         t_encoder, t_decoder, n_images = t_encoder + t1 - t0, t_decoder + t2 - t1, n_images + 1
         masks_np = masks.cpu().numpy()
         gts = {a["id"]: a for a in dataset.annotations_of(img.id)}

@@ -1,0 +1,238 @@
+"""Benchmark a run as deployed: latency per image embedding and per prompt on each runtime, file sizes,
+and the accuracy of each against the FP masks and the ground truth.
+
+    python experiments/bench_deploy.py --run outputs/vit_t_w8a8_minmax --threads 1 --rounds 5
+
+Configurations (each a row): PyTorch FP eager, PyTorch fake-quant (the framework's own numbers),
+onnxruntime FP32 and int8 (the run's QDQ export), OpenVINO FP32, int8 (the same QDQ file) and bf16
+(the FP file with a bf16 inference precision hint). Timing is interleaved: every round times every
+configuration once on the same image (encoder) and the same single-box prompt (decoder), so drift of
+the machine hits all rows alike; median and min over rounds, ratios to onnxruntime FP32. Fidelity:
+each configuration evaluates the run's evaluation set with its prompts (saq.eval's protocol): mask
+AP, mIoU against ground truth, and mean IoU against the PyTorch FP masks. Exports ``<run>/onnx`` and
+``<run>/onnx_fp`` first when missing. Writes bench_deploy.json and bench_deploy.md to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+CONFIGS = {  # name -> (kind, export dir, backend, precision)
+    "pytorch_fp": ("torch_fp", None, None, None),
+    "pytorch_fake_quant": ("torch_fake_quant", None, None, None),
+    "onnxruntime_fp32": ("runtime", "onnx_fp", "onnxruntime", "fp32"),
+    "onnxruntime_int8": ("runtime", "onnx", "onnxruntime", "fp32"),
+    "openvino_fp32": ("runtime", "onnx_fp", "openvino", "fp32"),
+    "openvino_int8": ("runtime", "onnx", "openvino", "fp32"),
+    "openvino_bf16": ("runtime", "onnx_fp", "openvino", "bf16"),
+}
+BASELINE = "onnxruntime_fp32"
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+
+
+def cpu_description() -> dict[str, Any]:
+    info: dict[str, Any] = {"machine": platform.machine(), "model": platform.processor()}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return info
+    for line in text.splitlines():
+        if line.startswith("model name"):
+            info["model"] = line.split(":", 1)[1].strip()
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            info["flags"] = [f for f in CPU_FLAGS if f in flags]
+            break
+    return info
+
+
+def ensure_exports(run: Path, weight_layout: str) -> None:
+    from saq.export.onnx import export_checkpoint
+
+    for fmt in ("onnx", "onnx_fp"):
+        if not (run / fmt / "export.json").is_file():
+            export_checkpoint(run / "quantized.pt", fmt, weight_layout=weight_layout)
+
+
+class Runner:
+    """One configuration: encode(image) and decode(encoding, boxes) with the evaluation's contract."""
+
+    def __init__(self, name: str, run: Path, threads: int) -> None:
+        from saq.deploy import Predictor
+        from saq.export import load_quantized
+        from saq.models import build_model
+
+        kind, export_dir, backend, precision = CONFIGS[name]
+        self.name = name
+        self.predictor = None
+        if kind == "runtime":
+            self.predictor = Predictor(run / export_dir, backend, num_threads=threads, precision=precision)
+            self.files = {k: v["bytes"] for k, v in self.predictor.manifest["files"].items()}
+        else:
+            model, payload = load_quantized(run / "quantized.pt")
+            self.model = build_model(payload["config"]["model"]) if kind == "torch_fp" else model
+            self.files = {}
+
+    def encode(self, image: np.ndarray):
+        from saq.models.predictor import encode_image
+
+        return self.predictor.encode(image) if self.predictor else encode_image(self.model, image)
+
+    def decode(self, encoding, boxes: torch.Tensor):
+        from saq.models.predictor import decode_boxes
+
+        if self.predictor:
+            return self.predictor.decode_boxes(encoding, boxes)
+        return decode_boxes(self.model, encoding, boxes)
+
+    def evaluate(self, dataset, prompts):
+        from saq.eval import evaluate, evaluate_runtime
+
+        if self.predictor:
+            return evaluate_runtime(self.predictor, dataset, prompts, self.name, show_progress=False)
+        return evaluate(self.model, dataset, prompts, self.name, show_progress=False)
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def interleaved_latency(runners: list[Runner], image: np.ndarray, box: torch.Tensor, rounds: int,
+                        warmup: int) -> dict[str, dict[str, list[float]]]:
+    """Seconds per image embedding and per single-box prompt, each configuration once per round."""
+    encodings = {r.name: r.encode(image) for r in runners}  # also the first (warm-up) call
+    times = {r.name: {"encoder": [], "decoder": []} for r in runners}
+    for i in range(warmup + rounds):
+        for r in runners:
+            enc = timed(lambda: r.encode(image))
+            dec = timed(lambda: r.decode(encodings[r.name], box))
+            if i >= warmup:
+                times[r.name]["encoder"].append(enc)
+                times[r.name]["decoder"].append(dec)
+    return times
+
+
+def evaluation_set(run: Path):
+    """The run's evaluation images and prompts, as saq.eval builds them (labelled sets)."""
+    from saq.data.sources import dataset_from_config, prompts_from_config
+    from saq.export.checkpoint import read_quantized
+
+    trained = read_quantized(run / "quantized.pt")["config"]
+    dataset = dataset_from_config(trained["data"])
+    if trained["calib"].get("exclude_from_eval"):
+        used = set(trained["calib"].get("selected", []))
+        dataset = dataset.subset(i.id for i in dataset.images if str(i.path) not in used)
+    if not dataset.annotations or trained["prompts"]["source"] == "auto":
+        raise SystemExit("bench_deploy needs a run evaluated on labelled data with gt/detector prompts")
+    return dataset, prompts_from_config(trained["prompts"], dataset)
+
+
+def summarize(times: list[float]) -> dict[str, float]:
+    return {"median_s": statistics.median(times), "min_s": min(times)}
+
+
+def markdown(result: dict[str, Any]) -> str:
+    rows = ["| configuration | encoder median s | min s | x ORT FP32 | decoder ms/prompt median | min | x ORT FP32 "
+            "| files MB | mask AP | mIoU (GT) | IoU vs FP masks |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, row in result["configs"].items():
+        enc, dec, acc = row["encoder"], row["decoder"], row["accuracy"]
+        size = f"{sum(row['files_bytes'].values()) / 1e6:.1f}" if row["files_bytes"] else "-"
+        scores = " | ".join("-" if np.isnan(acc[k]) else f"{acc[k]:{fmt}}"
+                            for k, fmt in (("mask_AP", ".2f"), ("mIoU", ".3f"), ("fidelity_mIoU", ".3f")))
+        rows.append(f"| {name} | {enc['median_s']:.3f} | {enc['min_s']:.3f} | {row['encoder_speedup']:.2f} | "
+                    f"{dec['median_s'] * 1e3:.1f} | {dec['min_s'] * 1e3:.1f} | {row['decoder_speedup']:.2f} | {size} | "
+                    f"{scores} |")
+    cpu = result["cpu"]
+    head = (f"{result['model']} {result['quant']} {result['recipe']} ({result['run']}); {result['threads']} thread(s), "
+            f"{result['rounds']} interleaved rounds; {cpu.get('model')}, flags {' '.join(cpu.get('flags', []))}; "
+            f"{result['eval_images']} images / {result['eval_prompts']} prompts for accuracy")
+    return head + "\n\n" + "\n".join(rows) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", required=True, type=Path, help="a saq.ptq run dir holding quantized.pt")
+    parser.add_argument("--threads", type=int, default=1, help="threads of every configuration (torch too)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--weight-layout", default="symmetric", help="export layout when the export is missing")
+    parser.add_argument("--no-accuracy", action="store_true", help="latency and sizes only")
+    parser.add_argument("--out", type=Path, default=None, help="default: <run>/bench_deploy")
+    args = parser.parse_args(argv)
+    if BASELINE not in args.configs:
+        parser.error(f"--configs must include the baseline {BASELINE}")
+    run = args.run.expanduser()
+    if not (run / "quantized.pt").is_file():
+        parser.error(f"{run} has no quantized.pt: pass a saq.ptq run dir")
+    torch.set_num_threads(args.threads)
+    ensure_exports(run, args.weight_layout)
+    from saq.data.coco import load_image
+    from saq.eval import add_fidelity
+    from saq.export.onnx import read_manifest
+
+    dataset, prompts = evaluation_set(run)
+    first = next(img for img in dataset.images if prompts.get(img.id))
+    image, box = load_image(first.path), torch.tensor([prompts[first.id][0].box_xyxy])
+    runners = [Runner(name, run, args.threads) for name in args.configs]
+    times = interleaved_latency(runners, image, box, args.rounds, args.warmup)
+    accuracy: dict[str, dict[str, float]] = {}
+    if not args.no_accuracy:
+        results = {r.name: r.evaluate(dataset, prompts) for r in runners}
+        reference = results.get("pytorch_fp") or runners[0].evaluate(dataset, prompts)
+        for name, res in results.items():
+            add_fidelity(res, reference)
+            accuracy[name] = {k: float(res.metrics[k]) for k in ("mask_AP", "mask_AP50", "mIoU", "fidelity_mIoU")}
+    base = {part: statistics.median(times[BASELINE][part]) for part in ("encoder", "decoder")}
+    manifest = read_manifest(run / "onnx")
+    result = {
+        "run": str(run), "model": manifest["model"], "quant": manifest["quant"], "recipe": manifest["recipe"],
+        "weight_layout": manifest.get("weight_layout"), "threads": args.threads, "rounds": args.rounds,
+        "warmup_rounds": args.warmup, "cpu": cpu_description(), "image": str(first.path),
+        "eval_images": len(dataset.images), "eval_prompts": sum(len(v) for v in prompts.values()),
+        "kept_fp": [p["name"] for p in manifest["quantization_points"] if p["exported_as"] == "fp"],
+        "versions": {**manifest["versions"], **_runtime_versions()},
+        "configs": {
+            r.name: {"encoder": summarize(times[r.name]["encoder"]), "decoder": summarize(times[r.name]["decoder"]),
+                     "encoder_speedup": base["encoder"] / statistics.median(times[r.name]["encoder"]),
+                     "decoder_speedup": base["decoder"] / statistics.median(times[r.name]["decoder"]),
+                     "raw_s": times[r.name], "files_bytes": r.files,
+                     "accuracy": accuracy.get(r.name, {k: float("nan") for k in ("mask_AP", "mask_AP50", "mIoU", "fidelity_mIoU")})}
+            for r in runners},
+    }
+    out = args.out or run / "bench_deploy"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_deploy.json").write_text(json.dumps(result, indent=2))
+    table = markdown(result)
+    (out / "bench_deploy.md").write_text(table)
+    print(table)
+    print(f"written: {out / 'bench_deploy.json'}, {out / 'bench_deploy.md'}")
+    return result
+
+
+def _runtime_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    found = {}
+    for pkg in ("onnxruntime", "openvino"):
+        try:
+            found[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            found[pkg] = "not installed"
+    return found
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,382 @@
+"""ONNX QDQ export of quantized checkpoints, run by onnxruntime, against the fake-quant model.
+
+On the tiny model (CPU, seconds): the exported W8A8 model under onnxruntime gives the fake-quant
+model's masks (mean IoU >= 0.99) and embedding (relative error <= 1e-3); weights are integer
+initializers with the checkpoint's scales; narrower codes stay exact; the log softmax quantizer stays
+FP and is listed; the fake-quant rounding is the runtime's. A slow test does the same on vit_t W8A8.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from saq.export import load_quantized, save_quantized
+from saq.export.onnx import export_checkpoint, read_manifest
+from saq.export.qdq import ExportError
+from saq.models import build_tiny_sam
+from saq.models.predictor import decode_boxes, encode_image
+from saq.nn import QuantRule, harden_weights_, quantize_
+from saq.ptq.calibrate import calibrate_weights_, is_activation
+from saq.quant import QuantMode, QuantSpec, iter_quantizers, quant_mode, set_quant_mode
+from saq.quant.functional import fake_quantize
+
+ort = pytest.importorskip("onnxruntime", reason='the deploy extra: pip install -e ".[deploy]"')
+from saq.deploy import Predictor  # noqa: E402  (after the importorskip of its runtime)
+
+BOXES = torch.tensor([[10.0, 12.0, 90.0, 100.0], [40.0, 30.0, 120.0, 70.0], [0.0, 0.0, 60.0, 60.0],
+                      [70.0, 80.0, 127.0, 127.0]])
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny graphs gain nothing from threads; one avoids fighting other jobs for the cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _images() -> list[np.ndarray]:
+    from skimage import data
+
+    return [data.astronaut(), data.coffee(), data.chelsea()]
+
+
+def _quantized_tiny(path, w_bits=8, a_bits=8, softmax: QuantSpec | None = None, symmetric_weights: bool = False):
+    """A calibrated, hardened tiny SAM saved as saq.ptq does (min-max ranges from three photos)."""
+    model = build_tiny_sam(seed=0).eval()
+    rule = QuantRule("*", QuantSpec(w_bits, symmetric_weights, granularity="channel"), QuantSpec(a_bits), softmax)
+    layout = quantize_(model, [QuantRule("prompt_encoder*"), rule])
+    calibrate_weights_(model)
+    with torch.no_grad(), quant_mode(model, QuantMode.OFF):
+        set_quant_mode(model, QuantMode.OBSERVE, where=is_activation)
+        for image in _images():
+            decode_boxes(model, encode_image(model, image), BOXES, return_masks=False)
+        for _, q in iter_quantizers(model):
+            if q.mode is QuantMode.OBSERVE:
+                q.finalize_observer()
+    set_quant_mode(model, QuantMode.QUANTIZE)
+    harden_weights_(model)
+    config = {"model": {"name": "tiny", "init_seed": 0, "checkpoint": None},
+              "quant": {"name": f"w{w_bits}a{a_bits}"}, "ptq": {"name": "minmax"}}
+    return save_quantized(path, model, layout, config)
+
+
+@pytest.fixture(scope="module")
+def w8a8(tmp_path_factory):
+    ckpt = _quantized_tiny(tmp_path_factory.mktemp("w8a8") / "quantized.pt")
+    return ckpt, export_checkpoint(ckpt, "onnx")
+
+
+def _mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    inter = (a & b).flatten(1).sum(1).float()
+    union = (a | b).flatten(1).sum(1).float()
+    return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(inter))
+
+
+def agreement(ckpt, onnx_dir, backend="onnxruntime") -> dict[str, float]:
+    """Fake-quant PyTorch vs the exported model on the runtime: embedding relative error (worst image),
+    mask IoU (mean and worst prompt) and largest predicted-IoU difference."""
+    model, _ = load_quantized(ckpt)
+    predictor = Predictor(onnx_dir, backend, num_threads=1)
+    rel, ious, iou_diff = [], [], []
+    for image in _images():
+        reference = encode_image(model, image)
+        masks_ref, pred_ref = decode_boxes(model, reference, BOXES)
+        runtime = predictor.encode(image)
+        masks, pred = predictor.decode_boxes(runtime, BOXES)
+        emb_ref = reference.embedding.numpy()
+        rel.append(float(np.linalg.norm(runtime.embedding - emb_ref) / np.linalg.norm(emb_ref)))
+        ious.append(_mask_iou(masks_ref, masks))
+        iou_diff.append(float((pred_ref - pred).abs().max()))
+    ious = torch.cat(ious)
+    return {"embedding_rel_err": max(rel), "mask_iou_mean": float(ious.mean()), "mask_iou_min": float(ious.min()),
+            "pred_iou_max_diff": max(iou_diff)}
+
+
+@pytest.mark.parametrize("layout", ["symmetric", "int8", "uint8"])
+def test_w8a8_export_under_onnxruntime_matches_fake_quant(w8a8, layout, tmp_path):
+    ckpt, result = w8a8
+    out = result.out_dir if layout == "symmetric" else export_checkpoint(ckpt, "onnx", tmp_path / layout, weight_layout=layout).out_dir
+    measured = agreement(ckpt, out)
+    assert measured["mask_iou_mean"] >= 0.99, measured
+    assert measured["embedding_rel_err"] <= 1e-3, measured
+    assert measured["pred_iou_max_diff"] <= 1e-2, measured
+
+
+def _weight_dequantizers(graph) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, int | None]]:
+    """(codes, scale, zero point, axis) of every DequantizeLinear on an integer initializer."""
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    inits.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant"})
+    for node in graph.node:  # the exporter shares equal initializers through Identity nodes
+        if node.op_type == "Identity" and node.input[0] in inits:
+            inits[node.output[0]] = inits[node.input[0]]
+    found = []
+    for node in graph.node:
+        codes = inits.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
+        if codes is not None and codes.dtype in (np.int8, np.uint8):
+            axis = next((a.i for a in node.attribute if a.name == "axis"), None)
+            found.append((codes, inits[node.input[1]], inits[node.input[2]], axis))
+    return found
+
+
+def test_weights_are_integer_codes_with_the_checkpoints_scales(w8a8):
+    """Default layout: the uint8 codes shifted to int8 with zero point 0 in the graph, the checkpoint's
+    per-channel scales, and the zero points folded into a correction term (all-ones int8 weights)."""
+    ckpt, result = w8a8
+    model, _ = load_quantized(ckpt)
+    graph = onnx.load(str(result.out_dir / "decoder.onnx")).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    assert not [n for n, a in inits.items() if a.dtype == np.float32 and a.ndim == 2 and min(a.shape) > 4
+                and "transformer" in n], "a quantized decoder weight was exported in float"
+    linear = model.mask_decoder.transformer.layers[0].mlp.lin1
+    q = linear.weight_quantizer
+    expected_codes = (q.int_codes(linear.weight) - 128).to(torch.int8).t().numpy()  # uint8 grid shifted to int8
+    match = [d for d in _weight_dequantizers(graph) if np.array_equal(d[0], expected_codes)]
+    assert len(match) == 1
+    codes, scale, zero_point, axis = match[0]
+    np.testing.assert_array_equal(scale, q.scale.reshape(-1).numpy())
+    assert zero_point.dtype == np.int8 and not zero_point.any() and axis == 1  # output channels: MatMul columns
+    points = {p["name"]: p["exported_as"] for p in read_manifest(result.out_dir)["quantization_points"]}
+    for name, module in model.named_modules():  # Linear weights folded, conv weights with zero points
+        if getattr(module, "weight_quantizer", None) is not None:
+            kind = "qdq_int8_zero_point_folded" if isinstance(module, torch.nn.Linear) else "qdq_int8"
+            assert points[f"{name}.weight_quantizer"] == kind
+    assert "fp" not in points.values()  # W8A8 uniform: nothing stays FP
+
+
+def test_int8_layout_keeps_shifted_zero_points(w8a8, tmp_path):
+    ckpt, _ = w8a8
+    model, _ = load_quantized(ckpt)
+    out = export_checkpoint(ckpt, "onnx", tmp_path / "int8", weight_layout="int8").out_dir
+    q = model.mask_decoder.transformer.layers[0].mlp.lin1.weight_quantizer
+    zero_points = [d[2] for d in _weight_dequantizers(onnx.load(str(out / "decoder.onnx")).graph)]
+    assert any(np.array_equal(z.astype(np.int32), q.zero_point.reshape(-1).numpy().astype(np.int32) - 128)
+               for z in zero_points)
+
+
+def test_symmetric_weights_export_without_correction(tmp_path):
+    """A checkpoint with symmetric weights: int8 codes as stored, zero point 0, nothing to fold."""
+    ckpt = _quantized_tiny(tmp_path / "quantized.pt", symmetric_weights=True)
+    result = export_checkpoint(ckpt, "onnx")
+    assert {p["exported_as"] for p in result.manifest["quantization_points"] if p["role"] == "weight"} == {"qdq_int8"}
+    graph = onnx.load(str(result.out_dir / "decoder.onnx")).graph
+    assert all(not d[2].any() for d in _weight_dequantizers(graph))
+    assert not [d for d in _weight_dequantizers(graph) if d[0].size > 1 and (d[0] == 1).all()]  # no all-ones sums
+    assert agreement(ckpt, result.out_dir)["mask_iou_mean"] >= 0.99
+
+
+def test_activation_qdq_pairs_carry_the_checkpoints_scales(w8a8):
+    """Every decoder activation quantizer appears as a QuantizeLinear with its own scale and zero point
+    (the exporter merges identical Q nodes on one tensor, e.g. q/k/v_proj inputs of a self-attention)."""
+    ckpt, result = w8a8
+    model, _ = load_quantized(ckpt)
+    graph = onnx.load(str(result.out_dir / "decoder.onnx")).graph
+    consts = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant"}
+    consts.update({i.name: numpy_helper.to_array(i) for i in graph.initializer})
+    quantize_nodes = [n for n in graph.node if n.op_type == "QuantizeLinear"]
+    pairs = {(float(consts[n.input[1]]), int(consts[n.input[2]])) for n in quantize_nodes}
+    decoder = [(name, q) for name, q in iter_quantizers(model) if name.startswith("mask_decoder") and q.role.value == "activation"]
+    assert decoder and all((float(q.scale), int(q.zero_point)) in pairs for _, q in decoder)
+    assert 0 < len(quantize_nodes) <= len(decoder)
+
+
+def test_fake_quant_rounds_ties_as_onnx_quantize_linear(tmp_path):
+    """Exact ties (k + 1/2 steps) and their float neighbours: saq's fake quantization and onnxruntime's
+    QuantizeLinear -> DequantizeLinear give the same values, bit for bit."""
+    from onnx import TensorProto, helper
+
+    scale, zero_point = np.float32(0.1), np.uint8(128)
+    k = np.arange(-140, 140, dtype=np.float32)
+    x = np.concatenate([(k + 0.5) * scale, np.nextafter((k + 0.5) * scale, np.float32(np.inf)),
+                        np.nextafter((k + 0.5) * scale, np.float32(-np.inf))]).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]), helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])],
+        "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [x.size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [x.size])],
+        [numpy_helper.from_array(np.array(scale), "s"), numpy_helper.from_array(np.array(zero_point), "z")])
+    path = tmp_path / "qdq.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    runtime = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    with torch.no_grad():
+        ours = fake_quantize(torch.from_numpy(x), torch.tensor(scale), torch.tensor(128.0), 0, 255).numpy()
+    np.testing.assert_array_equal(ours, runtime)
+
+
+def test_four_bit_codes_stay_on_their_grid(tmp_path):
+    """W4A4: 4-bit activations as 8-bit QDQ after a clip to the 4-bit range; Linear weights as UINT4
+    blocks (opset 21, the checkpoint's per-channel qparams repeated per block), conv weights as int8
+    codes spanning 16 levels; the runtime still gives the fake-quant masks."""
+    ckpt = _quantized_tiny(tmp_path / "quantized.pt", w_bits=4, a_bits=4)
+    result = export_checkpoint(ckpt, "onnx")
+    points = result.manifest["quantization_points"]
+    assert all(p["exported_as"] != "fp" and "clipped to [0, 15]" in p["note"] for p in points if p["role"] == "activation")
+    model = onnx.load(str(result.out_dir / "decoder.onnx"))
+    assert {o.version for o in model.opset_import if o.domain in ("", "ai.onnx")} == {21}
+    packed = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.UINT4]
+    linears = [n for n, m in load_quantized(ckpt)[0].named_modules()
+               if n.startswith("mask_decoder") and type(m).__name__ == "QuantLinear"]
+    assert len([i for i in packed if i.name.endswith("codes_int4")]) == len(linears)
+    assert all(0 <= a.min() and a.max() <= 15 for a in (numpy_helper.to_array(i) for i in packed))
+    weights = [p for p in points if p["role"] == "weight"]
+    assert {p["exported_as"] for p in weights} == {"qdq_uint4_block16", "qdq_uint4_block32", "qdq_uint4_block64",
+                                                 "qdq_int8"}
+    conv_codes = [d[0] for d in _weight_dequantizers(onnx.load(str(result.out_dir / "encoder.onnx")).graph) if d[0].ndim == 4]
+    assert conv_codes and all(-128 <= a.min() and a.max() <= -128 + 15 for a in conv_codes)
+    measured = agreement(ckpt, result.out_dir)
+    assert measured["mask_iou_mean"] >= 0.99, measured
+
+
+def test_log_softmax_quantizer_stays_fp_and_is_listed(tmp_path, capsys):
+    from saq.cli.export import print_export_summary
+
+    model = build_tiny_sam(seed=0).eval()
+    softmax = QuantSpec(4, observer="agq", quantizer="log")
+    layout = quantize_(model, [QuantRule("prompt_encoder*"), QuantRule("*", QuantSpec(8, granularity="channel"),
+                                                                         QuantSpec(8), softmax)])
+    calibrate_weights_(model)
+    for _, q in iter_quantizers(model):
+        if not q.is_calibrated:
+            q.set_params(0.5, 2.0) if hasattr(q, "set_params") else q.set_range(torch.tensor(-4.0), torch.tensor(4.0))
+    set_quant_mode(model, QuantMode.QUANTIZE)
+    harden_weights_(model)
+    ckpt = save_quantized(tmp_path / "quantized.pt", model, layout,
+                          {"model": {"name": "tiny", "init_seed": 0}, "quant": {"name": "w8a8"}, "ptq": {"name": "ptq4sam_s"}})
+    result = export_checkpoint(ckpt, "onnx")
+    kept = result.kept_fp
+    assert kept and all(p["name"].endswith("softmax_quantizer") and "log2" in p["note"] for p in kept)
+    softmaxes = [n for n, _ in iter_quantizers(model) if n.endswith("softmax_quantizer")]
+    assert sorted(p["name"] for p in kept) == sorted(softmaxes)
+    print_export_summary(result)
+    out = capsys.readouterr().out
+    assert f"kept in floating point ({len(softmaxes)}" in out and softmaxes[0] in out
+
+
+def test_fp_export_is_the_fp_model(w8a8):
+    """format=onnx_fp: the FP model of the run (not its hardened weights), equal to PyTorch FP."""
+    ckpt, _ = w8a8
+    result = export_checkpoint(ckpt, "onnx_fp")
+    assert result.out_dir.name == "onnx_fp" and result.manifest["quantization_points"] == []
+    fp = build_tiny_sam(seed=0).eval()
+    predictor = Predictor(result.out_dir, "onnxruntime", num_threads=1)
+    image = _images()[0]
+    reference = encode_image(fp, image)
+    runtime = predictor.encode(image)
+    np.testing.assert_allclose(runtime.embedding, reference.embedding.numpy(), rtol=1e-4, atol=1e-5)
+    masks_ref, pred_ref = decode_boxes(fp, reference, BOXES)
+    masks, pred = predictor.decode_boxes(runtime, BOXES)
+    np.testing.assert_allclose(pred.numpy(), pred_ref.numpy(), atol=1e-4)
+    assert float(_mask_iou(masks_ref, masks).mean()) >= 0.999
+
+
+def test_predictor_points_and_boxes_follow_sams_prompt_encoder(w8a8):
+    """Points alone (padded), a box with points, multimask: the runtime equals the PyTorch FP model
+    driven through segment-anything's own prompt encoder and mask decoder."""
+    ckpt, _ = w8a8
+    result = export_checkpoint(ckpt, "onnx_fp")
+    fp = build_tiny_sam(seed=0).eval()
+    predictor = Predictor(result.out_dir, "onnxruntime", num_threads=1)
+    image = _images()[1]
+    predictor.set_image(image)
+    encoded = encode_image(fp, image)
+    points, labels, box = np.array([[200.0, 150.0], [300.0, 200.0]]), np.array([1, 0]), np.array([50.0, 40.0, 350.0, 300.0])
+    for kwargs, multimask in (({"points": points, "point_labels": labels}, True),
+                              ({"boxes": box, "points": points, "point_labels": labels}, False)):
+        masks, scores, low_res = predictor.predict(**kwargs, multimask_output=multimask)
+        coords = encoded.transform.apply_coords_torch(torch.tensor(points, dtype=torch.float32)[None], encoded.original_size)
+        torch_box = (encoded.transform.apply_boxes_torch(torch.tensor(box, dtype=torch.float32)[None], encoded.original_size)
+                     if "boxes" in kwargs else None)
+        with torch.no_grad():
+            sparse, dense = fp.prompt_encoder(points=(coords, torch.tensor(labels)[None]), boxes=torch_box, masks=None)
+            ref_low, ref_iou = fp.mask_decoder(encoded.embedding, fp.prompt_encoder.get_dense_pe(), sparse, dense, multimask)
+        assert masks.shape == (1, 3 if multimask else 1, *image.shape[:2]) and masks.dtype == bool
+        np.testing.assert_allclose(low_res, ref_low.numpy(), atol=1e-3)
+        np.testing.assert_allclose(scores, ref_iou.numpy(), atol=1e-4)
+
+
+def test_predict_before_set_image_and_without_prompts_fail(w8a8):
+    predictor = Predictor(w8a8[1].out_dir, "onnxruntime", num_threads=1)
+    with pytest.raises(RuntimeError, match="set_image"):
+        predictor.predict(boxes=[0, 0, 10, 10])
+    predictor.set_image(_images()[0])
+    with pytest.raises(ValueError, match="boxes=... and/or points"):
+        predictor.predict()
+    with pytest.raises(ValueError, match="2 points but 1 point_labels"):
+        predictor.predict(points=[[1, 2], [3, 4]], point_labels=[1])
+
+
+def test_missing_backend_names_the_install_command(monkeypatch, w8a8):
+    import builtins
+
+    from saq.deploy import MissingBackendError
+
+    real_import = builtins.__import__
+
+    def no_openvino(name, *args, **kwargs):
+        if name == "openvino" or name.startswith("openvino."):
+            raise ImportError("No module named 'openvino'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_openvino)
+    with pytest.raises(MissingBackendError, match=r'pip install -e "\.\[deploy\]"'):
+        Predictor(w8a8[1].out_dir, "openvino")
+
+
+def test_bad_inputs_are_named(tmp_path, w8a8):
+    with pytest.raises(ExportError, match="is not a directory"):
+        read_manifest(tmp_path / "nowhere")
+    with pytest.raises(ExportError, match="lacks export.json, encoder.onnx, decoder.onnx"):
+        Predictor(tmp_path, "onnxruntime")
+    with pytest.raises(ValueError, match="unknown export format 'tflite'"):
+        export_checkpoint(w8a8[0], "tflite")
+    with pytest.raises(ValueError, match="unknown backend 'tensorrt'"):
+        Predictor(w8a8[1].out_dir, "tensorrt")
+
+
+def test_export_cli_writes_files_and_refuses_bad_paths(tmp_path, w8a8):
+    ckpt, _ = w8a8
+    out = tmp_path / "cli_onnx"
+    proc = subprocess.run([sys.executable, "-m", "saq.export", f"ckpt_path={ckpt}", "format=onnx", f"out_dir={out}"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "quantization points: qdq_int8" in proc.stdout
+    assert json.loads((out / "export.json").read_text())["export_format"] == "onnx"
+    missing = subprocess.run([sys.executable, "-m", "saq.export", f"ckpt_path={tmp_path / 'none.pt'}"],
+                             capture_output=True, text=True, timeout=300)
+    assert missing.returncode != 0 and "export error: quantized checkpoint not found" in missing.stderr
+
+
+@pytest.mark.slow
+def test_vit_t_w8a8_minmax_deployed_matches_fake_quant(tmp_path, vit_t_checkpoint, coco8):
+    """Real weights: a W8A8 min-max run, exported, evaluated by onnxruntime (against the fake-quant
+    model, prompt by prompt) and by OpenVINO (against the run's fake-quant AP) on its own prompts."""
+    run_dir = tmp_path / "run"
+    common = ["logger=none", "runtime.progress=false", "runtime.num_threads=1"]
+    subprocess.run([sys.executable, "-m", "saq.ptq", "model=vit_t", f"model.checkpoint={vit_t_checkpoint}",
+                    "data=coco8_seg", f"data.images={coco8['images']}", f"data.annotations={coco8['annotations']}",
+                    "quant=w8a8", "ptq=minmax", f"hydra.run.dir={run_dir}", *common], check=True, timeout=1800)
+    fake_quant_ap = json.loads((run_dir / "metrics.json").read_text())["quantized"]["mask_AP"]
+    subprocess.run([sys.executable, "-m", "saq.export", f"ckpt_path={run_dir / 'quantized.pt'}"], check=True, timeout=600)
+    for backend, extra in (("onnxruntime", ["eval.compare_fake_quant=true"]), ("openvino", [])):
+        eval_dir = tmp_path / backend
+        subprocess.run([sys.executable, "-m", "saq.eval", f"ckpt_path={run_dir / 'onnx'}", f"eval.backend={backend}",
+                        *extra, f"hydra.run.dir={eval_dir}", *common], check=True, timeout=1800)
+        metrics = json.loads((eval_dir / "metrics.json").read_text())
+        assert metrics["backend"] == backend and metrics["export"]["kept_fp"] == []
+        # measured: within 0.6 AP; the fake-quant model against itself with torch's fused rounding moves AP by 0.3
+        assert abs(metrics["quantized"]["mask_AP"] - fake_quant_ap) <= 1.0, (backend, metrics["quantized"], fake_quant_ap)
+        assert metrics["quantized"]["fidelity_mIoU"] >= 0.92, metrics["quantized"]
+    # measured 0.970: the floor set by rounding alone (fake quant with 1/scale vs / scale) is 0.975
+    assert metrics_ort_fidelity(tmp_path / "onnxruntime") >= 0.95
+
+
+def metrics_ort_fidelity(eval_dir) -> float:
+    return json.loads((eval_dir / "metrics.json").read_text())["deployed_vs_fake_quant_mIoU"]
