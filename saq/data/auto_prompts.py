@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from saq.data.coco import CocoInstances, DatasetError, load_image
 from saq.data.prompts import Prompt
 from saq.models.finite import has_non_finite, non_finite_error
+from saq.utils.hashing import file_hexdigest
 from saq.models.predictor import EncodedImage, encode_image
 from saq.utils.run_files import write_json
 
@@ -49,14 +50,6 @@ def model_fingerprint(model: torch.nn.Module) -> str:
         digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
         # A byte view works for every dtype numpy lacks (bfloat16, float8).
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _file_sha1(path: Path) -> str:
-    digest = hashlib.sha1()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
     return digest.hexdigest()
 
 
@@ -194,7 +187,7 @@ def _prompts_per_image(model: torch.nn.Module, dataset: CocoInstances, params: d
         path = None
         if cache is not None:
             try:
-                image_sha1 = _file_sha1(img.path)
+                image_sha1 = file_hexdigest(img.path, "sha1")
             except OSError as exc:
                 raise DatasetError(f"cannot read image {img.path}: {exc}") from exc
             path = cache / f"{_cache_key(image_sha1, fingerprint, params)}.json"

@@ -36,16 +36,13 @@ def shard_images(images: list, shard: int, num_shards: int) -> list:
 def save_shard(run_dir: Path, shard: int, num_shards: int, checkpoint: str, gt: dict[str, Any],
                result: EvalResult, fp: EvalResult | None, header: dict[str, Any]) -> Path:
     """Write ``run_dir/shard.json.gz``; ``fp`` (same prompts) only when FP masks are the ground truth."""
-    image_ids = [img["id"] for img in gt["images"]]
-    per_image: dict[int, list[float]] = {i: [] for i in image_ids}
     # gt_ious were appended image by image in the order of gt["images"]; recover the split by counts
     counts = _gt_iou_counts(gt, result)
     values = iter(result.gt_ious)
-    for image_id in image_ids:
-        per_image[image_id] = [next(values) for _ in range(counts[image_id])]
+    gt_ious = [[next(values) for _ in range(counts[img["id"]])] for img in gt["images"]]
     payload = {
         "format": FORMAT, "shard": shard, "num_shards": num_shards, "checkpoint": checkpoint, **header,
-        "gt": gt, "records": result.records, "gt_ious": [per_image[i] for i in image_ids],
+        "gt": gt, "records": result.records, "gt_ious": gt_ious,
         "fidelity_ious": ([mask_iou(a["segmentation"], b["segmentation"]) for a, b in zip(fp.records, result.records)]
                           if fp is not None else None),
     }
@@ -97,6 +94,14 @@ def load_shard(path: Path) -> dict[str, Any]:
     return payload
 
 
+def _records_by_image(records: list[dict[str, Any]]) -> dict[int, list[int]]:
+    """Indices of each image's records, in record order."""
+    by_image: dict[int, list[int]] = {}
+    for j, r in enumerate(records):
+        by_image.setdefault(r["image_id"], []).append(j)
+    return by_image
+
+
 def merge_shards(shards: list[dict[str, Any]]) -> dict[str, Any]:
     """Metrics of the whole evaluation from all of its shards (each exactly once)."""
     if not shards:
@@ -113,6 +118,7 @@ def merge_shards(shards: list[dict[str, Any]]) -> dict[str, Any]:
         raise ShardError(f"shards {indices} of {num_shards}: missing {missing}, duplicated "
                          f"{sorted({i for i in indices if indices.count(i) > 1})}")
     by_index = {s["shard"]: s for s in shards}
+    records_of = {i: _records_by_image(s["records"]) for i, s in by_index.items()}  # one pass per shard
     # unsharded order: image k of shard i was image i + k * num_shards
     positions: list[tuple[int, int, int]] = []  # (position, shard, k)
     for i, s in by_index.items():
@@ -124,7 +130,7 @@ def merge_shards(shards: list[dict[str, Any]]) -> dict[str, Any]:
         image = s["gt"]["images"][k]
         images.append(image)
         gt_ious.extend(s["gt_ious"][k])
-        image_records = [j for j, r in enumerate(s["records"]) if r["image_id"] == image["id"]]
+        image_records = records_of[i].get(image["id"], [])
         records.extend(s["records"][j] for j in image_records)
         if s["fidelity_ious"] is not None:
             fidelity_ious.extend(s["fidelity_ious"][j] for j in image_records)

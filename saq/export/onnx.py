@@ -8,7 +8,6 @@ fake-quant op into QuantizeLinear / DequantizeLinear and keeps custom Dequantize
 
 from __future__ import annotations
 
-import hashlib
 import json
 import warnings
 from collections import Counter
@@ -25,6 +24,7 @@ from saq.export.graphs import DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, E
 from saq.export.int4 import pack_4bit_weights
 from saq.export.qdq import PACKED_4BIT_SUFFIX, ExportError, PointReport, strip_quantizers_, to_qdq_
 from saq.nn.deploy import assert_deployable
+from saq.utils.hashing import file_hexdigest
 
 FORMATS = ("onnx", "onnx_fp")
 MANIFEST = "export.json"
@@ -42,14 +42,6 @@ class ExportResult:
     @property
     def kept_fp(self) -> list[dict[str, Any]]:
         return [p for p in self.manifest["quantization_points"] if p["exported_as"] == "fp"]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _export_graph(module: torch.nn.Module, args: tuple, path: Path, inputs, outputs, dynamic_axes, opset: int) -> None:
@@ -130,7 +122,7 @@ def export_checkpoint(ckpt_path: str | Path, fmt: str = "onnx", out_dir: str | P
         "recipe": payload["config"]["ptq"].get("name") if fmt == "onnx" else "fp",
         "weight_layout": weight_layout if fmt == "onnx" else "fp32",
         "preprocessing": _preprocessing(model),
-        "files": {k: {"path": p.name, "bytes": p.stat().st_size, "sha256": _sha256(p)} for k, p in files.items()},
+        "files": {k: {"path": p.name, "bytes": p.stat().st_size, "sha256": file_hexdigest(p)} for k, p in files.items()},
         "quantization_points_summary": dict(counts),
         "quantization_points": [r.to_dict() for r in reports],
         "run_config": payload["config"],
