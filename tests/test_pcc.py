@@ -192,3 +192,31 @@ def test_pcc_before_the_observers_keeps_its_ranges_through_calibration(items):
         expected = compute_qparams(torch.tensor(lo), torch.tensor(hi), 4, False)
         assert s == pytest.approx(float(expected.scale)) and z == float(expected.zero_point), name
     assert all(q.is_calibrated and q.mode is QuantMode.QUANTIZE for _, q in quantizers.items())
+
+
+def test_candidate_maps_equal_the_full_forward_for_every_point(items):
+    """The search recomputes one side of q k^T per candidate; its maps must be those of the module's
+    own forward with the same ranges, for every point and attention (clipped to a non-trivial range)."""
+    from saq.ptq.pcc import _call_inputs, _PointMaps, _decode_all, _first_inputs
+    from saq.ptq.capture import encode_items
+
+    model = build_tiny_sam(seed=2).eval()
+    quantize_(model, RULES)
+    calibrate_(model, items, show_progress=False)
+    with torch.no_grad():
+        encoded = encode_items(model, items)
+        for name in DECODER_ATTENTIONS(model):
+            attention = model.get_submodule(name)
+            with _call_inputs(attention) as calls:
+                _decode_all(model, encoded, items)
+            for point in PCC_POINTS:
+                q = attention.get_submodule(point)
+                lo, hi = float(q.scale) * (q.qmin - float(q.zero_point)), float(q.scale) * (q.qmax - float(q.zero_point))
+                q.set_range(torch.tensor(lo * 0.5), torch.tensor(hi * 0.5))  # a candidate that clips
+                with _first_inputs(attention.softmax_quantizer) as full:
+                    for args, kwargs in calls:
+                        attention(*args, **kwargs)
+                partial = list(_PointMaps(attention, point, calls))
+                assert len(partial) == len(full) == len(calls)
+                for a, b in zip(full, partial):
+                    assert torch.equal(a, b), (name, point)

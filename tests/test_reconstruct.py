@@ -191,3 +191,53 @@ def test_clm_units_give_local_outputs_and_the_final_tokens_with_later_layers_fp(
         _, _, final_q = units[0].run(model, args, kwargs)
         torch.testing.assert_close(final_q, expected)
         assert not torch.allclose(final_q, transformer(*args, **kwargs)[0])  # all layers quantized differs
+
+
+def test_fp_targets_of_chained_units_are_the_next_units_captured_inputs(items, monkeypatch, tmp_path):
+    """An encoder unit that feeds the next one takes its FP targets from the FP capture (no second FP
+    pass); they equal what the unit computes with its quantizers off, and only the other units compute."""
+    import saq.ptq.reconstruct as recon
+
+    model = calibrated_tiny(items[:2])
+    units = [u for u in reconstruction_units(model, "block") if unit_quantizers(model, u)]
+    computed = []
+    real_targets = recon._targets
+    monkeypatch.setattr(recon, "_targets", lambda m, unit, *a: computed.append(unit.name) or real_targets(m, unit, *a))
+    with quant_mode(model, QuantMode.OFF):
+        fp_inputs = capture_inputs(model, sorted({u.entry for u in units}), items[:2], torch.device("cpu"))
+    chained = [u for u, nxt in zip(units, units[1:]) if u.feeds == nxt.entry]
+    assert chained, "the tiny model's encoder units chain"
+    for unit, nxt in zip(units, units[1:]):
+        reused = recon._chained_fp_targets(unit, nxt, fp_inputs)
+        if unit in chained:
+            expected = real_targets(model, unit, fp_inputs[unit.entry], torch.device("cpu"), torch.device("cpu"), None)
+            assert len(reused) == len(expected) and all(torch.equal(a, b) for a, b in zip(reused, expected))
+        else:
+            assert reused is None
+    reconstruct_(model, items[:2], {**RECON, "iters": 2}, tmp_path, RunLogger(tmp_path), show_progress=False)
+    assert computed == [u.name for u in units if u not in chained]
+
+
+def test_encoder_captures_stop_at_the_last_entry(items):
+    """Capturing encoder inputs runs the encoder only up to the last entry of each image (no decoder,
+    no later layers) and captures exactly what a full forward pass sees."""
+    from saq.ptq.capture import run_items
+
+    model = calibrated_tiny(items[:2])
+    entries = [u.entry for u in reconstruction_units(model, "block") if u.part == "encoder"][:2]
+    calls = {"neck": 0, "decoder": 0}
+    hooks = [model.image_encoder.neck.register_forward_hook(lambda *_: calls.__setitem__("neck", calls["neck"] + 1)),
+             model.mask_decoder.register_forward_hook(lambda *_: calls.__setitem__("decoder", calls["decoder"] + 1))]
+    early = capture_inputs(model, entries, items[:2], torch.device("cpu"))
+    assert calls == {"neck": 0, "decoder": 0}
+    full = {name: [] for name in entries}
+    handles = [model.get_submodule(name).register_forward_pre_hook(
+        lambda module, args, name=name: full[name].append(args[0].detach())) for name in entries]
+    with torch.no_grad():
+        run_items(model, items[:2])
+    for h in hooks + handles:
+        h.remove()
+    assert calls["decoder"] > 0
+    for name in entries:
+        assert len(early[name]) == len(full[name]) == 2
+        assert all(torch.equal(args[0], x) for (args, _), x in zip(early[name], full[name]))

@@ -59,17 +59,28 @@ class QuantTwoWayAttention(_QuantAttention, sam_transformer.Attention):
 
     float_cls = sam_transformer.Attention
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        q = self.q_quantizer(self.q_proj(q))
-        k = self.k_quantizer(self.k_proj(k))
-        v = self.v_quantizer(self.v_proj(v))
-        q = self._separate_heads(q, self.num_heads)
-        k = self._separate_heads(k, self.num_heads)
-        v = self._separate_heads(v, self.num_heads)
+    # The forward in three public pieces, so that a search over the q or k quantizers (PCC) can hold
+    # the other side fixed and compute the attention map alone.
+    def queries(self, q: torch.Tensor) -> torch.Tensor:
+        """Projected, quantized queries with heads separated: (B, heads, Nq, c)."""
+        return self._separate_heads(self.q_quantizer(self.q_proj(q)), self.num_heads)
+
+    def keys(self, k: torch.Tensor) -> torch.Tensor:
+        """Projected, quantized keys with heads separated: (B, heads, Nk, c)."""
+        return self._separate_heads(self.k_quantizer(self.k_proj(k)), self.num_heads)
+
+    @staticmethod
+    def attention_probs(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """softmax(q k^T / sqrt(c)) of head-separated queries and keys: the map before its quantizer."""
         _, _, _, c_per_head = q.shape
         attn = q @ k.permute(0, 1, 3, 2)
         attn = attn / math.sqrt(c_per_head)
-        attn = self.softmax_quantizer(torch.softmax(attn, dim=-1), v)
+        return torch.softmax(attn, dim=-1)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        q, k = self.queries(q), self.keys(k)
+        v = self._separate_heads(self.v_quantizer(self.v_proj(v)), self.num_heads)
+        attn = self.softmax_quantizer(self.attention_probs(q, k), v)
         out = self._recombine_heads(attn @ v)
         return self.out_proj(out)
 

@@ -12,6 +12,13 @@ from saq.models.image_source import ImageSource
 from saq.models.predictor import EncodedImage, decode_boxes, encode_image
 
 
+ENCODER_PREFIX = "image_encoder."
+
+
+class _EntriesCaptured(Exception):
+    """Ends an encoder pass early: every entry of the current image has been captured."""
+
+
 def _detach(value: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
     if isinstance(value, torch.Tensor):
         v = value.detach().to(device)
@@ -49,16 +56,30 @@ def capture_inputs(model: nn.Module, entries: list[str], items: list[Calibration
     (decoder only when ``encoded`` gives the image embeddings)."""
     captured: dict[str, list[tuple]] = {name: [] for name in entries}
     handles = []
+    # Entries inside the image encoder are each called once per image: their inputs are known as soon
+    # as the last of them is reached, and the rest of the encoder and the decoder need not run.
+    encoder_only = encoded is None and all(name.startswith(ENCODER_PREFIX) for name in entries)
+    images_done = [0]
 
     def hook_for(name):
         def hook(module, args, kwargs):
             captured[name].append((_detach(args, cache_device, cache_dtype), _detach(kwargs, cache_device, cache_dtype)))
+            if encoder_only and all(len(calls) > images_done[0] for calls in captured.values()):
+                raise _EntriesCaptured
         return hook
 
     try:
         for name in entries:
             handles.append(model.get_submodule(name).register_forward_pre_hook(hook_for(name), with_kwargs=True))
-        run_items(model, items, encoded, images)
+        if not encoder_only:
+            run_items(model, items, encoded, images)
+        images = images or ImageSource(model)
+        for item in items if encoder_only else []:
+            try:
+                encode_image(model, images.image(item.image.path))
+            except _EntriesCaptured:
+                pass
+            images_done[0] += 1
     finally:
         for handle in handles:
             handle.remove()

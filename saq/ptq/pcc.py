@@ -6,7 +6,7 @@ attention, the clipping percentile whose quantized attention map keeps the same 
 map: focus mask M = 1[A > theta * rowmax(A)], loss = mean over (prompt, head) of 1 - IoU(M, M^)
 (METHOD.md section 4). The search is greedy (module by module, quantizer by quantizer, two passes),
 with every other quantizer OFF except the PCC quantizers already fixed, so the image encoder runs
-once per calibration image and each candidate re-runs only the one attention module.
+once per calibration image and each candidate recomputes only one side of one attention map.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -244,16 +244,54 @@ def _pcc_quantizers(model: nn.Module, modules: list[str]) -> dict[tuple[str, str
     return found
 
 
-def _attention_loss(attention: nn.Module, calls: list[tuple[tuple, dict]], fp_maps: list[torch.Tensor],
-                    call_items: list[int], num_items: int, theta: float) -> float:
-    """Focus-overlap loss of one attention on its captured calls: mean over items of mean(1 - IoU)."""
-    with _first_inputs(attention.softmax_quantizer) as maps:
-        for args, kwargs in calls:
-            attention(*args, **kwargs)
+def _query_and_key(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The q and k of a captured ``attention(q, k, v)`` call (segment-anything passes them by name)."""
+    bound = dict(zip(("q", "k", "v"), args))
+    bound.update(kwargs)
+    return bound["q"], bound["k"]
+
+
+_QUERY_SIDE_POINTS = ("q_proj.input_quantizer", "q_quantizer")
+_PROJECTED_POINTS = ("q_quantizer", "k_quantizer")  # after the projection: its output is fixed per search
+
+
+class _PointMaps:
+    """The attention maps of every captured call as a function of one PCC point's range.
+
+    A point changes one side of q k^T only, and nothing before it: the other side, and for a point after
+    the projection the projection itself, are computed once per search; each candidate recomputes the
+    rest of its side and the map (no v, no output projection). Same operations as the module's forward,
+    so the maps equal those of a full forward.
+    """
+
+    def __init__(self, attention: QuantTwoWayAttention, point: str, calls: list[tuple[tuple, dict]]) -> None:
+        self.attention = attention
+        self.query_side = point in _QUERY_SIDE_POINTS
+        pairs = [_query_and_key(args, kwargs) for args, kwargs in calls]
+        varied_inputs = [q if self.query_side else k for q, k in pairs]
+        self.fixed = [attention.keys(k) if self.query_side else attention.queries(q) for q, k in pairs]
+        if point in _PROJECTED_POINTS:
+            projection = attention.q_proj if self.query_side else attention.k_proj
+            quantizer = attention.q_quantizer if self.query_side else attention.k_quantizer
+            self.inputs = [projection(x) for x in varied_inputs]
+            self.vary = lambda t: attention._separate_heads(quantizer(t), attention.num_heads)
+        else:
+            self.inputs = varied_inputs
+            self.vary = attention.queries if self.query_side else attention.keys
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for x, fixed in zip(self.inputs, self.fixed):
+            varied = self.vary(x)
+            yield self.attention.attention_probs(*((varied, fixed) if self.query_side else (fixed, varied)))
+
+
+def _attention_loss(maps: Iterable[torch.Tensor], fp_maps: list[torch.Tensor], call_items: list[int],
+                    num_items: int, theta: float) -> float:
+    """Focus-overlap loss of one attention's maps on its captured calls: mean over items of mean(1 - IoU)."""
     device = fp_maps[0].device
     sums = torch.zeros(num_items, dtype=torch.float64, device=device)
     counts = torch.zeros(num_items, dtype=torch.float64, device=device)
-    for fp, qmap, item in zip(fp_maps, maps, call_items):
+    for fp, qmap, item in zip(fp_maps, maps, call_items, strict=True):
         iou = focus_iou(fp, qmap, theta)
         sums[item] += (1.0 - iou).double().sum()
         counts[item] += iou.numel()
@@ -278,13 +316,14 @@ def _search_point(record_base: dict[str, Any], attention: nn.Module, q: FakeQuan
 
     ``record_base`` holds the record's module, point, pass_index and initial_range.
     """
+    point_maps = _PointMaps(attention, record_base["point"], calls)
     with _first_inputs(q) as xs:
-        for args, kwargs in calls:
-            attention(*args, **kwargs)
+        for x in point_maps.inputs:
+            point_maps.vary(x)
     x_all = torch.cat([x.reshape(-1) for x in xs])
 
     def score() -> float:
-        return _attention_loss(attention, calls, fp_maps, call_items, num_items, theta)
+        return _attention_loss(point_maps, fp_maps, call_items, num_items, theta)
 
     candidates = clip_candidates(x_all, percentiles)
     q.set_mode(QuantMode.QUANTIZE)

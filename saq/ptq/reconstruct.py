@@ -71,6 +71,15 @@ def _targets(model: nn.Module, unit: ReconUnit, inputs: list, device, cache_devi
         return [_detach(unit.run(model, *to_device(inp, device)), cache_device, cache_dtype) for inp in inputs]
 
 
+def _chained_fp_targets(unit: ReconUnit, next_unit: ReconUnit | None, fp_inputs: Mapping[str, list]) -> list | None:
+    """A unit's FP targets when they were already captured: the all-FP model's output of a unit that
+    feeds the next one is that unit's captured FP input (no second FP pass over the calibration set)."""
+    if unit.target_inputs != "fp" or next_unit is None or unit.feeds != next_unit.entry \
+            or next_unit.entry not in fp_inputs:
+        return None
+    return [args[0] for args, _ in fp_inputs[next_unit.entry]]
+
+
 def _unit_loader(batches: UnitBatches, iters: int, seed: int) -> DataLoader:
     """``iters`` items drawn with replacement (one image and its prompts per step), seeded per unit."""
     sampler = RandomSampler(batches, replacement=True, num_samples=iters,
@@ -125,8 +134,10 @@ def reconstruct_(model: nn.Module, items: list[CalibrationItem], cfg: Mapping[st
             q_inputs = capture_inputs(model, [unit.entry], items, cache_device, cache_dtype,
                                       encoded if unit.part == "decoder" else None, images)[unit.entry]
             q_cache = {unit.entry: q_inputs}
-        target_inputs = q_inputs if unit.target_inputs == "quantized" else fp_inputs[unit.entry]
-        targets = _targets(model, unit, target_inputs, device, cache_device, cache_dtype)
+        targets = _chained_fp_targets(unit, todo[position + 1] if position + 1 < len(todo) else None, fp_inputs)
+        if targets is None:
+            target_inputs = q_inputs if unit.target_inputs == "quantized" else fp_inputs[unit.entry]
+            targets = _targets(model, unit, target_inputs, device, cache_device, cache_dtype)
         unit_head = head if (head is not None and unit.kind == "stage") else None
         if unit_head is not None and not unit_head.accepts(targets[0]):
             log.info("PAR: the output of %s %s cannot feed the neck (layer skipping undefined); this stage uses "
