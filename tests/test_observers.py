@@ -43,6 +43,17 @@ def test_quantile_beyond_torch_quantile_limit():
     assert quantile(x, 0.5).item() == 0.0
 
 
+def test_quantiles_from_one_sort_equal_quantile_one_by_one():
+    from saq.quant.stats import quantiles
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 1001).round(decimals=1)  # many ties
+    qs = [0.0, 0.0001, 0.15, 0.5, 0.85, 0.99, 0.99999, 1.0]
+    assert [v.item() for v in quantiles(x, qs)] == [quantile(x, q).item() for q in qs]
+    with pytest.raises(ValueError, match="quantile must be in"):
+        quantiles(x, [0.5, 1.5])
+
+
 @pytest.mark.parametrize("name", ["mse", "omse"])
 def test_error_search_clips_outliers(name):
     torch.manual_seed(0)

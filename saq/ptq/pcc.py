@@ -27,7 +27,7 @@ from saq.nn.attention import QuantTwoWayAttention
 from saq.quant.granularity import PerTensor
 from saq.quant.observers import build_observer
 from saq.quant.quantizer import FakeQuantizer, QuantMode, quant_mode
-from saq.quant.stats import quantile
+from saq.quant.stats import quantiles
 
 # The four searched quantizers of a decoder attention, relative to the module, in search order.
 PCC_POINTS: tuple[str, ...] = ("q_proj.input_quantizer", "k_proj.input_quantizer", "q_quantizer", "k_quantizer")
@@ -96,17 +96,16 @@ def focus_overlap_loss(A_fp: torch.Tensor, A_q: torch.Tensor, theta: float = 0.5
 def clip_candidates(x: torch.Tensor, percentiles: Sequence[float]) -> list[tuple[float, torch.Tensor, torch.Tensor]]:
     """[(p, quantile(x, 1 - p), quantile(x, p))] over all of x; p = 1 gives (min, max).
 
-    Uses the kthvalue quantile, so any size works and the bounds stay on x's device.
+    Nearest-rank quantiles (saq.quant.stats.quantile) from one sort of x, on x's device.
     """
     if x.numel() == 0:
         raise ValueError("clip_candidates of an empty tensor")
-    out = []
+    percentiles = [float(p) for p in percentiles]
     for p in percentiles:
-        p = float(p)
         if not 0.5 < p <= 1.0:
             raise ValueError(f"clip percentile must be in (0.5, 1], got {p}")
-        out.append((p, quantile(x, 1.0 - p), quantile(x, p)))
-    return out
+    bounds = quantiles(x, [1.0 - p for p in percentiles] + percentiles)
+    return [(p, bounds[i], bounds[len(percentiles) + i]) for i, p in enumerate(percentiles)]
 
 
 def best_candidate(percentiles: Sequence[float], losses: Sequence[float]) -> int:

@@ -18,6 +18,17 @@ def quantile(x: torch.Tensor, q: float) -> torch.Tensor:
     return flat.kthvalue(k).values
 
 
+def quantiles(x: torch.Tensor, qs: list[float] | tuple[float, ...]) -> list[torch.Tensor]:
+    """``quantile(x, q)`` for every q of ``qs`` from a single sort (a search over many clip
+    percentiles of one tensor would otherwise run one selection per percentile)."""
+    for q in qs:
+        if not 0.0 <= q <= 1.0:
+            raise ValueError(f"quantile must be in [0, 1], got {q}")
+    ordered = x.detach().reshape(-1).float().sort().values
+    last = ordered.numel() - 1
+    return [ordered[int(round(q * last))] for q in qs]
+
+
 def channel_quantile(x: torch.Tensor, q: float, axis: int = 0) -> torch.Tensor:
     """Per-slice q-quantile along ``axis`` (nearest rank), shaped (C,)."""
     flat = x.detach().movedim(axis, 0).reshape(x.shape[axis], -1).float()
