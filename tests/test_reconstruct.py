@@ -12,7 +12,7 @@ from saq.nn import QuantRule, assert_deployable, deployment_problems, harden_wei
 from saq.ptq.calibrate import calibrate_
 from saq.ptq.capture import capture_inputs, to_device
 from saq.ptq.reconstruct import STATE_FILE, reconstruct_
-from saq.quant import QuantMode, QuantSpec, quant_mode, set_quant_mode
+from saq.quant import QuantMode, QuantSpec, iter_quantizers, quant_mode, set_quant_mode
 from saq.utils.loggers import RunLogger
 
 RULES = [QuantRule("prompt_encoder*"), QuantRule("image_encoder.patch_embed*"), QuantRule("image_encoder.head*"),
@@ -241,3 +241,35 @@ def test_encoder_captures_stop_at_the_last_entry(items):
     for name in entries:
         assert len(early[name]) == len(full[name]) == 2
         assert all(torch.equal(args[0], x) for (args, _), x in zip(early[name], full[name]))
+
+
+@pytest.mark.parametrize("decoder", ["subblock", "clm"])
+def test_decoder_fp_inputs_are_captured_one_unit_at_a_time_and_only_when_used(items, monkeypatch, tmp_path,
+                                                                              decoder):
+    """Decoder inputs are per prompt and large: the FP capture at the start holds encoder entries only;
+    a decoder unit with FP targets captures its own entry when it comes, a CLM unit (targets on the
+    quantized path) never captures FP inputs."""
+    import saq.ptq.reconstruct as recon
+
+    model = calibrated_tiny(items[:2])
+    captures = []
+    real_capture = recon.capture_inputs
+
+    def recording(m, entries, *args, **kwargs):
+        captures.append((list(entries), next(q for _, q in iter_quantizers(m)).mode))
+        return real_capture(m, entries, *args, **kwargs)
+
+    monkeypatch.setattr(recon, "capture_inputs", recording)
+    cfg = {**RECON, "iters": 2, "granularity": "subblock" if decoder == "subblock" else "block",
+           "decoder_loss": "clm" if decoder == "clm" else "mse"}
+    reconstruct_(model, items[:2], cfg, tmp_path, RunLogger(tmp_path), show_progress=False)
+    first, *later = captures
+    assert first[0] and all(e.startswith("image_encoder.") for e in first[0])
+    decoder_captures = [(entries, mode) for entries, mode in later if entries[0].startswith("mask_decoder.")]
+    assert all(len(entries) == 1 for entries, _ in decoder_captures)
+    fp_decoder_captures = [entries for entries, mode in decoder_captures if mode is QuantMode.OFF]
+    if decoder == "clm":
+        assert fp_decoder_captures == []
+    else:
+        units = [u for u in reconstruction_units(model, "subblock") if u.part == "decoder"]
+        assert fp_decoder_captures == [[u.entry] for u in units if unit_quantizers(model, u)]

@@ -80,6 +80,17 @@ def _chained_fp_targets(unit: ReconUnit, next_unit: ReconUnit | None, fp_inputs:
     return [args[0] for args, _ in fp_inputs[next_unit.entry]]
 
 
+def _fp_inputs_of(model: nn.Module, unit: ReconUnit, items: list[CalibrationItem], fp_inputs: Mapping[str, list],
+                  images: ImageSource, cache_device, cache_dtype) -> list:
+    """The FP model's inputs of ``unit``: from the encoder capture, or for a decoder unit captured now from
+    the FP image embeddings (the encoder does not run again)."""
+    if unit.entry in fp_inputs:
+        return fp_inputs[unit.entry]
+    with torch.no_grad(), quant_mode(model, QuantMode.OFF):
+        embeddings = [images.fp_embedding(item.image.path) for item in items]
+        return capture_inputs(model, [unit.entry], items, cache_device, cache_dtype, embeddings, images)[unit.entry]
+
+
 def _unit_loader(batches: UnitBatches, iters: int, seed: int) -> DataLoader:
     """``iters`` items drawn with replacement (one image and its prompts per step), seeded per unit."""
     sampler = RandomSampler(batches, replacement=True, num_samples=iters,
@@ -114,8 +125,11 @@ def reconstruct_(model: nn.Module, items: list[CalibrationItem], cfg: Mapping[st
         return stats
     set_quant_mode(model, QuantMode.QUANTIZE)
     with quant_mode(model, QuantMode.OFF):
-        fp_inputs = capture_inputs(model, sorted({u.entry for u in todo}), items, cache_device, cache_dtype,
-                                   images=images)
+        # Encoder entries at once (QDrop mixes a unit's input with these; a unit's FP targets are the next
+        # unit's inputs). A decoder unit's FP inputs are taken when it comes and only if its loss needs
+        # them: per prompt they are large, and CLM units never use them.
+        fp_inputs = capture_inputs(model, sorted({u.entry for u in todo if u.part == "encoder"}), items,
+                                   cache_device, cache_dtype, images=images)
     q_cache: dict[str, list] = {}  # quantized inputs known without a forward pass (chained units)
     encoded = None  # quantized image embeddings, once the encoder is final
     for position, unit in enumerate(todo):
@@ -136,8 +150,10 @@ def reconstruct_(model: nn.Module, items: list[CalibrationItem], cfg: Mapping[st
             q_cache = {unit.entry: q_inputs}
         targets = _chained_fp_targets(unit, todo[position + 1] if position + 1 < len(todo) else None, fp_inputs)
         if targets is None:
-            target_inputs = q_inputs if unit.target_inputs == "quantized" else fp_inputs[unit.entry]
+            target_inputs = q_inputs if unit.target_inputs == "quantized" else _fp_inputs_of(
+                model, unit, items, fp_inputs, images, cache_device, cache_dtype)
             targets = _targets(model, unit, target_inputs, device, cache_device, cache_dtype)
+            del target_inputs
         unit_head = head if (head is not None and unit.kind == "stage") else None
         if unit_head is not None and not unit_head.accepts(targets[0]):
             log.info("PAR: the output of %s %s cannot feed the neck (layer skipping undefined); this stage uses "
@@ -168,7 +184,8 @@ def reconstruct_(model: nn.Module, items: list[CalibrationItem], cfg: Mapping[st
             state.save(model, done, global_step + iters, stats)
 
         if iters > 0:
-            batches = UnitBatches(q_inputs, fp_inputs[unit.entry] if module.mixes_input else None, targets,
+            batches = UnitBatches(q_inputs, _fp_inputs_of(model, unit, items, fp_inputs, images, cache_device,
+                                                          cache_dtype) if module.mixes_input else None, targets,
                                   head_targets)
             trainer = unit_trainer(unit.name, device, precision, run_dir, logger, global_step, iters,
                                    [windows, UnitCheckpoint(save_unit)], show_progress)
@@ -177,6 +194,8 @@ def reconstruct_(model: nn.Module, items: list[CalibrationItem], cfg: Mapping[st
             module.finalize()
             save_unit()
         global_step += iters
+        if all(u.entry != unit.entry for u in todo[position + 1:]):  # sub-blocks share their block's input
+            fp_inputs.pop(unit.entry, None)  # no later unit reads them (the previous unit took its targets)
         if position + 1 < len(todo) and unit.feeds == todo[position + 1].entry:
             with torch.no_grad():  # the next unit's quantized input is this unit's (now frozen) output
                 q_cache[todo[position + 1].entry] = [
