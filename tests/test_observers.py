@@ -93,6 +93,38 @@ def _lp_error(w, lo, hi, bits, p=2.4):
     return float((fake_quantize(w, qp.scale, qp.zero_point, qp.qmin, qp.qmax) - w).abs().pow(p).sum())
 
 
+def _brute_force_step_and_zero_point(rows, bits, p=2.4, grid=100):
+    """Every (step fraction, zero point) pair per channel, lowest Lp error first found: the definition
+    the bisection over zero points must reproduce."""
+    qmin, qmax = 0, 2**bits - 1
+    span = (rows.amax(dim=1).clamp(min=0.0) - rows.amin(dim=1).clamp(max=0.0)).clamp_min(1e-8)
+    best = [(float("inf"), None, None)] * rows.shape[0]
+    for fraction in torch.linspace(1.0 / grid, 1.0, grid):
+        scale = (span * fraction / (qmax - qmin)).clamp_min(1e-8)[:, None]
+        codes = torch.round(rows / scale)
+        for z in range(qmin, qmax + 1):
+            err = ((torch.clamp(codes, qmin - z, qmax - z) * scale - rows).abs().pow(p)).sum(dim=1)
+            best = [b if e >= b[0] else (float(e), float(scale[c]), z) for c, (e, b) in enumerate(zip(err, best))]
+    return torch.tensor([b[1] for b in best]), torch.tensor([float(b[2]) for b in best])
+
+
+@pytest.mark.parametrize("bits", [3, 4, 6])
+def test_zero_point_bisection_finds_the_brute_force_optimum(bits):
+    """The error is convex in the integer zero point for a fixed step, so bisecting it finds the same
+    (step, zero point) as trying every zero point."""
+    from saq.quant.functional import compute_qparams
+
+    torch.manual_seed(bits)
+    w = torch.randn(12, 96) * torch.rand(12, 1) + 0.5 * torch.randn(12, 1)
+    w[:4, 0] += 4.0  # outliers on some channels
+    obs = build_observer("mse", bits, False, PerChannel(0), grid=20)
+    obs.update(w)
+    qp = compute_qparams(*obs.compute_range(), bits, False)
+    scale, zero_point = _brute_force_step_and_zero_point(w, bits, grid=20)
+    torch.testing.assert_close(qp.scale.reshape(-1), scale, rtol=1e-5, atol=0)
+    assert torch.equal(qp.zero_point.reshape(-1), zero_point)
+
+
 def test_weight_mse_searches_every_zero_point_per_range():
     """METHOD.md section 2: weights search ranges x zero points per channel. The 2-D grid contains the
     1-D shrink's candidates, so it is never worse; on skewed channels it is strictly better; and the

@@ -25,6 +25,8 @@ def test_recipe_runs_and_deploys(recipe, extra, tmp_path):
     metrics = read(run_dir / "metrics.json")
     assert metrics["recipe"] == recipe and metrics["deployable"] is True
     stages = metrics["stages"]
+    ran = [k for k in stages if k not in ("seconds", "image_source")]
+    assert ran and list(stages["seconds"]) == ran and all(t >= 0 for t in stages["seconds"].values())
     if "reconstruct" in stages:
         assert stages["reconstruct"] and all(u["iters"] > 0 for u in stages["reconstruct"])
         assert (run_dir / "recon_state.pt").is_file() and (run_dir / "recon_curves.png").is_file()

@@ -7,6 +7,7 @@ calibrated range): the order is the recipe's.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -93,10 +94,14 @@ STAGES: dict[Stage, Callable[[StageContext], Any]] = {
 def run_stages(ctx: StageContext) -> dict[str, Any]:
     """The recipe's stages in its order; returns what each reported, by stage name."""
     info: dict[str, Any] = {}
+    seconds: dict[str, float] = {}
     for name in ctx.config["ptq"]["stages"]:
         stage = Stage(name)
+        start = time.perf_counter()
         info[stage.value] = STAGES[stage](ctx)
+        seconds[stage.value] = round(time.perf_counter() - start, 3)
         ctx.done.append(stage)
+    info["seconds"] = seconds  # wall time of each stage (a resumed reconstruction counts only this process)
     info["image_source"] = {"images_decoded": ctx.images.decoded, "fp_encoder_passes": ctx.images.fp_encoded}
     ctx.images.forget_embeddings()  # hardening follows: FP embeddings would no longer be the FP model's
     return info

@@ -216,28 +216,40 @@ class LpSearchObserver(_AveragingObserver):
     def _range_zero_point_search(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per channel, the (step, zero point) pair with the lowest Lp error: steps are ``grid``
         fractions of the full channel range over the 2^bits - 1 intervals, zero points every integer
-        code. Returned as the (lo, hi) that ``compute_qparams`` maps back to exactly that pair."""
+        code. Returned as the (lo, hi) that ``compute_qparams`` maps back to exactly that pair.
+
+        For a fixed step the error is a convex sequence in the integer zero point (each element's error
+        is flat while it is inside the clamp window and grows convexly, as |t|^p does, once the window
+        clamps it), so a bisection on the sign of E(z + 1) - E(z) finds the smallest minimising zero
+        point with 2 * bits + 1 error evaluations instead of 2^bits."""
         qmin, qmax = int_range(self.bits, self.symmetric)
         levels = qmax - qmin
         span = (rows.amax(dim=1).clamp(min=0.0) - rows.amin(dim=1).clamp(max=0.0)).clamp_min(MIN_SCALE)
-        zero_points = torch.arange(qmin, qmax + 1, device=rows.device, dtype=rows.dtype)
         best_err = torch.full_like(span, math.inf)
         best_scale, best_zp = span / levels, torch.full_like(span, float(qmin))
-        # With an integer zero point, clamp(round(x/s) + z) - z = clamp(round(x/s), qmin - z, qmax - z):
-        # the rounding is shared by every zero point of a step, only the clamp bounds move.
-        chunk = max(1, (1 << 24) // max(rows.numel(), 1))
         for fraction in torch.linspace(1.0 / self.grid, 1.0, self.grid, device=rows.device):
             scale = (span * fraction / levels).clamp_min(MIN_SCALE)[:, None]  # (C, 1)
             codes = torch.round(rows / scale)
-            for start in range(0, zero_points.numel(), chunk):
-                zp = zero_points[start:start + chunk][:, None, None]  # (Z, 1, 1)
-                deq = torch.maximum(torch.minimum(codes[None], qmax - zp), qmin - zp) * scale[None]
-                err = (deq - rows[None]).abs().pow(self.p).sum(dim=2)  # (Z, C)
-                chunk_err, chunk_idx = err.min(dim=0)
-                better = chunk_err < best_err
-                best_err = torch.where(better, chunk_err, best_err)
-                best_scale = torch.where(better, scale[:, 0], best_scale)
-                best_zp = torch.where(better, zero_points[start:start + chunk][chunk_idx], best_zp)
+
+            def error(zp: torch.Tensor) -> torch.Tensor:  # (C,) error of each channel at its zero point
+                # with an integer zero point, clamp(round(x/s) + z) - z = clamp(round(x/s), qmin - z, qmax - z)
+                z = zp[:, None]
+                deq = torch.maximum(torch.minimum(codes, qmax - z), qmin - z) * scale
+                return (deq - rows).abs().pow(self.p).sum(dim=1)
+
+            low = torch.full_like(span, float(qmin))
+            high = torch.full_like(span, float(qmax))
+            while bool((low < high).any()):
+                mid = torch.floor((low + high) / 2)
+                rising = error(mid + 1) >= error(mid)  # the minimum is at mid or below
+                open_ = low < high
+                high = torch.where(open_ & rising, mid, high)
+                low = torch.where(open_ & ~rising, mid + 1, low)
+            err = error(low)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_scale = torch.where(better, scale[:, 0], best_scale)
+            best_zp = torch.where(better, low, best_zp)
         return (qmin - best_zp) * best_scale, (qmax - best_zp) * best_scale
 
 
