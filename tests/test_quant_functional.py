@@ -123,6 +123,41 @@ def test_straight_through_gradient():
     assert x.grad.tolist() == [1.0, 1.0, 0.0]
 
 
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_fake_quantize_gradients_are_lsq(per_channel):
+    """The custom backward gives LSQ's gradients (clipping decided on v = x/s + z before rounding), the
+    same as autograd of the written-out ops wherever the code is not on a clamp bound, and the forward
+    is the same values bit for bit."""
+    from saq.quant.functional import round_ste
+
+    torch.manual_seed(0)
+    x = (torch.randn(6, 40) * 3).requires_grad_()
+    shape = (6, 1) if per_channel else ()
+    scale = (torch.rand(shape) * 0.3 + 0.05).requires_grad_()
+    zero_point = torch.randint(0, 16, shape).float()
+    grad_out = torch.randn(6, 40)
+
+    out = fake_quantize(x, scale, zero_point, 0, 15)
+    out.backward(grad_out)
+    got_x, got_s = x.grad.clone(), scale.grad.clone()
+    with torch.no_grad():
+        v = x / scale + zero_point
+        inside = (v >= 0) & (v <= 15)
+        lsq_local = torch.where(inside, torch.round(x / scale) - x / scale, torch.round(v).clamp(0, 15) - zero_point)
+        lsq_s = (grad_out * lsq_local).sum(dim=1, keepdim=True).reshape(shape) if per_channel \
+            else (grad_out * lsq_local).sum()
+    assert (~inside).any() and inside.any()
+    assert torch.equal(got_x, grad_out * inside)
+    torch.testing.assert_close(got_s, lsq_s)
+
+    x.grad, scale.grad = None, None
+    ref = (torch.clamp(round_ste(x / scale) + zero_point, 0, 15) - zero_point) * scale
+    ref.backward(grad_out)
+    assert torch.equal(out.detach(), ref.detach())
+    off_bound = (torch.round(v) > 0) & (torch.round(v) < 15)
+    torch.testing.assert_close(got_x[off_bound], x.grad[off_bound])
+
+
 def test_modes_and_context_manager():
     model = torch.nn.Sequential(FakeQuantizer(QuantSpec(4), Role.ACTIVATION))
     x = torch.randn(100)

@@ -64,8 +64,50 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     model computes what an int8 runtime computes from the same scales and zero points."""
     if not torch.is_grad_enabled() or not (x.requires_grad or scale.requires_grad):
         return _fake_quantize_inference(x, scale.detach(), zero_point.detach(), qmin, qmax)
-    q = torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax)
-    return (q - zero_point) * scale
+    return _FakeQuantizeSTE.apply(x, scale, zero_point.detach(), qmin, qmax)
+
+
+class _FakeQuantizeSTE(torch.autograd.Function):
+    """``(clamp(round(x / s) + z, qmin, qmax) - z) * s`` with LSQ's straight-through gradients. The
+    forward keeps only x (autograd of the written-out ops would keep half a dozen temporaries of x's
+    size) and the backward recomputes the codes.
+
+    With v = x/s + z: d/dx = 1 where qmin <= v <= qmax, else 0; d/ds = round(x/s) - x/s there, else
+    the clipped code minus z (qmin - z or qmax - z), summed to the scale's shape. Written out with
+    round_ste, autograd gives the same except on codes at a bound, where float noise in
+    (round(v) - v) + v decides."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin, qmax):
+        ctx.save_for_backward(x, scale, zero_point)
+        ctx.qmin, ctx.qmax = qmin, qmax
+        return _fake_quantize_inference(x, scale.detach(), zero_point, qmin, qmax)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, scale, zero_point = ctx.saved_tensors
+        scaled = x / scale
+        rounded = torch.round(scaled)
+        codes = rounded + zero_point
+        unrounded = scaled + zero_point  # LSQ decides "clipped" before rounding
+        inside = (unrounded >= ctx.qmin) & (unrounded <= ctx.qmax)
+        del unrounded
+        grad_x = grad * inside if ctx.needs_input_grad[0] else None
+        grad_scale = None
+        if ctx.needs_input_grad[1]:
+            # inside: (q - z) - x/s = round(x/s) - x/s; clamped: the bound's code minus z
+            local = torch.where(inside, rounded.sub_(scaled), codes.clamp_(ctx.qmin, ctx.qmax).sub_(zero_point))
+            grad_scale = _sum_to(grad * local, scale.shape)
+        return grad_x, grad_scale, None, None, None
+
+
+def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Sum a broadcast gradient back to the shape of the tensor that was broadcast."""
+    if t.shape == shape:
+        return t
+    lead = t.dim() - len(shape)
+    dims = tuple(range(lead)) + tuple(lead + i for i, n in enumerate(shape) if n == 1 and t.shape[lead + i] != 1)
+    return t.sum(dim=dims, keepdim=True).reshape(shape) if dims else t.reshape(shape)
 
 
 def _fake_quantize_inference(x, scale, zero_point, qmin, qmax) -> torch.Tensor:
