@@ -21,6 +21,7 @@ def test_every_stage_reads_each_image_once(coco8, tmp_path, monkeypatch):
     register_resolvers()
     with initialize_config_dir(config_dir(), version_base="1.3"):
         cfg = compose("ptq", overrides=["debug=fast", "ptq=saq_sam", "quant=w4a8", "ptq.recon.iters=2",
+                                        "ptq.recon.final_attn_iters=2",
                                         "ptq.pcc.num_images=2", "ptq.pcc.passes=1", "ptq.pcc.percentiles=[0.99,0.999]"])
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     ds = dataset_from_config(coco8)
@@ -32,7 +33,8 @@ def test_every_stage_reads_each_image_once(coco8, tmp_path, monkeypatch):
     quantize_(model, rules_from_config(config["quant"], config["ptq"]))
     ctx = StageContext(model, items, cap_prompts(items, 2), config, tmp_path, RunLogger(tmp_path), False)
     info = run_stages(ctx)
-    assert [s for s in info if s != "image_source"] == ["bimodal", "pcc", "calibrate", "reconstruct"]
+    assert [s for s in info if s not in ("image_source", "seconds")] == ["bimodal", "pcc", "calibrate", "reconstruct"]
+    assert list(info["seconds"]) == ["bimodal", "pcc", "calibrate", "reconstruct"]
     # bimodal, PCC, the observers and reconstruction's captures: 3 files read once each
     assert sorted(reads) == sorted(i.image.path for i in items)
     # BIG's image is one of PCC's two: two FP encoder passes in all
