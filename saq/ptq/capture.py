@@ -71,15 +71,16 @@ def capture_inputs(model: nn.Module, entries: list[str], items: list[Calibration
     try:
         for name in entries:
             handles.append(model.get_submodule(name).register_forward_pre_hook(hook_for(name), with_kwargs=True))
-        if not encoder_only:
+        if encoder_only:
+            images = images or ImageSource(model)
+            for item in items:
+                try:
+                    encode_image(model, images.image(item.image.path))
+                except _EntriesCaptured:
+                    pass
+                images_done[0] += 1
+        else:
             run_items(model, items, encoded, images)
-        images = images or ImageSource(model)
-        for item in items if encoder_only else []:
-            try:
-                encode_image(model, images.image(item.image.path))
-            except _EntriesCaptured:
-                pass
-            images_done[0] += 1
     finally:
         for handle in handles:
             handle.remove()

@@ -97,17 +97,8 @@ class _FakeQuantizeSTE(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             # inside: (q - z) - x/s = round(x/s) - x/s; clamped: the bound's code minus z
             local = torch.where(inside, rounded.sub_(scaled), codes.clamp_(ctx.qmin, ctx.qmax).sub_(zero_point))
-            grad_scale = _sum_to(grad * local, scale.shape)
+            grad_scale = (grad * local).sum_to_size(scale.shape)
         return grad_x, grad_scale, None, None, None
-
-
-def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Sum a broadcast gradient back to the shape of the tensor that was broadcast."""
-    if t.shape == shape:
-        return t
-    lead = t.dim() - len(shape)
-    dims = tuple(range(lead)) + tuple(lead + i for i, n in enumerate(shape) if n == 1 and t.shape[lead + i] != 1)
-    return t.sum(dim=dims, keepdim=True).reshape(shape) if dims else t.reshape(shape)
 
 
 def _fake_quantize_inference(x, scale, zero_point, qmin, qmax) -> torch.Tensor:
