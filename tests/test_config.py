@@ -70,6 +70,12 @@ def test_slurm_cluster_uses_submitit():
     launcher = cfg.hydra.launcher
     assert "SlurmLauncher" in launcher._target_
     assert launcher.partition == "gpu" and launcher.timeout_min == 60 and launcher.gpus_per_node == 1
+    assert launcher.max_num_timeout == 3 and launcher.signal_delay_s == 120  # requeued on preemption / time limit
+
+
+def test_submitit_local_cluster_uses_the_local_executor():
+    cfg = _compose(["cluster=submitit_local", "cluster.timeout_min=5"], hydra_cfg=True)
+    assert "LocalLauncher" in cfg.hydra.launcher._target_ and cfg.hydra.launcher.timeout_min == 5
 
 
 def test_sweep_summary_callback_registered():

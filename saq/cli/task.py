@@ -245,6 +245,16 @@ def _run_claimed(cfg: DictConfig, run_dir: Path, job: Callable[[DictConfig, Path
         if isinstance(exc, RunInterrupted):
             raise SystemExit(INTERRUPTED_EXIT_CODE) from None  # a clean exit, not a traceback
         raise
+    except SystemExit as exc:
+        # Only a signal handler exits from inside a job: submitit's on SIGUSR2 (SLURM preemption or time
+        # limit), after it has requeued the job. The requeued job resumes in this dir; its code is kept.
+        command = resume_command(cfg, run_dir)
+        write_status(run_dir, "interrupted", f"exit {exc.code} requested while running (requeued by the cluster?)",
+                     resume=command)
+        log.error("run exited with code %s while running; a requeued job or `%s` continues it", exc.code, command)
+        if logger is not None:
+            logger.finish(failed=True)
+        raise
     except BaseException as exc:
         write_status(run_dir, "failed", format_error(exc))
         if logger is not None:

@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from saq.data.coco import CocoInstances, DatasetError, ImageRecord
+from saq.utils.run_files import atomic_file
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -114,8 +115,8 @@ def skimage_photos(dest: str | Path, names: list[str]) -> Path:
         array = np.asarray(data if index is None else data[index])
         if array.dtype != np.uint8:  # horse is bool, shepp_logan_phantom float
             array = img_as_ubyte(array)
-        # Write to a temporary name first so an interrupted run leaves no truncated PNG behind.
-        tmp = target.with_name(f".{target.name}.tmp")
-        Image.fromarray(array).save(tmp, format="PNG")
-        tmp.replace(target)
+        # A temporary file of this writer's own: no truncated PNG after a kill, and concurrent jobs of a
+        # sweep filling the same cache never share a temporary file.
+        with atomic_file(target) as f:
+            Image.fromarray(array).save(f, format="PNG")
     return dest

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import pickle
 import re
 import shutil
@@ -41,7 +42,8 @@ def download_checkpoint(url: str, cache_dir: Path, md5: str | None = None) -> Pa
     if target.exists() and (md5 is None or md5sum(target) == md5):
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(target.suffix + ".part")
+    # a partial file of this process's own: jobs of one sweep may download the same checkpoint at once
+    partial = target.with_name(f".{target.name}.{os.getpid()}.part")
     log.info("downloading %s -> %s", url, target)
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:

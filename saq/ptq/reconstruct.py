@@ -29,6 +29,7 @@ from saq.models.image_source import ImageSource
 from saq.ptq.capture import _detach, capture_inputs, encode_items, to_device
 from saq.quant.quantizer import QuantMode, quant_mode, set_quant_mode
 from saq.utils.loggers import RunLogger
+from saq.utils.run_files import atomic_file
 
 STATE_FILE = "recon_state.pt"
 CACHE_DTYPES = {CacheDtype.float32: None, CacheDtype.float16: torch.float16, CacheDtype.bfloat16: torch.bfloat16}
@@ -60,10 +61,9 @@ class ReconState:
         return state
 
     def save(self, model: nn.Module, done: list[str], global_step: int, units: list[dict]) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        torch.save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "done": done,
-                    "global_step": global_step, "units": units, "unit_names": self.unit_names}, tmp)
-        tmp.replace(self.path)
+        with atomic_file(self.path) as f:
+            torch.save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "done": done,
+                        "global_step": global_step, "units": units, "unit_names": self.unit_names}, f)
 
 
 def _targets(model: nn.Module, unit: ReconUnit, inputs: list, device, cache_device, cache_dtype) -> list:

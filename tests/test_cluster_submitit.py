@@ -1,0 +1,86 @@
+"""The cluster path with real machinery: ``cluster=submitit_local`` runs a sweep through
+hydra-submitit-launcher's local executor, which pickles the jobs, runs them as processes, handles
+SIGUSR2 and requeues exactly as on SLURM. One job of a 2-job sweep is preempted after its first
+reconstruction unit; its requeued process resumes and must end with the result of the job that was
+never interrupted. The second job's checkpoint is then evaluated as a 2-shard sweep and merged."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from recon_cli import RECON_RUN, ROOT, checkpoint_tensors, comparable_metrics, env, predictions, tensor_differences
+
+pytestmark = pytest.mark.slow
+
+STATE_FILE = "recon_state.pt"
+# 30 iterations per unit: long enough that the signal lands before the last unit ends
+SWEEP = [o for o in RECON_RUN if not o.startswith(("seed=", "ptq.recon.iters="))] + ["ptq.recon.iters=30"]
+
+
+def _preempt_after_first_unit(run_dir, sweep: subprocess.Popen) -> None:
+    """SIGUSR2 (SLURM's preemption / time-limit signal) to the job process once a unit is checkpointed."""
+    deadline = time.monotonic() + 300
+    while not (run_dir / STATE_FILE).is_file():
+        assert sweep.poll() is None, f"sweep ended before the first unit:\n{sweep.stderr.read()[-3000:]}"
+        assert time.monotonic() < deadline, "no reconstruction checkpoint within 300 s"
+        time.sleep(0.01)
+    pid = json.loads((run_dir / "status.json").read_text())["pid"]
+    os.kill(pid, signal.SIGUSR2)
+
+
+def _submitit_logs(sweep_dir) -> str:
+    return "".join(p.read_text() for p in sweep_dir.glob(".submitit/*/*_log.*"))
+
+
+def test_preempted_job_is_requeued_and_resumes_then_shards_merge(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    # two identical jobs: job 0 is preempted, job 1 is the uninterrupted reference
+    command = [sys.executable, "-m", "saq.ptq", "-m", "cluster=submitit_local", *SWEEP, "seed=0,0",
+               f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep_dir}"]
+    sweep = subprocess.Popen(command, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _preempt_after_first_unit(sweep_dir / "0", sweep)
+        out, err = sweep.communicate(timeout=600)
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+    assert sweep.returncode == 0, f"{out[-2000:]}\n{err[-3000:]}"
+    assert "2/2 jobs completed" in out
+
+    preempted, reference = sweep_dir / "0", sweep_dir / "1"
+    logs = _submitit_logs(sweep_dir)
+    assert "Caught signal SIGUSR2" in logs and "Requeued job" in logs
+    status = json.loads((preempted / "status.json").read_text())
+    assert status["state"] == "completed"
+    ptq_log = (preempted / "ptq.log").read_text()
+    assert "resuming reconstruction after" in ptq_log, "the requeued job started over instead of resuming"
+    # resumed, not retrained: every unit's end is logged once
+    trained = [k.split("/")[1] for line in (preempted / "log.jsonl").read_text().splitlines()
+               for k in json.loads(line) if k.startswith("recon/") and k.endswith("/time_s")]
+    assert trained and len(trained) == len(set(trained))
+
+    assert comparable_metrics(preempted) == comparable_metrics(reference)
+    assert predictions(preempted) == predictions(reference)
+    assert tensor_differences(checkpoint_tensors(preempted / "quantized.pt"),
+                              checkpoint_tensors(reference / "quantized.pt")) == []
+
+    # the reference's checkpoint, evaluated as a 2-job sweep of shards, merged
+    shard_dir = tmp_path / "shards"
+    proc = subprocess.run([sys.executable, "-m", "saq.eval", "-m", "cluster=submitit_local",
+                           f"ckpt_path={reference / 'quantized.pt'}", "logger=none", "runtime.progress=false",
+                           "eval.num_shards=2", "eval.shard=0,1", f"hydra.sweep.dir={shard_dir}"],
+                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    merged = tmp_path / "merged"
+    proc = subprocess.run([sys.executable, "-m", "saq.eval.merge", str(merged), str(shard_dir / "0"),
+                           str(shard_dir / "1")], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    whole = json.loads((reference / "metrics.json").read_text())["quantized"]
+    sharded = json.loads((merged / "metrics.json").read_text())["quantized"]
+    for key in ("mask_AP", "mask_AP50", "mask_AP75", "mIoU", "fidelity_mIoU"):
+        assert sharded[key] == whole[key], key
