@@ -41,7 +41,7 @@ else
   DEVICE=cuda
   BENCH_T=(model=vit_t experiment=vit_t_coco data.max_images=16)
   BENCH_B=(model=vit_b model.checkpoint=random data=coco_subset_val prompts=gt data.max_images=8)
-  RUN=(experiment=vit_t_coco quant=w4a4)
+  RUN=(experiment=vit_t_coco quant=w4a4 eval.num_workers=4)  # JPEG decoding off the critical path
   SAQ_ITERS=()
   PTQ4SAM_L_ITERS=${PTQ4SAM_L_ITERS:-2000}
   LIMIT=240

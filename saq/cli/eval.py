@@ -43,7 +43,8 @@ def _labels_or_fp_masks(cfg: DictConfig, trained: dict[str, Any], data_cfg: dict
     key = fp_cache_key(trained["model"], data_cfg, prompts_cfg, [i.id for i in dataset.images], device.type)
     cache_dir = Path(cfg.eval.fp_cache_dir) if cfg.eval.cache_fp else None
     fp, _ = cached_evaluation(cache_dir, key, lambda: evaluate(fp_model, dataset, prompts, "eval fp",
-                                                               int(cfg.eval.prompt_batch), progress))
+                                                               int(cfg.eval.prompt_batch), progress,
+                                                               int(cfg.eval.num_workers)))
     dataset, prompts = pseudo_ground_truth(dataset, prompts, fp)
     return dataset, prompts, fp
 
@@ -70,7 +71,8 @@ def _fp_reference(cfg: DictConfig, trained: dict[str, Any], data_cfg: dict[str, 
     key = fp_cache_key(trained["model"], data_cfg, prompts_cfg, [i.id for i in dataset.images], device.type)
     cache_dir = Path(cfg.eval.fp_cache_dir) if cfg.eval.cache_fp else None
     fp, _ = cached_evaluation(cache_dir, key, lambda: evaluate(build_model(trained["model"]).to(device), dataset, prompts,
-                                                               "eval fp", int(cfg.eval.prompt_batch), bool(cfg.runtime.progress)))
+                                                               "eval fp", int(cfg.eval.prompt_batch), bool(cfg.runtime.progress),
+                     int(cfg.eval.num_workers)))
     return fp
 
 
@@ -99,7 +101,7 @@ def run_eval_deployed(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict
     device = torch.device("cpu")
     dataset, prompts, fp = _labels_or_fp_masks(cfg, trained, data_cfg, prompts_cfg, device)
     result = evaluate_runtime(predictor, dataset, prompts, f"eval {backend}", int(cfg.eval.prompt_batch),
-                              bool(cfg.runtime.progress))
+                              bool(cfg.runtime.progress), int(cfg.eval.num_workers))
     deployed = {k: float(result.metrics[k]) for k in METRIC_KEYS}
     add_fidelity(result, fp if fp is not None else _fp_reference(cfg, trained, data_cfg, prompts_cfg, dataset, prompts, device))
     deployed["fidelity_mIoU"] = result.metrics["fidelity_mIoU"]
@@ -112,7 +114,8 @@ def run_eval_deployed(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict
                "wall_time_s": time.perf_counter() - start, "timing": result.timing}
     if cfg.eval.compare_fake_quant and manifest["export_format"] == "onnx":
         model, _ = load_quantized(manifest["checkpoint"])
-        fake = evaluate(model, dataset, prompts, "eval fake-quant", int(cfg.eval.prompt_batch), bool(cfg.runtime.progress))
+        fake = evaluate(model, dataset, prompts, "eval fake-quant", int(cfg.eval.prompt_batch), bool(cfg.runtime.progress),
+                     int(cfg.eval.num_workers))
         metrics["fake_quant"] = {k: float(fake.metrics[k]) for k in METRIC_KEYS}
         metrics["deployed_vs_fake_quant_mIoU"] = fidelity(fake.masks(), result.masks())
         metrics["mask_AP_deployed_minus_fake_quant"] = deployed["mask_AP"] - metrics["fake_quant"]["mask_AP"]
@@ -151,7 +154,8 @@ def run_eval(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict[str, Any
     dataset, prompts, fp = _labels_or_fp_masks(cfg, trained, data_cfg, prompts_cfg, device)
     if num_shards > 1:
         dataset, prompts, fp = _shard(dataset, prompts, fp, shard, num_shards)
-    result = evaluate(model, dataset, prompts, "eval", int(cfg.eval.prompt_batch), bool(cfg.runtime.progress))
+    result = evaluate(model, dataset, prompts, "eval", int(cfg.eval.prompt_batch), bool(cfg.runtime.progress),
+                     int(cfg.eval.num_workers))
     quantized = {k: float(result.metrics[k]) for k in METRIC_KEYS}
     if fp is not None:
         add_fidelity(result, fp)

@@ -231,6 +231,7 @@ class CalibConfig:
 @dataclass
 class EvalConfig:
     prompt_batch: int = 16
+    num_workers: int = 0  # processes decoding images ahead of the model (0: in the main process)
     cache_fp: bool = True
     fp_cache_dir: str = MISSING
     save_checkpoint: bool = True

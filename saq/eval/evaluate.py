@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from saq.data.coco import CocoInstances, load_image
@@ -38,13 +39,40 @@ def _synchronized_clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
+class _DecodedImages(Dataset):
+    """Images decoded to RGB arrays, in DataLoader workers while the model runs on earlier ones."""
+
+    def __init__(self, images: list) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return load_image(self.images[i].path)
+
+
+def _as_is(item: Any) -> Any:
+    return item  # the array itself: the default collate would turn it into a tensor
+
+
+def decoded_images(images: list, num_workers: int = 0) -> Iterator[np.ndarray]:
+    """The decoded images in order; ``num_workers`` > 0 decodes ahead in worker processes (GPU nodes,
+    where JPEG decoding on the main process would leave the device idle)."""
+    if num_workers <= 0:
+        return (load_image(img.path) for img in images)
+    return iter(DataLoader(_DecodedImages(images), batch_size=None, num_workers=num_workers, collate_fn=_as_is,
+                           prefetch_factor=2))
+
+
 def _best_gt_iou(rles: list[dict], gts: list[dict]) -> list[float]:
     """For each ground-truth instance, the best IoU with any predicted mask (detector prompts)."""
     return [max((mask_iou(p, g) for p in rles), default=0.0) for g in gts]
 
 
 def evaluate(model: torch.nn.Module, dataset: CocoInstances, prompts: dict[int, list[Prompt]],
-             desc: str = "eval", prompt_batch: int = 16, show_progress: bool = True) -> EvalResult:
+             desc: str = "eval", prompt_batch: int = 16, show_progress: bool = True, num_workers: int = 0
+             ) -> EvalResult:
     """Predict one mask per box, then COCO mask AP and mean IoU against ground truth.
 
     Raises NonFiniteOutputError (naming the first module at fault) as soon as the model produces NaN/inf:
@@ -56,12 +84,13 @@ def evaluate(model: torch.nn.Module, dataset: CocoInstances, prompts: dict[int, 
 
         return _evaluate(lambda image: encode_image(model, image),
                          lambda encoded, boxes: decode_boxes(model, encoded, boxes, prompt_batch),
-                         check, dataset, prompts, desc, show_progress,
+                         check, dataset, prompts, desc, show_progress, num_workers,
                          clock=lambda: _synchronized_clock(model_device(model)))
 
 
 def evaluate_runtime(predictor: Any, dataset: CocoInstances, prompts: dict[int, list[Prompt]],
-                     desc: str = "eval", prompt_batch: int = 16, show_progress: bool = True) -> EvalResult:
+                     desc: str = "eval", prompt_batch: int = 16, show_progress: bool = True, num_workers: int = 0
+                     ) -> EvalResult:
     """``evaluate`` for an exported model on an inference runtime (``saq.deploy.Predictor``: its
     ``encode(image)`` and ``decode_boxes(encoding, boxes, batch)``), with the same data, prompts and metrics."""
     def check(image, path, boxes, masks, ious) -> None:
@@ -70,23 +99,23 @@ def evaluate_runtime(predictor: Any, dataset: CocoInstances, prompts: dict[int, 
                                        "(its quantizer ranges) and the runtime")
 
     return _evaluate(predictor.encode, lambda encoded, boxes: predictor.decode_boxes(encoded, boxes, prompt_batch),
-                     check, dataset, prompts, desc, show_progress)
+                     check, dataset, prompts, desc, show_progress, num_workers)
 
 
 def _evaluate(encode: Callable[[np.ndarray], Any], decode: Callable[[Any, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
               check: Callable[..., None], dataset: CocoInstances, prompts: dict[int, list[Prompt]], desc: str,
-              show_progress: bool, clock: Callable[[], float] = time.perf_counter) -> EvalResult:
+              show_progress: bool, num_workers: int = 0, clock: Callable[[], float] = time.perf_counter
+              ) -> EvalResult:
     records: list[dict[str, Any]] = []
     ious: list[float] = []
     t_encoder = t_decoder = 0.0
     n_images = 0
-    skipped = 0
-    for img in tqdm(dataset.images, desc=desc, disable=not show_progress, leave=False):
-        boxes = prompts.get(img.id, [])
-        if not boxes:
-            skipped += 1
-            continue
-        image = load_image(img.path)
+    prompted = [img for img in dataset.images if prompts.get(img.id)]
+    skipped = len(dataset.images) - len(prompted)
+    images = decoded_images(prompted, num_workers)
+    for img, image in tqdm(zip(prompted, images), total=len(prompted), desc=desc, disable=not show_progress,
+                           leave=False):
+        boxes = prompts[img.id]
         t0 = clock()
         encoded = encode(image)
         t1 = clock()

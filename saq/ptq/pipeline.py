@@ -90,6 +90,7 @@ def run_ptq(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict[str, Any]
         torch.set_num_threads(int(cfg.runtime.num_threads))
     device = resolve_device(str(cfg.runtime.device))
     progress = bool(cfg.runtime.progress)
+    workers = int(cfg.eval.num_workers)
 
     eval_set = dataset_from_config(config["data"])
     calib_set = dataset_from_config(config["calib"]["data"])
@@ -107,7 +108,7 @@ def run_ptq(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict[str, Any]
                           device.type)
     cache_dir = Path(cfg.eval.fp_cache_dir) if cfg.eval.cache_fp else None
     fp, fp_cached = cached_evaluation(cache_dir, fp_key, lambda: evaluate(
-        model, eval_set, eval_prompts, "eval fp", int(cfg.eval.prompt_batch), progress))
+        model, eval_set, eval_prompts, "eval fp", int(cfg.eval.prompt_batch), progress, workers))
     labelled = bool(eval_set.annotations)
     if not labelled:  # no labels: the FP masks are the ground truth (fidelity evaluation)
         eval_set, eval_prompts = pseudo_ground_truth(eval_set, eval_prompts, fp)
@@ -127,11 +128,11 @@ def run_ptq(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict[str, Any]
         set_quant_mode(model, QuantMode.QUANTIZE)
         model.eval()
         refuse_undeployable(model, run_dir, config, fp)  # no number is reported for a model not really quantized
-        quantized = evaluate(model, eval_set, eval_prompts, "eval quantized", int(cfg.eval.prompt_batch), progress)
+        quantized = evaluate(model, eval_set, eval_prompts, "eval quantized", int(cfg.eval.prompt_batch), progress, workers)
         if cfg.eval.reference_protocol:
             with reference_protocol(model, float(cfg.eval.reference_drop_prob)):
                 reference = evaluate(model, eval_set, eval_prompts, "eval reference protocol",
-                                     int(cfg.eval.prompt_batch), progress)
+                                     int(cfg.eval.prompt_batch), progress, workers)
             add_fidelity(reference, fp)
             assert_deployable(model)  # the switch is undone before saving
     else:
