@@ -273,3 +273,29 @@ def test_decoder_fp_inputs_are_captured_one_unit_at_a_time_and_only_when_used(it
     else:
         units = [u for u in reconstruction_units(model, "subblock") if u.part == "decoder"]
         assert fp_decoder_captures == [[u.entry] for u in units if unit_quantizers(model, u)]
+
+
+def test_zero_iterations_freeze_the_calibration_without_any_capture(items, monkeypatch, tmp_path):
+    """ptq.recon.iters=0 (a recipe's calibration alone): every unit is frozen and checkpointed, no input,
+    target or PAR head is computed, and the frozen model equals one that captured everything first."""
+    import saq.ptq.reconstruct as recon
+
+    model = calibrated_tiny(items[:2])
+    reference = calibrated_tiny(items[:2])
+    forwards = []
+    real_capture, real_targets = recon.capture_inputs, recon._targets
+    monkeypatch.setattr(recon, "capture_inputs", lambda m, entries, *a, **k: forwards.append(list(entries))
+                        or real_capture(m, entries, *a, **k))
+    monkeypatch.setattr(recon, "_targets", lambda *a: forwards.append("targets") or real_targets(*a))
+    stats = reconstruct_(model, items[:2], {**RECON, "iters": 0}, tmp_path / "a", RunLogger(tmp_path / "a"),
+                         show_progress=False)
+    assert forwards == [[]] and all(s["iters"] == 0 for s in stats)  # the empty encoder capture runs nothing
+    units = [u for u in reconstruction_units(model, "block") if unit_quantizers(model, u)]
+    assert [s["unit"] for s in stats] == [u.name for u in units]
+    for unit in units:  # what the capturing path did: the module built and frozen
+        recon.UnitReconstruction(reference, unit, recon.ReconSettings.from_config({**RECON, "iters": 0})).finalize()
+    harden_weights_(model)
+    harden_weights_(reference)
+    assert_deployable(model)
+    a, b = model.state_dict(), reference.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

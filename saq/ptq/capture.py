@@ -54,6 +54,8 @@ def capture_inputs(model: nn.Module, entries: list[str], items: list[Calibration
                    ) -> dict[str, list[tuple]]:
     """{entry: [(args, kwargs) per call]} for every call of each entry module while running ``items``
     (decoder only when ``encoded`` gives the image embeddings)."""
+    if not entries:
+        return {}  # nothing to capture: no forward pass
     captured: dict[str, list[tuple]] = {name: [] for name in entries}
     handles = []
     # Entries inside the image encoder are each called once per image: their inputs are known as soon

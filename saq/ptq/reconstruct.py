@@ -91,6 +91,13 @@ def _fp_inputs_of(model: nn.Module, unit: ReconUnit, items: list[CalibrationItem
         return capture_inputs(model, [unit.entry], items, cache_device, cache_dtype, embeddings, images)[unit.entry]
 
 
+def _unit_settings(settings: ReconSettings, unit: ReconUnit) -> ReconSettings:
+    """The decoder's final attention has its own iteration count (``final_attn_iters``, null = ``iters``)."""
+    if unit.kind == "final_attn" and settings.final_attn_iters is not None:
+        return dataclasses.replace(settings, iters=int(settings.final_attn_iters))
+    return settings
+
+
 def _unit_loader(batches: UnitBatches, iters: int, seed: int) -> DataLoader:
     """``iters`` items drawn with replacement (one image and its prompts per step), seeded per unit."""
     sampler = RandomSampler(batches, replacement=True, num_samples=iters,
@@ -124,11 +131,14 @@ def reconstruct_(model: nn.Module, items: list[CalibrationItem], cfg: Mapping[st
     if not todo:
         return stats
     set_quant_mode(model, QuantMode.QUANTIZE)
+    # A unit with no iterations (ptq.recon.iters=0: the recipe's calibration alone) is only frozen: none of
+    # its inputs or targets are captured.
+    training = [u for u in todo if _unit_settings(settings, u).iters > 0]
     with quant_mode(model, QuantMode.OFF):
         # Encoder entries at once (QDrop mixes a unit's input with these; a unit's FP targets are the next
         # unit's inputs). A decoder unit's FP inputs are taken when it comes and only if its loss needs
         # them: per prompt they are large, and CLM units never use them.
-        fp_inputs = capture_inputs(model, sorted({u.entry for u in todo if u.part == "encoder"}), items,
+        fp_inputs = capture_inputs(model, sorted({u.entry for u in training if u.part == "encoder"}), items,
                                    cache_device, cache_dtype, images=images)
     q_cache: dict[str, list] = {}  # quantized inputs known without a forward pass (chained units)
     encoded = None  # quantized image embeddings, once the encoder is final
@@ -139,34 +149,33 @@ def reconstruct_(model: nn.Module, items: list[CalibrationItem], cfg: Mapping[st
         start = time.perf_counter()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        if unit.entry in q_cache:
-            q_inputs = q_cache[unit.entry]
-        else:
-            if unit.part == "decoder" and encoded is None:
-                with torch.no_grad():
-                    encoded = encode_items(model, items, images)  # every encoder unit comes before the decoder
-            q_inputs = capture_inputs(model, [unit.entry], items, cache_device, cache_dtype,
-                                      encoded if unit.part == "decoder" else None, images)[unit.entry]
-            q_cache = {unit.entry: q_inputs}
-        targets = _chained_fp_targets(unit, todo[position + 1] if position + 1 < len(todo) else None, fp_inputs)
-        if targets is None:
-            target_inputs = q_inputs if unit.target_inputs == "quantized" else _fp_inputs_of(
-                model, unit, items, fp_inputs, images, cache_device, cache_dtype)
-            targets = _targets(model, unit, target_inputs, device, cache_device, cache_dtype)
-            del target_inputs
-        unit_head = head if (head is not None and unit.kind == "stage") else None
-        if unit_head is not None and not unit_head.accepts(targets[0]):
-            log.info("PAR: the output of %s %s cannot feed the neck (layer skipping undefined); this stage uses "
-                     "the plain stage-output MSE", unit.name, tuple(targets[0].shape))
-            unit_head = None
-        head_targets = None
-        if unit_head is not None:
-            with torch.no_grad(), quant_mode(model, QuantMode.OFF):
-                head_targets = [_detach(unit_head(to_device(t, device), i), cache_device, cache_dtype)
-                                for i, t in enumerate(targets)]
-        unit_settings = settings
-        if unit.kind == "final_attn" and settings.final_attn_iters is not None:
-            unit_settings = dataclasses.replace(settings, iters=int(settings.final_attn_iters))
+        unit_settings = _unit_settings(settings, unit)
+        q_inputs = targets = head_targets = unit_head = None
+        if unit_settings.iters > 0:
+            if unit.entry in q_cache:
+                q_inputs = q_cache[unit.entry]
+            else:
+                if unit.part == "decoder" and encoded is None:
+                    with torch.no_grad():
+                        encoded = encode_items(model, items, images)  # every encoder unit comes before the decoder
+                q_inputs = capture_inputs(model, [unit.entry], items, cache_device, cache_dtype,
+                                          encoded if unit.part == "decoder" else None, images)[unit.entry]
+                q_cache = {unit.entry: q_inputs}
+            targets = _chained_fp_targets(unit, todo[position + 1] if position + 1 < len(todo) else None, fp_inputs)
+            if targets is None:
+                target_inputs = q_inputs if unit.target_inputs == "quantized" else _fp_inputs_of(
+                    model, unit, items, fp_inputs, images, cache_device, cache_dtype)
+                targets = _targets(model, unit, target_inputs, device, cache_device, cache_dtype)
+                del target_inputs
+            unit_head = head if (head is not None and unit.kind == "stage") else None
+            if unit_head is not None and not unit_head.accepts(targets[0]):
+                log.info("PAR: the output of %s %s cannot feed the neck (layer skipping undefined); this stage "
+                         "uses the plain stage-output MSE", unit.name, tuple(targets[0].shape))
+                unit_head = None
+            if unit_head is not None:
+                with torch.no_grad(), quant_mode(model, QuantMode.OFF):
+                    head_targets = [_detach(unit_head(to_device(t, device), i), cache_device, cache_dtype)
+                                    for i, t in enumerate(targets)]
         module = UnitReconstruction(model, unit, unit_settings, unit_head)
         iters = unit_settings.iters if module.has_parameters else 0
         windows = LossWindows(unit_settings, iters, global_step)
@@ -196,7 +205,7 @@ def reconstruct_(model: nn.Module, items: list[CalibrationItem], cfg: Mapping[st
         global_step += iters
         if all(u.entry != unit.entry for u in todo[position + 1:]):  # sub-blocks share their block's input
             fp_inputs.pop(unit.entry, None)  # no later unit reads them (the previous unit took its targets)
-        if position + 1 < len(todo) and unit.feeds == todo[position + 1].entry:
+        if q_inputs is not None and position + 1 < len(todo) and unit.feeds == todo[position + 1].entry:
             with torch.no_grad():  # the next unit's quantized input is this unit's (now frozen) output
                 q_cache[todo[position + 1].entry] = [
                     ((_detach(unit.run(model, *to_device(inp, device)), cache_device, cache_dtype),), {})
