@@ -49,6 +49,21 @@ def test_values_by_hand():
     assert q.int_codes(a).tolist() == [0.0, 2.0, 16.0, 15.0, 1.0, 0.0, 16.0]
 
 
+@pytest.mark.parametrize("scale,tau,bits", [(1.0, 2.0, 4), (0.3, 1.0, 4), (0.8, 4.0, 6), (0.05, 3.0, 8)])
+def test_inference_path_equals_the_differentiable_path_bit_for_bit(scale, tau, bits):
+    """Without autograd the quantizer runs in place on one buffer; it must give exactly what the
+    differentiable path gives (zeros, saturation and the zero code included)."""
+    q = _quantizer(bits=bits, scale=scale, tau=tau)
+    maps = _softmax_maps(bits, shape=(4, 2, 32, 64), temperature=6.0)
+    maps[0, 0, 0, :5] = 0.0
+    maps[1, 0, 0, 0] = 2.0 * scale  # above the scale: saturates at code 0
+    with torch.no_grad():
+        fast = q(maps)
+    slow = q(maps.clone().requires_grad_(True))
+    assert slow.requires_grad and torch.equal(fast, slow.detach())
+    assert (fast == 0).any() and (fast == q.levels()[-1]).any()
+
+
 def test_outputs_stay_in_level_set():
     for tau in (1.0, 2.0, 4.0):
         q = _quantizer(bits=4, scale=0.7, tau=tau)

