@@ -1,0 +1,77 @@
+"""Encoder time of a quantized checkpoint: FP (quantizers off) against fake-quantized, interleaved round
+by round in one process, so a busy machine slows both alike. Writes JSON.
+
+    python experiments/bench_fake_quant_overhead.py outputs/vit_t_coco/w4a4_ptq4sam_s_s0b/quantized.pt \
+        --rounds 3 --out results/bench/fake_quant_overhead.json
+
+``--with-autograd-log-quantizer`` adds a third configuration: the log softmax quantizer through its
+differentiable path (what evaluation ran before the in-place inference path), for a before/after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from saq.data.coco import load_image
+from saq.export.checkpoint import load_quantized
+from saq.models.predictor import encode_image
+from saq.quant import QuantMode, set_quant_mode
+from saq.quant import log_quantizer
+
+
+def _autograd_log_path(x, log2_s, tau, n_levels):
+    log2_a, is_zero = log_quantizer._safe_log2(x)
+    return log_quantizer._log_dequantize(log2_a, is_zero, log2_s, tau, n_levels, torch.round)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint")
+    parser.add_argument("--image", default=None, help="an RGB image (default: the first benchmark image)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--with-autograd-log-quantizer", action="store_true")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model, _ = load_quantized(args.checkpoint)
+    model.eval()
+    image_path = Path(args.image) if args.image else \
+        sorted((Path(__file__).resolve().parents[1] / ".." / "shared" / "assets" / "coco_subset" / "val2017").glob("*.jpg"))[0]
+    image = load_image(image_path)
+    inference_path = log_quantizer._log_fake_quantize_inference
+    configs = {"fp": (QuantMode.OFF, inference_path), "fake_quant": (QuantMode.QUANTIZE, inference_path)}
+    if args.with_autograd_log_quantizer:
+        configs["fake_quant_autograd_log_quantizer"] = (QuantMode.QUANTIZE, _autograd_log_path)
+    seconds: dict[str, list[float]] = {name: [] for name in configs}
+    try:
+        for _ in range(args.rounds):
+            for name, (mode, log_path) in configs.items():
+                set_quant_mode(model, mode)
+                log_quantizer._log_fake_quantize_inference = log_path
+                start = time.perf_counter()
+                encode_image(model, image)
+                seconds[name].append(time.perf_counter() - start)
+    finally:
+        log_quantizer._log_fake_quantize_inference = inference_path
+    result = {"checkpoint": str(args.checkpoint), "image": str(image_path), "threads": args.threads,
+              "rounds": args.rounds, "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+              "encoder_s": {k: {"min": min(v), "median": statistics.median(v), "all": v} for k, v in seconds.items()}}
+    fp = min(seconds["fp"])
+    result["ratio_to_fp_min"] = {k: min(v) / fp for k, v in seconds.items()}
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
