@@ -70,9 +70,9 @@ def _fp_reference(cfg: DictConfig, trained: dict[str, Any], data_cfg: dict[str, 
 
     key = fp_cache_key(trained["model"], data_cfg, prompts_cfg, [i.id for i in dataset.images], device.type)
     cache_dir = Path(cfg.eval.fp_cache_dir) if cfg.eval.cache_fp else None
-    fp, _ = cached_evaluation(cache_dir, key, lambda: evaluate(build_model(trained["model"]).to(device), dataset, prompts,
-                                                               "eval fp", int(cfg.eval.prompt_batch), bool(cfg.runtime.progress),
-                     int(cfg.eval.num_workers)))
+    fp, _ = cached_evaluation(cache_dir, key, lambda: evaluate(
+        build_model(trained["model"]).to(device), dataset, prompts, "eval fp", int(cfg.eval.prompt_batch),
+        bool(cfg.runtime.progress), int(cfg.eval.num_workers)))
     return fp
 
 
@@ -114,8 +114,8 @@ def run_eval_deployed(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict
                "wall_time_s": time.perf_counter() - start, "timing": result.timing}
     if cfg.eval.compare_fake_quant and manifest["export_format"] == "onnx":
         model, _ = load_quantized(manifest["checkpoint"])
-        fake = evaluate(model, dataset, prompts, "eval fake-quant", int(cfg.eval.prompt_batch), bool(cfg.runtime.progress),
-                     int(cfg.eval.num_workers))
+        fake = evaluate(model, dataset, prompts, "eval fake-quant", int(cfg.eval.prompt_batch),
+                        bool(cfg.runtime.progress), int(cfg.eval.num_workers))
         metrics["fake_quant"] = {k: float(fake.metrics[k]) for k in METRIC_KEYS}
         metrics["deployed_vs_fake_quant_mIoU"] = fidelity(fake.masks(), result.masks())
         metrics["mask_AP_deployed_minus_fake_quant"] = deployed["mask_AP"] - metrics["fake_quant"]["mask_AP"]
@@ -155,7 +155,7 @@ def run_eval(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict[str, Any
     if num_shards > 1:
         dataset, prompts, fp = _shard(dataset, prompts, fp, shard, num_shards)
     result = evaluate(model, dataset, prompts, "eval", int(cfg.eval.prompt_batch), bool(cfg.runtime.progress),
-                     int(cfg.eval.num_workers))
+                      int(cfg.eval.num_workers))
     quantized = {k: float(result.metrics[k]) for k in METRIC_KEYS}
     if fp is not None:
         add_fidelity(result, fp)
