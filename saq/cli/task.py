@@ -236,24 +236,18 @@ def _run_claimed(cfg: DictConfig, run_dir: Path, job: Callable[[DictConfig, Path
         logger = build_logger(OmegaConf.to_container(cfg.logger, resolve=True, enum_to_str=True), run_dir,
                               OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), name)
         result = job(cfg, run_dir, logger)
-    except (RunInterrupted, KeyboardInterrupt) as exc:
+    except (RunInterrupted, KeyboardInterrupt, SystemExit) as exc:
+        # SystemExit inside a job comes only from a signal handler: submitit's on SIGUSR2 (SLURM preemption
+        # or time limit), after it has requeued the job, which resumes in this dir; its exit code is kept.
+        reason = f"exit {exc.code} requested while running (requeued by the cluster?)" \
+            if isinstance(exc, SystemExit) else f"{type(exc).__name__}: {exc}"
         command = resume_command(cfg, run_dir)
-        write_status(run_dir, "interrupted", f"{type(exc).__name__}: {exc}", resume=command)
-        log.error("run interrupted (%s); status.json says interrupted. Resume it with: %s", exc, command)
+        write_status(run_dir, "interrupted", reason, resume=command)
+        log.error("run interrupted (%s); status.json says interrupted. Resume it with: %s", reason, command)
         if logger is not None:
             logger.finish(failed=True)
         if isinstance(exc, RunInterrupted):
             raise SystemExit(INTERRUPTED_EXIT_CODE) from None  # a clean exit, not a traceback
-        raise
-    except SystemExit as exc:
-        # Only a signal handler exits from inside a job: submitit's on SIGUSR2 (SLURM preemption or time
-        # limit), after it has requeued the job. The requeued job resumes in this dir; its code is kept.
-        command = resume_command(cfg, run_dir)
-        write_status(run_dir, "interrupted", f"exit {exc.code} requested while running (requeued by the cluster?)",
-                     resume=command)
-        log.error("run exited with code %s while running; a requeued job or `%s` continues it", exc.code, command)
-        if logger is not None:
-            logger.finish(failed=True)
         raise
     except BaseException as exc:
         write_status(run_dir, "failed", format_error(exc))
