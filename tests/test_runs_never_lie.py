@@ -398,6 +398,26 @@ def test_fp_cache_key_is_the_same_for_typed_and_plain_configs(tmp_path):
                         [1, 2], "cpu") != plain
 
 
+def test_fp_cache_key_follows_the_checkpoint_bytes_not_its_mtime(tmp_path):
+    """A checkpoint copied or re-provisioned (new mtime, same bytes) keeps its FP cache entries; one
+    whose bytes changed does not."""
+    import os
+
+    from saq.eval.cache import fp_cache_key
+
+    weights = tmp_path / "sam.pt"
+    weights.write_bytes(b"0" * 10)
+
+    def key():
+        return fp_cache_key({"name": "vit_t", "checkpoint": str(weights)}, {}, {"source": "gt"}, [1], "cpu")
+
+    before = key()
+    os.utime(weights, (1_000_000, 1_000_000))
+    assert key() == before
+    weights.write_bytes(b"1" * 10)
+    assert key() != before
+
+
 def test_wrong_checkpoint_path_is_one_line_on_the_command_line(tmp_path):
     run_dir = tmp_path / "run"
     proc = run("saq.ptq", "model=vit_t", f"model.checkpoint={tmp_path / 'nope.pt'}", "logger=none",

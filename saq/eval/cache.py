@@ -40,13 +40,22 @@ def _canonical(value: Any) -> Any:
     return value
 
 
+def file_digest(path: Path) -> str:
+    """sha1 of a file's bytes, read in 8 MiB chunks (a SAM-H checkpoint is 2.5 GB)."""
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def fp_cache_key(model_cfg: dict[str, Any], data_cfg: Any, prompts_cfg: Any, image_ids: list[int],
                  device: str) -> str:
     checkpoint = model_cfg.get("checkpoint")
     fingerprint = None
     if checkpoint and Path(checkpoint).expanduser().is_file():
-        stat = Path(checkpoint).expanduser().stat()
-        fingerprint = [stat.st_size, int(stat.st_mtime)]
+        # The weights' bytes, not their mtime: a copied or re-provisioned checkpoint keeps its entries.
+        fingerprint = file_digest(Path(checkpoint).expanduser())
     blob = json.dumps(_canonical({"model": model_cfg, "weights": fingerprint, "data": data_cfg, "prompts": prompts_cfg,
                                   "images": image_ids, "device": device, "torch": torch.__version__,
                                   "format": CACHE_FORMAT}), sort_keys=True, default=str)
