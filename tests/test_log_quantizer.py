@@ -141,6 +141,30 @@ def test_search_memory_blocks_do_not_change_the_result():
         assert math.isclose(err, results[1][1][tau], rel_tol=1e-4)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_search_errors_equal_the_dequantizer_bit_for_bit(bits):
+    """The search's in-place candidate error equals ``_log_dequantize(...) - a`` exactly (exact zeros in
+    the map, codes past 2^b and saturated codes included), so its tau and scale are the reference's."""
+    from saq.quant.log_quantizer import _log_dequantize, _safe_log2
+
+    attn = _softmax_maps(4, shape=(3, 12, 20), temperature=8.0)
+    attn[0, :, :3] = 0.0
+    values = torch.randn(3, 20, 5, generator=torch.Generator().manual_seed(4))
+    obs = AGQObserver(bits, grid=12)
+    obs.update(attn, values)
+
+    amax = attn.max()
+    lo = torch.minimum(0.01 * amax, torch.full_like(amax, 0.1))
+    cands = lo + (amax - lo) * torch.linspace(0.0, 1.0, 12)
+    log2_a, is_zero = _safe_log2(attn)
+    reference = torch.stack([torch.stack([
+        ((_log_dequantize(log2_a, is_zero, torch.log2(c), tau, 2**bits, torch.round) - attn) @ values)
+        .abs().pow(2.4).sum() for c in cands]) for tau in obs.taus]) / (3 * 12 * 5)
+    best_err, best_idx = reference.min(dim=1)
+    assert torch.equal(obs.total_error, best_err)
+    assert torch.equal(obs.best_scales[0], cands[best_idx])
+
+
 def test_observe_without_values_raises():
     q = LogSoftmaxQuantizer(LOG4, Role.ACTIVATION)
     q.set_mode(QuantMode.OBSERVE)

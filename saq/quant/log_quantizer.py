@@ -45,6 +45,18 @@ def _log_fake_quantize_inference(x: torch.Tensor, log2_s: torch.Tensor, tau: tor
     return y.masked_fill_(zero, 0.0)
 
 
+def _candidate_error_(buf: torch.Tensor, keep: torch.Tensor, neg_log2_a: torch.Tensor, a: torch.Tensor,
+                      log2_s: torch.Tensor, tau: float, n_levels: int) -> torch.Tensor:
+    """A^ - A for one search candidate, written into ``buf`` (``keep``: scratch): the values of
+    ``_log_dequantize(..., torch.round) - a`` bit for bit, in place and without boolean masks (the search
+    evaluates 150 candidates on every observed forward). ``neg_log2_a`` is -log2(a), +inf where a <= 0:
+    such entries get code +inf and dequantize to exactly 0."""
+    torch.add(neg_log2_a, log2_s, out=buf).mul_(tau).round_().clamp_min_(0.0)  # q = round(tau * (log2 s - log2 a))
+    torch.sub(n_levels, buf, out=keep).clamp_(0.0, 1.0)  # 1 for codes below 2^b, else 0 (codes are integers)
+    buf.div_(tau).neg_().add_(log2_s).exp2_().mul_(keep)  # s * 2^(-q / tau); codes >= 2^b are exactly 0
+    return buf.sub_(a)
+
+
 def _safe_log2(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(log2 of a clamped to the smallest normal float, mask of a <= 0): no inf/NaN for zeros."""
     tiny = torch.finfo(a.dtype).tiny
@@ -118,11 +130,13 @@ class AGQObserver(Observer):
         sums = torch.zeros(len(self.taus), self.grid, device=a.device)
         for maps, rows in _blocks(a.shape[0], n_q, n_k, self.chunk_elems):
             a_blk, v_blk = a[maps, rows], v[maps]
-            log2_a, is_zero = _safe_log2(a_blk)
+            neg_log2_a, is_zero = _safe_log2(a_blk)
+            neg_log2_a.neg_().masked_fill_(is_zero, float("inf"))
+            buf, keep = torch.empty_like(a_blk), torch.empty_like(a_blk)
             for ti, tau in enumerate(self.taus):
                 # One candidate at a time: memory stays a few blocks, never grid x map.
                 blk = torch.stack([
-                    ((_log_dequantize(log2_a, is_zero, log2_cands[gi], tau, self.n_levels, torch.round) - a_blk)
+                    (_candidate_error_(buf, keep, neg_log2_a, a_blk, log2_cands[gi], tau, self.n_levels)
                      @ v_blk).abs().pow(self.p).sum()
                     for gi in range(self.grid)
                 ])
