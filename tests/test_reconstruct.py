@@ -58,6 +58,9 @@ def test_reconstruction_lowers_held_out_error_and_deploys(items, tmp_path, granu
     stats = reconstruct_(model, train, {**RECON, "iters": 150, "parts": ["encoder"]}, tmp_path, RunLogger(tmp_path),
                          show_progress=False, units=[unit])
     assert stats[0]["unit"] == unit.name and stats[0]["time_s"] > 0
+    # the unit's time splits into its captures and its 150 steps
+    assert 0 <= stats[0]["setup_s"] < stats[0]["time_s"]
+    assert stats[0]["ms_per_iter"] * 150 / 1000 <= stats[0]["time_s"] - stats[0]["setup_s"] + 1e-6
     after = unit_error(model, unit, held_out)
     assert after < before
     harden_weights_(model)

@@ -180,11 +180,14 @@ def reconstruct_(model: nn.Module, items: list[CalibrationItem], cfg: Mapping[st
         iters = unit_settings.iters if module.has_parameters else 0
         windows = LossWindows(unit_settings, iters, global_step)
         unit_stats: dict[str, Any] = {"unit": unit.name, "iters": iters, "par": unit_head is not None}
+        fit_start = time.perf_counter()  # moved to the start of training below: setup_s is the captures
 
         def save_unit(unit_stats=unit_stats, windows=windows) -> None:
+            now = time.perf_counter()
             unit_stats.update(first_loss=windows.first_loss, best_loss=windows.best_loss,
-                              time_s=time.perf_counter() - start, peak_memory_mb=_peak_memory_mb(device),
-                              curve=windows.curve)
+                              time_s=now - start, setup_s=fit_start - start,
+                              ms_per_iter=1000 * (now - fit_start) / iters if iters else None,
+                              peak_memory_mb=_peak_memory_mb(device), curve=windows.curve)
             done.append(unit_stats["unit"])
             stats.append(unit_stats)
             logger.log_metrics({f"recon/{unit_stats['unit']}/time_s": unit_stats["time_s"],
@@ -196,6 +199,7 @@ def reconstruct_(model: nn.Module, items: list[CalibrationItem], cfg: Mapping[st
             batches = UnitBatches(q_inputs, _fp_inputs_of(model, unit, items, fp_inputs, images, cache_device,
                                                           cache_dtype) if module.mixes_input else None, targets,
                                   head_targets)
+            fit_start = time.perf_counter()
             trainer = unit_trainer(unit.name, device, precision, run_dir, logger, global_step, iters,
                                    [windows, UnitCheckpoint(save_unit)], show_progress)
             fit_quietly(trainer, module, _unit_loader(batches, iters, unit_seed))
