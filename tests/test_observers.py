@@ -148,3 +148,15 @@ def test_weight_mse_searches_every_zero_point_per_range():
     lo, hi = ranges[True]
     torch.testing.assert_close((hi - lo) / qp.scale, torch.full_like(qp.scale, 7.0))
     torch.testing.assert_close(qp.zero_point, (-lo / qp.scale).round(), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("where", [0, 4095, 70001, -1])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_any_non_finite_value_is_caught_wherever_it_is(where, bad):
+    """The finiteness check reads one min/max pass: a NaN or inf at the first, a vector-boundary, a middle
+    or the last position, in a non-contiguous view, must still stop calibration."""
+    x = torch.randn(300, 400)
+    x.view(-1)[where] = bad
+    for view in (x, x.t()):
+        with pytest.raises(CalibrationDataError, match="non-finite"):
+            MinMaxObserver(8, False, PerTensor()).update(view)

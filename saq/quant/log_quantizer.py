@@ -18,7 +18,7 @@ import torch
 
 from saq.quant.functional import round_ste
 from saq.quant.granularity import PerTensor
-from saq.quant.observers import CalibrationDataError, Observer
+from saq.quant.observers import CalibrationDataError, Observer, all_finite
 from saq.quant.quantizer import FakeQuantizer, QuantMode, QuantSpec, Role, tensor_kwargs
 
 DEFAULT_TAUS = (1.0, 2.0, 4.0)
@@ -102,7 +102,7 @@ class AGQObserver(Observer):
                              "multiplies: call it as quantizer(attn, v)")
         x, values = x.detach(), values.detach()
         for what, t in (("attention map", x), ("values", values)):
-            if not torch.isfinite(t).all():
+            if not all_finite(t):
                 raise CalibrationDataError(f"non-finite {what} reached quantizer '{self.name}' during calibration; "
                                            "check the calibration images and the FP checkpoint")
         self._search(x, values)

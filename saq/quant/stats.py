@@ -36,10 +36,14 @@ def channel_quantile(x: torch.Tensor, q: float, axis: int = 0) -> torch.Tensor:
     return flat.kthvalue(k, dim=1).values
 
 
-def histogram(x: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Counts and bin centres of x over [min(x), max(x)]."""
+def histogram(x: torch.Tensor, bins: int, lo: torch.Tensor | None = None, hi: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Counts and bin centres of x over [min(x), max(x)] (``lo``/``hi``: those extremes, when the caller
+    has them already)."""
     flat = x.detach().reshape(-1).float()
-    lo, hi = flat.min(), flat.max()
+    if lo is None or hi is None:
+        lo, hi = torch.aminmax(flat)
+    lo, hi = lo.float(), hi.float()
     if hi <= lo:
         hi = lo + 1e-6
     counts = torch.histc(flat, bins=bins, min=lo.item(), max=hi.item())
