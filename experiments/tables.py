@@ -15,6 +15,10 @@ std over seeds, and the AP difference to the baseline recipe at the same bits wi
 .json and <out>_iters.png (AP against ptq.recon.iters). ``collect``: copies the small files of finished
 runs (metrics.json, predictions.json.gz, status.json, .hydra/*.yaml) into
 results/<experiment>/<quant>/<recipe>[-iters<N>]/seed<k>/ (see results/README.md).
+
+    python experiments/tables.py cost results/vit_t_coco
+
+``cost``: per row, minutes per stage (median over seeds) and ms per reconstruction iteration per unit type.
 """
 
 from __future__ import annotations
@@ -151,9 +155,35 @@ def collect_main(argv: list[str]) -> int:
     return 0
 
 
+def cost_main(argv: list[str]) -> int:
+    """cost: minutes per stage and ms per reconstruction iteration per unit type, per benchmark row."""
+    from saq.eval.costs import cost_markdown, cost_rows
+    from saq.eval.run_index import find_runs
+
+    parser = argparse.ArgumentParser(prog="tables.py cost", description=cost_main.__doc__)
+    parser.add_argument("dirs", type=Path, nargs="+", help="results/<experiment> trees, sweep dirs or run dirs")
+    parser.add_argument("--out", type=Path, default=None, help="basename of the outputs (default: <first dir>/cost)")
+    args = parser.parse_args(argv)
+    if not _all_dirs(args.dirs):
+        return 2
+    runs = find_runs(args.dirs)
+    if not runs:
+        print(f"error: no finished run (metrics.json) under {', '.join(map(str, args.dirs))}", file=sys.stderr)
+        return 2
+    rows = cost_rows(runs)
+    out = args.out or args.dirs[0] / "cost"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text = cost_markdown(rows)
+    out.with_suffix(".md").write_text(text + "\n")
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
+    print(text)
+    print(f"\nwrote {out.with_suffix('.md')}, {out.with_suffix('.json')}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    subcommands = {"compare": compare_main, "collect": collect_main}
+    subcommands = {"compare": compare_main, "collect": collect_main, "cost": cost_main}
     if argv and argv[0] in subcommands:
         return subcommands[argv[0]](argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -188,3 +188,27 @@ def test_a_run_writes_predictions_that_reproduce_its_ap(tmp_path):
         assert coco_ap(table) == pytest.approx(metrics[which]["mask_AP"], abs=1e-6)
     assert len(payload["evals"]["quantized"]["iou_gt"]) == len(payload["prompts"]["box"]) == metrics["eval_prompts"]
     assert payload["calibration"]["images"] == metrics["calibration"]["images"]
+
+
+def test_cost_rows_take_the_median_over_seeds_and_split_units_by_kind(tmp_path):
+    from saq.eval.costs import cost_markdown, cost_rows
+    from saq.eval.run_index import RunInfo
+
+    def run(seed, wall, calibrate, recon, ms):
+        metrics = {"wall_time_s": wall, "stages": {
+            "seconds": {"calibrate": calibrate, "reconstruct": recon},
+            "reconstruct": [{"unit": "image_encoder.layers.2", "kind": "stage", "iters": 20, "ms_per_iter": ms},
+                            {"unit": "mask_decoder.transformer.layers.0", "iters": 20, "ms_per_iter": 2 * ms}]}}
+        return RunInfo(tmp_path / f"s{seed}", metrics, "vit_t", "w4a4", "saq_sam", "", seed, 20, "completed", None)
+
+    fast = RunInfo(tmp_path / "m", {"wall_time_s": 60.0, "stages": {"seconds": {"calibrate": 30.0}}}, "vit_t",
+                   "w4a4", "minmax", "", 0, None, "completed", None)
+    rows = cost_rows([run(0, 600.0, 100.0, 300.0, 1000.0), run(1, 900.0, 200.0, 500.0, 3000.0), fast])
+    assert [r["recipe"] for r in rows] == ["minmax", "saq_sam"]  # the table's recipe order
+    saq = rows[1]
+    assert saq["seeds"] == [0, 1] and saq["wall_s"] == 750.0 and saq["calibrate_s"] == 150.0
+    assert saq["eval_and_rest_s"] == 200.0  # wall minus the stages, per run, then the median
+    assert saq["ms_per_iter"] == {"decoder_layer": 4000.0, "stage": 2000.0}  # kind recorded, or read from the name
+    assert rows[0]["ms_per_iter"] == {} and rows[0]["reconstruct_s"] is None
+    table = cost_markdown(rows)
+    assert "| w4a4 | saq_sam | 20 | 0,1 | 12.5 |" in table and "stage ms/iter" in table

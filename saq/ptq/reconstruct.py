@@ -179,7 +179,8 @@ def reconstruct_(model: nn.Module, items: list[CalibrationItem], cfg: Mapping[st
         module = UnitReconstruction(model, unit, unit_settings, unit_head)
         iters = unit_settings.iters if module.has_parameters else 0
         windows = LossWindows(unit_settings, iters, global_step)
-        unit_stats: dict[str, Any] = {"unit": unit.name, "iters": iters, "par": unit_head is not None}
+        unit_stats: dict[str, Any] = {"unit": unit.name, "kind": unit.kind, "iters": iters,
+                                      "par": unit_head is not None}
         fit_start = time.perf_counter()  # moved to the start of training below: setup_s is the captures
 
         def save_unit(unit_stats=unit_stats, windows=windows) -> None:
