@@ -7,6 +7,7 @@ from saq.data import dataset_from_config, gt_prompts, select_calibration
 from saq.engine.losses import lp_loss
 from saq.engine.reconstruction import unit_quantizers
 from saq.models import build_tiny_sam
+from saq.models.image_source import ImageSource
 from saq.models.units import reconstruction_units
 from saq.nn import QuantRule, assert_deployable, deployment_problems, harden_weights_, quantize_
 from saq.ptq.calibrate import calibrate_
@@ -203,22 +204,42 @@ def test_fp_targets_of_chained_units_are_the_next_units_captured_inputs(items, m
 
     model = calibrated_tiny(items[:2])
     units = [u for u in reconstruction_units(model, "block") if unit_quantizers(model, u)]
-    computed = []
-    real_targets = recon._targets
-    monkeypatch.setattr(recon, "_targets", lambda m, unit, *a: computed.append(unit.name) or real_targets(m, unit, *a))
-    with quant_mode(model, QuantMode.OFF):
-        fp_inputs = capture_inputs(model, sorted({u.entry for u in units}), items[:2], torch.device("cpu"))
+    computed = []  # units whose outputs were computed with every quantizer off: an FP target pass
+    real_outputs = recon._ChainInputs.outputs
+
+    def outputs(chain, unit, inputs):
+        if all(q.mode is QuantMode.OFF for _, q in iter_quantizers(chain.model)):
+            computed.append(unit.name)
+        return real_outputs(chain, unit, inputs)
+
+    monkeypatch.setattr(recon._ChainInputs, "outputs", outputs)
+    chain = recon._ChainInputs(model, items[:2], ImageSource(model), units, torch.device("cpu"), torch.device("cpu"),
+                               None)
     chained = [u for u, nxt in zip(units, units[1:]) if u.feeds == nxt.entry]
     assert chained, "the tiny model's encoder units chain"
     for unit, nxt in zip(units, units[1:]):
-        reused = recon._chained_fp_targets(unit, nxt, fp_inputs)
+        reused = chain.chained_fp_targets(unit, nxt)
         if unit in chained:
-            expected = real_targets(model, unit, fp_inputs[unit.entry], torch.device("cpu"), torch.device("cpu"), None)
+            with quant_mode(model, QuantMode.OFF):
+                expected = real_outputs(chain, unit, chain.fp(unit))
             assert len(reused) == len(expected) and all(torch.equal(a, b) for a, b in zip(reused, expected))
         else:
             assert reused is None
+    computed.clear()
     reconstruct_(model, items[:2], {**RECON, "iters": 2}, tmp_path, RunLogger(tmp_path), show_progress=False)
     assert computed == [u.name for u in units if u not in chained]
+
+
+def test_an_encoder_unit_without_captured_fp_inputs_is_an_error(items):
+    """FP inputs of encoder units are captured together at the start; asking for one that was not is a
+    bug, never a silent capture through the decoder path."""
+    import saq.ptq.reconstruct as recon
+
+    model = calibrated_tiny(items[:2])
+    units = [u for u in reconstruction_units(model, "block") if unit_quantizers(model, u)]
+    chain = recon._ChainInputs(model, items[:2], ImageSource(model), [], torch.device("cpu"), torch.device("cpu"), None)
+    with pytest.raises(RuntimeError, match="were not captured"):
+        chain.fp(units[0])
 
 
 def test_encoder_captures_stop_at_the_last_entry(items):
@@ -286,10 +307,10 @@ def test_zero_iterations_freeze_the_calibration_without_any_capture(items, monke
     model = calibrated_tiny(items[:2])
     reference = calibrated_tiny(items[:2])
     forwards = []
-    real_capture, real_targets = recon.capture_inputs, recon._targets
+    real_capture, real_outputs = recon.capture_inputs, recon._ChainInputs.outputs
     monkeypatch.setattr(recon, "capture_inputs", lambda m, entries, *a, **k: forwards.append(list(entries))
                         or real_capture(m, entries, *a, **k))
-    monkeypatch.setattr(recon, "_targets", lambda *a: forwards.append("targets") or real_targets(*a))
+    monkeypatch.setattr(recon._ChainInputs, "outputs", lambda *a: forwards.append("outputs") or real_outputs(*a))
     stats = reconstruct_(model, items[:2], {**RECON, "iters": 0}, tmp_path / "a", RunLogger(tmp_path / "a"),
                          show_progress=False)
     assert forwards == [[]] and all(s["iters"] == 0 for s in stats)  # the empty encoder capture runs nothing

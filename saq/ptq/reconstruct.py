@@ -66,29 +66,100 @@ class ReconState:
                         "global_step": global_step, "units": units, "unit_names": self.unit_names}, f)
 
 
-def _targets(model: nn.Module, unit: ReconUnit, inputs: list, device, cache_device, cache_dtype) -> list:
-    with torch.no_grad(), quant_mode(model, QuantMode.OFF):
-        return [_detach(unit.run(model, *to_device(inp, device)), cache_device, cache_dtype) for inp in inputs]
+class _ChainInputs:
+    """The inputs the units of one reconstruction share, each kept only while a later unit needs it:
+    the FP model's inputs of every training encoder unit (captured at once: QDrop mixes a unit's input
+    with them, and a unit's FP targets are the next unit's FP inputs), the quantized input a finished
+    unit hands to the next one, and the quantized image embeddings once the encoder is final."""
+
+    def __init__(self, model: nn.Module, items: list[CalibrationItem], images: ImageSource, training: list[ReconUnit],
+                 device: torch.device, cache_device: torch.device, cache_dtype: torch.dtype | None) -> None:
+        self.model, self.items, self.images = model, items, images
+        self.device, self.cache_device, self.cache_dtype = device, cache_device, cache_dtype
+        with quant_mode(model, QuantMode.OFF):
+            # A decoder unit's FP inputs are taken when it comes and only if its loss needs them: per
+            # prompt they are large, and CLM units never use them.
+            self.fp_inputs = capture_inputs(model, sorted({u.entry for u in training if u.part == "encoder"}),
+                                            items, cache_device, cache_dtype, images=images)
+        self.q_cache: dict[str, list] = {}  # quantized inputs known without a forward pass (chained units)
+        self.encoded = None  # quantized image embeddings, once the encoder is final
+
+    def quantized(self, unit: ReconUnit) -> list:
+        """The quantized model's inputs of ``unit`` (every unit before it final)."""
+        if unit.entry in self.q_cache:
+            return self.q_cache[unit.entry]
+        if unit.part == "decoder" and self.encoded is None:
+            with torch.no_grad():
+                self.encoded = encode_items(self.model, self.items, self.images)  # the encoder units came first
+        q_inputs = capture_inputs(self.model, [unit.entry], self.items, self.cache_device, self.cache_dtype,
+                                  self.encoded if unit.part == "decoder" else None, self.images)[unit.entry]
+        self.q_cache = {unit.entry: q_inputs}
+        return q_inputs
+
+    def fp(self, unit: ReconUnit) -> list:
+        """The FP model's inputs of ``unit``: from the encoder capture, or for a decoder unit captured now
+        from the FP image embeddings (the encoder does not run again)."""
+        if unit.entry in self.fp_inputs:
+            return self.fp_inputs[unit.entry]
+        if unit.part != "decoder":
+            raise RuntimeError(f"the FP inputs of encoder unit {unit.name} were not captured with the others")
+        with torch.no_grad(), quant_mode(self.model, QuantMode.OFF):
+            embeddings = [self.images.fp_embedding(item.image.path) for item in self.items]
+            return capture_inputs(self.model, [unit.entry], self.items, self.cache_device, self.cache_dtype,
+                                  embeddings, self.images)[unit.entry]
+
+    def chained_fp_targets(self, unit: ReconUnit, next_unit: ReconUnit | None) -> list | None:
+        """A unit's FP targets when they were already captured: the all-FP model's output of a unit that
+        feeds the next one is that unit's captured FP input (no second FP pass over the calibration set)."""
+        if unit.target_inputs != "fp" or next_unit is None or unit.feeds != next_unit.entry \
+                or next_unit.entry not in self.fp_inputs:
+            return None
+        return [args[0] for args, _ in self.fp_inputs[next_unit.entry]]
+
+    def outputs(self, unit: ReconUnit, inputs: list) -> list:
+        """``unit``'s outputs on each cached input, the quantizers as they are."""
+        with torch.no_grad():
+            return [_detach(unit.run(self.model, *to_device(inp, self.device)), self.cache_device, self.cache_dtype)
+                    for inp in inputs]
+
+    def finished(self, unit: ReconUnit, q_inputs: list | None, later: list[ReconUnit]) -> None:
+        """``unit`` is final: drop what no later unit reads, and hand its quantized output to the next unit."""
+        if all(u.entry != unit.entry for u in later):  # sub-blocks share their block's input
+            self.fp_inputs.pop(unit.entry, None)  # the previous unit took its targets already
+        if q_inputs is not None and later and unit.feeds == later[0].entry:
+            self.q_cache[later[0].entry] = [((out,), {}) for out in self.outputs(unit, q_inputs)]
 
 
-def _chained_fp_targets(unit: ReconUnit, next_unit: ReconUnit | None, fp_inputs: Mapping[str, list]) -> list | None:
-    """A unit's FP targets when they were already captured: the all-FP model's output of a unit that
-    feeds the next one is that unit's captured FP input (no second FP pass over the calibration set)."""
-    if unit.target_inputs != "fp" or next_unit is None or unit.feeds != next_unit.entry \
-            or next_unit.entry not in fp_inputs:
-        return None
-    return [args[0] for args, _ in fp_inputs[next_unit.entry]]
+@dataclasses.dataclass
+class UnitData:
+    """What one unit learns from, per calibration item: quantized inputs, targets, and with PAR the head
+    (layer skipping) and its targets."""
+
+    q_inputs: list
+    targets: list
+    head: Any = None
+    head_targets: list | None = None
 
 
-def _fp_inputs_of(model: nn.Module, unit: ReconUnit, items: list[CalibrationItem], fp_inputs: Mapping[str, list],
-                  images: ImageSource, cache_device, cache_dtype) -> list:
-    """The FP model's inputs of ``unit``: from the encoder capture, or for a decoder unit captured now from
-    the FP image embeddings (the encoder does not run again)."""
-    if unit.entry in fp_inputs:
-        return fp_inputs[unit.entry]
-    with torch.no_grad(), quant_mode(model, QuantMode.OFF):
-        embeddings = [images.fp_embedding(item.image.path) for item in items]
-        return capture_inputs(model, [unit.entry], items, cache_device, cache_dtype, embeddings, images)[unit.entry]
+def _unit_data(unit: ReconUnit, next_unit: ReconUnit | None, chain: _ChainInputs, head: Any) -> UnitData:
+    """The quantized inputs and targets of a training unit; the PAR head only for a stage whose output
+    the neck accepts."""
+    q_inputs = chain.quantized(unit)
+    targets = chain.chained_fp_targets(unit, next_unit)
+    if targets is None:
+        target_inputs = q_inputs if unit.target_inputs == "quantized" else chain.fp(unit)
+        with quant_mode(chain.model, QuantMode.OFF):
+            targets = chain.outputs(unit, target_inputs)
+    if head is None or unit.kind != "stage":
+        return UnitData(q_inputs, targets)
+    if not head.accepts(targets[0]):
+        log.info("PAR: the output of %s %s cannot feed the neck (layer skipping undefined); this stage uses the "
+                 "plain stage-output MSE", unit.name, tuple(targets[0].shape))
+        return UnitData(q_inputs, targets)
+    with torch.no_grad(), quant_mode(chain.model, QuantMode.OFF):
+        head_targets = [_detach(head(to_device(t, chain.device), i), chain.cache_device, chain.cache_dtype)
+                        for i, t in enumerate(targets)]
+    return UnitData(q_inputs, targets, head, head_targets)
 
 
 def _unit_settings(settings: ReconSettings, unit: ReconUnit) -> ReconSettings:
@@ -134,14 +205,7 @@ def reconstruct_(model: nn.Module, items: list[CalibrationItem], cfg: Mapping[st
     # A unit with no iterations (ptq.recon.iters=0: the recipe's calibration alone) is only frozen: none of
     # its inputs or targets are captured.
     training = [u for u in todo if _unit_settings(settings, u).iters > 0]
-    with quant_mode(model, QuantMode.OFF):
-        # Encoder entries at once (QDrop mixes a unit's input with these; a unit's FP targets are the next
-        # unit's inputs). A decoder unit's FP inputs are taken when it comes and only if its loss needs
-        # them: per prompt they are large, and CLM units never use them.
-        fp_inputs = capture_inputs(model, sorted({u.entry for u in training if u.part == "encoder"}), items,
-                                   cache_device, cache_dtype, images=images)
-    q_cache: dict[str, list] = {}  # quantized inputs known without a forward pass (chained units)
-    encoded = None  # quantized image embeddings, once the encoder is final
+    chain = _ChainInputs(model, items, images, training, device, cache_device, cache_dtype)
     for position, unit in enumerate(todo):
         index = [u.name for u in units].index(unit.name)
         unit_seed = seed * 100003 + index  # per-unit seed: a resumed run repeats the same draws
@@ -150,38 +214,14 @@ def reconstruct_(model: nn.Module, items: list[CalibrationItem], cfg: Mapping[st
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         unit_settings = _unit_settings(settings, unit)
-        q_inputs = targets = head_targets = unit_head = None
-        if unit_settings.iters > 0:
-            if unit.entry in q_cache:
-                q_inputs = q_cache[unit.entry]
-            else:
-                if unit.part == "decoder" and encoded is None:
-                    with torch.no_grad():
-                        encoded = encode_items(model, items, images)  # every encoder unit comes before the decoder
-                q_inputs = capture_inputs(model, [unit.entry], items, cache_device, cache_dtype,
-                                          encoded if unit.part == "decoder" else None, images)[unit.entry]
-                q_cache = {unit.entry: q_inputs}
-            targets = _chained_fp_targets(unit, todo[position + 1] if position + 1 < len(todo) else None, fp_inputs)
-            if targets is None:
-                target_inputs = q_inputs if unit.target_inputs == "quantized" else _fp_inputs_of(
-                    model, unit, items, fp_inputs, images, cache_device, cache_dtype)
-                targets = _targets(model, unit, target_inputs, device, cache_device, cache_dtype)
-                del target_inputs
-            unit_head = head if (head is not None and unit.kind == "stage") else None
-            if unit_head is not None and not unit_head.accepts(targets[0]):
-                log.info("PAR: the output of %s %s cannot feed the neck (layer skipping undefined); this stage "
-                         "uses the plain stage-output MSE", unit.name, tuple(targets[0].shape))
-                unit_head = None
-            if unit_head is not None:
-                with torch.no_grad(), quant_mode(model, QuantMode.OFF):
-                    head_targets = [_detach(unit_head(to_device(t, device), i), cache_device, cache_dtype)
-                                    for i, t in enumerate(targets)]
-        module = UnitReconstruction(model, unit, unit_settings, unit_head)
+        later = todo[position + 1:]
+        data = _unit_data(unit, later[0] if later else None, chain, head) if unit_settings.iters > 0 else None
+        module = UnitReconstruction(model, unit, unit_settings, data.head if data else None)
         iters = unit_settings.iters if module.has_parameters else 0
         windows = LossWindows(unit_settings, iters, global_step)
         unit_stats: dict[str, Any] = {"unit": unit.name, "kind": unit.kind, "iters": iters,
-                                      "par": unit_head is not None}
-        fit_start = time.perf_counter()  # moved to the start of training below: setup_s is the captures
+                                      "par": data is not None and data.head is not None}
+        fit_start = time.perf_counter()  # reset when training starts: setup_s is the captures
 
         def save_unit(unit_stats=unit_stats, windows=windows) -> None:
             now = time.perf_counter()
@@ -197,9 +237,8 @@ def reconstruct_(model: nn.Module, items: list[CalibrationItem], cfg: Mapping[st
             state.save(model, done, global_step + iters, stats)
 
         if iters > 0:
-            batches = UnitBatches(q_inputs, _fp_inputs_of(model, unit, items, fp_inputs, images, cache_device,
-                                                          cache_dtype) if module.mixes_input else None, targets,
-                                  head_targets)
+            batches = UnitBatches(data.q_inputs, chain.fp(unit) if module.mixes_input else None, data.targets,
+                                  data.head_targets)
             fit_start = time.perf_counter()
             trainer = unit_trainer(unit.name, device, precision, run_dir, logger, global_step, iters,
                                    [windows, UnitCheckpoint(save_unit)], show_progress)
@@ -208,13 +247,7 @@ def reconstruct_(model: nn.Module, items: list[CalibrationItem], cfg: Mapping[st
             module.finalize()
             save_unit()
         global_step += iters
-        if all(u.entry != unit.entry for u in todo[position + 1:]):  # sub-blocks share their block's input
-            fp_inputs.pop(unit.entry, None)  # no later unit reads them (the previous unit took its targets)
-        if q_inputs is not None and position + 1 < len(todo) and unit.feeds == todo[position + 1].entry:
-            with torch.no_grad():  # the next unit's quantized input is this unit's (now frozen) output
-                q_cache[todo[position + 1].entry] = [
-                    ((_detach(unit.run(model, *to_device(inp, device)), cache_device, cache_dtype),), {})
-                    for inp in q_inputs]
+        chain.finished(unit, data.q_inputs if data is not None else None, later)
         if stop_after is not None and len(done) >= stop_after:
             break  # used by tests to simulate a killed job
     return stats
