@@ -50,3 +50,30 @@ def test_fp_embedding_is_the_fp_models_own(coco8):
         expected = encode_image(model, image_source.load_image(item.image.path)).embedding
     assert torch.equal(source.fp_embedding(item.image.path).embedding, expected)
     assert source.fp_embedding(item.image.path) is source.fp_embedding(item.image.path)
+
+
+def test_saq_sam_at_zero_iterations_is_saq_star(coco8, tmp_path):
+    """At ptq.recon.iters=0 a reconstruction recipe is its calibration alone, frozen: saq_sam's stages
+    give saq_star's model tensor for tensor (and so saq_base/saq_par give ptq4sam_s's: the same stages
+    without PCC). The benchmark's iters=0 controls rest on this."""
+    from saq.nn import harden_weights_
+
+    register_resolvers()
+    ds = dataset_from_config(coco8)
+    items = select_calibration(ds, gt_prompts(ds), 3, "first")
+    states = []
+    for recipe in ("saq_sam", "saq_star"):
+        with initialize_config_dir(config_dir(), version_base="1.3"):
+            cfg = compose("ptq", overrides=["debug=fast", f"ptq={recipe}", "quant=w4a4", "ptq.recon.iters=0",
+                                            "ptq.recon.final_attn_iters=0", "ptq.pcc.num_images=2",
+                                            "ptq.pcc.passes=1", "ptq.pcc.percentiles=[0.9,1.0]"])
+        config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+        model = build_tiny_sam(seed=2).eval()
+        quantize_(model, rules_from_config(config["quant"], config["ptq"]))
+        info = run_stages(StageContext(model, items, cap_prompts(items, 2), config, tmp_path / recipe,
+                                       RunLogger(tmp_path / recipe), False))
+        assert ("reconstruct" in info) == (recipe == "saq_sam")
+        harden_weights_(model)
+        states.append(model.state_dict())
+    assert states[0].keys() == states[1].keys()
+    assert [k for k in states[0] if not torch.equal(states[0][k], states[1][k])] == []

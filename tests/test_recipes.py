@@ -66,25 +66,3 @@ def test_default_demo_job_end_to_end(tmp_path, vit_t_checkpoint):
     assert metrics["model"] == "vit_t" and metrics["ground_truth"] == "fp_masks"
     assert 0.5 < metrics["quantized"]["fidelity_mIoU"] <= 1.0
     assert (sweep / "0" / "side_by_side.png").is_file()
-
-
-def test_reconstruction_recipe_at_zero_iterations_is_its_statistics_only_recipe(tmp_path):
-    """At ptq.recon.iters=0 a reconstruction recipe is its calibration alone, frozen: saq_sam is saq_star,
-    tensor for tensor (and so saq_base/saq_par are ptq4sam_s: the same stages without PCC). The benchmark's
-    iters=0 controls rest on this."""
-    recipe, statistics_only = "saq_sam", "saq_star"
-    import torch
-
-    from saq.export.checkpoint import load_quantized
-
-    pcc = ["ptq.pcc.passes=1", "ptq.pcc.percentiles=[0.9,1.0]"]
-    states, metrics = [], []
-    for name, extra in ((recipe, ["ptq.recon.iters=0", "ptq.recon.final_attn_iters=0"]), (statistics_only, [])):
-        run_dir = tmp_path / name
-        run("saq.ptq", "debug=fast", "quant=w4a4", f"ptq={name}", *pcc, *extra, f"hydra.run.dir={run_dir}")
-        states.append(load_quantized(run_dir / "quantized.pt")[0].state_dict())
-        metrics.append(read(run_dir / "metrics.json")["quantized"])
-    assert states[0].keys() == states[1].keys()
-    different = [k for k in states[0] if not torch.equal(states[0][k], states[1][k])]
-    assert different == []
-    assert metrics[0] == metrics[1]
