@@ -34,7 +34,13 @@ CONFIGS = {  # name -> (kind, export dir, backend, precision)
     "openvino_fp32": ("runtime", "onnx_fp", "openvino", "fp32"),
     "openvino_int8": ("runtime", "onnx", "openvino", "fp32"),
     "openvino_bf16": ("runtime", "onnx_fp", "openvino", "bf16"),
+    # The runtime's own int8 layout: the FP file quantized by onnxruntime's static quantizer (its MinMax
+    # calibration, its quantization points), for comparison with the recipe's layout; not the run's numbers.
+    "onnxruntime_own_int8": ("runtime", "onnx_own_int8", "onnxruntime", "fp32"),
+    "openvino_own_int8": ("runtime", "onnx_own_int8", "openvino", "fp32"),
 }
+OWN_INT8_DIR = "onnx_own_int8"
+OWN_INT8_IMAGES = 4  # calibration images of onnxruntime's own quantizer (its MinMax keeps every activation)
 BASELINE = "onnxruntime_fp32"
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
 
@@ -55,12 +61,69 @@ def cpu_description() -> dict[str, Any]:
     return info
 
 
-def ensure_exports(run: Path, weight_layout: str) -> None:
+def ensure_exports(run: Path, weight_layout: str, own_int8: bool = False) -> None:
     from saq.export.onnx import export_checkpoint
 
     for fmt in ("onnx", "onnx_fp"):
         if not (run / fmt / "export.json").is_file():
             export_checkpoint(run / "quantized.pt", fmt, weight_layout=weight_layout)
+    if own_int8 and not (run / OWN_INT8_DIR / "export.json").is_file():
+        runtime_own_int8(run)
+
+
+def _calibration_feeds(run: Path, count: int) -> tuple[list[dict], list[dict]]:
+    """Encoder and decoder inputs of the run's first ``count`` calibration images (their boxes, at most
+    16 each), prepared by the FP export's Predictor."""
+    from saq.data import select_calibration
+    from saq.data.coco import load_image
+    from saq.data.sources import dataset_from_config, prompts_from_config
+    from saq.deploy import Predictor
+    from saq.export.checkpoint import read_quantized
+
+    config = read_quantized(run / "quantized.pt")["config"]
+    calib = dataset_from_config(config["calib"]["data"])
+    items = select_calibration(calib, prompts_from_config(config["calib"]["prompts"], calib), count,
+                               str(config["calib"]["strategy"]), int(config["calib"]["seed"]))
+    fp = Predictor(run / "onnx_fp", "onnxruntime")
+    encoder_feeds, decoder_feeds = [], []
+    for item in items:
+        image = load_image(item.image.path)
+        x, _ = fp.preprocess(image)
+        encoder_feeds.append({"image": x})
+        encoding = fp.encode(image)
+        coords, labels = fp.prompt_arrays(encoding, boxes=[p.box_xyxy for p in item.prompts[:16]])
+        decoder_feeds.append({"image_embeddings": encoding.embedding, "point_coords": coords, "point_labels": labels})
+    return encoder_feeds, decoder_feeds
+
+
+def runtime_own_int8(run: Path, count: int = OWN_INT8_IMAGES) -> Path:
+    """``<run>/onnx_own_int8``: the FP export quantized by onnxruntime.quantization.quantize_static (QDQ,
+    int8 per-channel weights, uint8 activations, MinMax over ``count`` calibration images of the run), with
+    the FP export's manifest."""
+    from saq.export.onnx import file_hexdigest
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+
+    class Feeds(CalibrationDataReader):
+        def __init__(self, feeds: list[dict]) -> None:
+            self.feeds = iter(feeds)
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    source, target = run / "onnx_fp", run / OWN_INT8_DIR
+    target.mkdir(parents=True, exist_ok=True)
+    manifest = json.loads((source / "export.json").read_text())
+    for name, feeds in zip(("encoder", "decoder"), _calibration_feeds(run, count)):
+        path = manifest["files"][name]["path"]
+        quantize_static(str(source / path), str(target / path), Feeds(feeds), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax)
+        manifest["files"][name].update(bytes=(target / path).stat().st_size, sha256=file_hexdigest(target / path))
+    manifest["note"] = (f"onnx_fp quantized by onnxruntime.quantization.quantize_static (QDQ, MinMax over {count} "
+                        "calibration images of the run): the runtime's own layout, not the run's quantization")
+    (target / "export.json").write_text(json.dumps(manifest, indent=2))
+    return target
 
 
 class Runner:
@@ -167,7 +230,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=1, help="threads of every configuration (torch too)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--configs", nargs="+", default=[c for c in CONFIGS if CONFIGS[c][1] != OWN_INT8_DIR],
+                        choices=list(CONFIGS), help="default: all but the runtime's own int8 layout (*_own_int8)")
     parser.add_argument("--weight-layout", default="symmetric", help="export layout when the export is missing")
     parser.add_argument("--no-accuracy", action="store_true", help="latency and sizes only")
     parser.add_argument("--out", type=Path, default=None, help="default: <run>/bench_deploy")
@@ -178,7 +242,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not (run / "quantized.pt").is_file():
         parser.error(f"{run} has no quantized.pt: pass a saq.ptq run dir")
     torch.set_num_threads(args.threads)
-    ensure_exports(run, args.weight_layout)
+    ensure_exports(run, args.weight_layout, own_int8=any(CONFIGS[c][1] == OWN_INT8_DIR for c in args.configs))
     from saq.data.coco import load_image
     from saq.eval import add_fidelity
     from saq.export.onnx import read_manifest

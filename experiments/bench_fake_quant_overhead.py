@@ -23,12 +23,13 @@ from saq.data.coco import load_image
 from saq.export.checkpoint import load_quantized
 from saq.models.predictor import encode_image
 from saq.quant import QuantMode, set_quant_mode
-from saq.quant import log_quantizer
+from saq.quant.log_quantizer import LogSoftmaxQuantizer
 
 
-def _autograd_log_path(x, log2_s, tau, n_levels):
-    log2_a, is_zero = log_quantizer._safe_log2(x)
-    return log_quantizer._log_dequantize(log2_a, is_zero, log2_s, tau, n_levels, torch.round)
+def _use_inference_path(model: torch.nn.Module, enabled: bool) -> None:
+    for module in model.modules():
+        if isinstance(module, LogSoftmaxQuantizer):
+            module.inference_path = enabled
 
 
 def main() -> None:
@@ -46,21 +47,17 @@ def main() -> None:
     image_path = Path(args.image) if args.image else \
         sorted((Path(__file__).resolve().parents[1] / ".." / "shared" / "assets" / "coco_subset" / "val2017").glob("*.jpg"))[0]
     image = load_image(image_path)
-    inference_path = log_quantizer._log_fake_quantize_inference
-    configs = {"fp": (QuantMode.OFF, inference_path), "fake_quant": (QuantMode.QUANTIZE, inference_path)}
+    configs = {"fp": (QuantMode.OFF, True), "fake_quant": (QuantMode.QUANTIZE, True)}
     if args.with_autograd_log_quantizer:
-        configs["fake_quant_autograd_log_quantizer"] = (QuantMode.QUANTIZE, _autograd_log_path)
+        configs["fake_quant_autograd_log_quantizer"] = (QuantMode.QUANTIZE, False)
     seconds: dict[str, list[float]] = {name: [] for name in configs}
-    try:
-        for _ in range(args.rounds):
-            for name, (mode, log_path) in configs.items():
-                set_quant_mode(model, mode)
-                log_quantizer._log_fake_quantize_inference = log_path
-                start = time.perf_counter()
-                encode_image(model, image)
-                seconds[name].append(time.perf_counter() - start)
-    finally:
-        log_quantizer._log_fake_quantize_inference = inference_path
+    for _ in range(args.rounds):
+        for name, (mode, inference_path) in configs.items():
+            set_quant_mode(model, mode)
+            _use_inference_path(model, inference_path)
+            start = time.perf_counter()
+            encode_image(model, image)
+            seconds[name].append(time.perf_counter() - start)
     result = {"checkpoint": str(args.checkpoint), "image": str(image_path), "threads": args.threads,
               "rounds": args.rounds, "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
               "encoder_s": {k: {"min": min(v), "median": statistics.median(v), "all": v} for k, v in seconds.items()}}

@@ -176,6 +176,8 @@ class LogSoftmaxQuantizer(FakeQuantizer):
         self.n_levels = 2**spec.bits
         self.zero_point = torch.zeros((), **tensor_kwargs(like))  # unused; kept so generic checks see a finite value
         self.register_buffer("tau", torch.empty(0, **tensor_kwargs(like)))  # 0-dim once calibrated
+        # False: inference runs the differentiable path too (same values; benchmarks time the difference)
+        self.inference_path = True
 
     # state --------------------------------------------------------------------------------------
     @property
@@ -248,7 +250,8 @@ class LogSoftmaxQuantizer(FakeQuantizer):
             raise RuntimeError(f"quantizer {self.extra_repr()} is in QUANTIZE mode but was never calibrated")
         xf = x if x.dtype in (torch.float32, torch.float64) else x.float()  # log2 of tiny maps in half is lossy
         dropping = self.drop_prob > 0.0 and self.training
-        if not dropping and not (torch.is_grad_enabled() and (xf.requires_grad or self.scale.requires_grad)):
+        if self.inference_path and not dropping and \
+                not (torch.is_grad_enabled() and (xf.requires_grad or self.scale.requires_grad)):
             return _log_fake_quantize_inference(xf, torch.log2(self.scale), self.tau, self.n_levels).to(x.dtype)
         log2_a, is_zero = _safe_log2(xf)
         xq = _log_dequantize(log2_a, is_zero, torch.log2(self.scale), self.tau, self.n_levels, round_ste).to(x.dtype)
