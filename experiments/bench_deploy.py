@@ -5,7 +5,9 @@ and the accuracy of each against the FP masks and the ground truth.
 
 Configurations (each a row): PyTorch FP eager, PyTorch fake-quant (the framework's own numbers),
 onnxruntime FP32 and int8 (the run's QDQ export), OpenVINO FP32, int8 (the same QDQ file) and bf16
-(the FP file with a bf16 inference precision hint). Timing is interleaved: every round times every
+(the FP file with a bf16 inference precision hint); on request (``--configs ... onnxruntime_own_int8
+openvino_own_int8``) the runtime's own int8 layout: the FP file quantized by onnxruntime's static
+quantizer with its own MinMax calibration, to compare with the recipe's layout. Timing is interleaved: every round times every
 configuration once on the same image (encoder) and the same single-box prompt (decoder), so drift of
 the machine hits all rows alike; median and min over rounds, ratios to onnxruntime FP32. Fidelity:
 each configuration evaluates the run's evaluation set with its prompts (saq.eval's protocol): mask
@@ -41,6 +43,9 @@ CONFIGS = {  # name -> (kind, export dir, backend, precision)
 }
 OWN_INT8_DIR = "onnx_own_int8"
 OWN_INT8_IMAGES = 4  # calibration images of onnxruntime's own quantizer (its MinMax keeps every activation)
+# Its compute ops (inputs and outputs quantized). With its default op list it also quantizes elementwise
+# Mul/Add, and OpenVINO 2026.4 then fails to compile the encoder (attention's Mul by a quantized constant).
+OWN_INT8_OPS = ("Conv", "MatMul", "Gemm")
 BASELINE = "onnxruntime_fp32"
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
 
@@ -82,6 +87,7 @@ def _calibration_feeds(run: Path, count: int) -> tuple[list[dict], list[dict]]:
 
     config = read_quantized(run / "quantized.pt")["config"]
     calib = dataset_from_config(config["calib"]["data"])
+    count = min(count, int(config["calib"]["num_images"]))  # the images the run itself calibrated on
     items = select_calibration(calib, prompts_from_config(config["calib"]["prompts"], calib), count,
                                str(config["calib"]["strategy"]), int(config["calib"]["seed"]))
     fp = Predictor(run / "onnx_fp", "onnxruntime")
@@ -98,8 +104,8 @@ def _calibration_feeds(run: Path, count: int) -> tuple[list[dict], list[dict]]:
 
 def runtime_own_int8(run: Path, count: int = OWN_INT8_IMAGES) -> Path:
     """``<run>/onnx_own_int8``: the FP export quantized by onnxruntime.quantization.quantize_static (QDQ,
-    int8 per-channel weights, uint8 activations, MinMax over ``count`` calibration images of the run), with
-    the FP export's manifest."""
+    Conv/MatMul/Gemm, int8 per-channel weights, uint8 activations, MinMax over ``count`` calibration images
+    of the run), with the FP export's manifest."""
     from saq.export.onnx import file_hexdigest
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
@@ -118,9 +124,10 @@ def runtime_own_int8(run: Path, count: int = OWN_INT8_IMAGES) -> Path:
         path = manifest["files"][name]["path"]
         quantize_static(str(source / path), str(target / path), Feeds(feeds), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax)
+                        calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=list(OWN_INT8_OPS))
         manifest["files"][name].update(bytes=(target / path).stat().st_size, sha256=file_hexdigest(target / path))
-    manifest["note"] = (f"onnx_fp quantized by onnxruntime.quantization.quantize_static (QDQ, MinMax over {count} "
+    manifest["note"] = (f"onnx_fp quantized by onnxruntime.quantization.quantize_static (QDQ, {'/'.join(OWN_INT8_OPS)}, "
+                        f"MinMax over {count} "
                         "calibration images of the run): the runtime's own layout, not the run's quantization")
     (target / "export.json").write_text(json.dumps(manifest, indent=2))
     return target

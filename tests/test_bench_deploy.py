@@ -35,6 +35,20 @@ def test_bench_deploy_writes_every_configuration(tmp_path, coco8):
     assert result["kept_fp"] == [] and (run / "onnx" / "encoder.onnx").is_file()
     assert "| onnxruntime_int8 |" in (run / "bench_deploy" / "bench_deploy.md").read_text()
 
+    # the runtime's own int8 layout (onnxruntime's static quantizer on the FP file), for comparison
+    proc = subprocess.run([sys.executable, "experiments/bench_deploy.py", "--run", str(run), "--rounds", "1",
+                           "--no-accuracy", "--configs", "onnxruntime_fp32", "onnxruntime_own_int8", "openvino_own_int8",
+                           "--out", str(tmp_path / "own")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import onnx
+
+    own = onnx.load(str(run / "onnx_own_int8" / "encoder.onnx"))
+    assert sum(node.op_type == "QuantizeLinear" for node in own.graph.node) > 0
+    assert "quantize_static" in json.loads((run / "onnx_own_int8" / "export.json").read_text())["note"]
+    rows = json.loads((tmp_path / "own" / "bench_deploy.json").read_text())["configs"]
+    assert set(rows) == {"onnxruntime_fp32", "onnxruntime_own_int8", "openvino_own_int8"}
+    assert all(row["encoder"]["min_s"] > 0 for row in rows.values())
+
 
 def test_bench_deploy_refuses_a_dir_without_checkpoint(tmp_path):
     proc = subprocess.run([sys.executable, "experiments/bench_deploy.py", "--run", str(tmp_path)], cwd=ROOT,
