@@ -24,6 +24,7 @@ from saq.export.checkpoint import load_quantized
 from saq.models.predictor import encode_image
 from saq.quant import QuantMode, set_quant_mode
 from saq.quant.log_quantizer import LogSoftmaxQuantizer
+from saq.quant.fused import use_fused_kernels_
 
 
 def _use_inference_path(model: torch.nn.Module, enabled: bool) -> None:
@@ -39,6 +40,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--with-autograd-log-quantizer", action="store_true")
+    parser.add_argument("--with-compiled", action="store_true",
+                        help="also time runtime.compile=true (compiled uniform fake quantization)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -47,14 +50,23 @@ def main() -> None:
     image_path = Path(args.image) if args.image else \
         sorted((Path(__file__).resolve().parents[1] / ".." / "shared" / "assets" / "coco_subset" / "val2017").glob("*.jpg"))[0]
     image = load_image(image_path)
-    configs = {"fp": (QuantMode.OFF, True), "fake_quant": (QuantMode.QUANTIZE, True)}
+    configs = {"fp": (QuantMode.OFF, True, False), "fake_quant": (QuantMode.QUANTIZE, True, False)}
     if args.with_autograd_log_quantizer:
-        configs["fake_quant_autograd_log_quantizer"] = (QuantMode.QUANTIZE, False)
+        configs["fake_quant_autograd_log_quantizer"] = (QuantMode.QUANTIZE, False, False)
+    if args.with_compiled:
+        configs["fake_quant_compiled"] = (QuantMode.QUANTIZE, True, True)
+        use_fused_kernels_(model)
+        set_quant_mode(model, QuantMode.QUANTIZE)
+        encode_image(model, image)  # compiles every tensor layout once, outside the timing
+    kernels = {id(q): q.fused for q in model.modules() if hasattr(q, "fused")}
     seconds: dict[str, list[float]] = {name: [] for name in configs}
     for _ in range(args.rounds):
-        for name, (mode, inference_path) in configs.items():
+        for name, (mode, inference_path, compiled) in configs.items():
             set_quant_mode(model, mode)
             _use_inference_path(model, inference_path)
+            for q in model.modules():
+                if id(q) in kernels:
+                    q.fused = kernels[id(q)] if compiled else None
             start = time.perf_counter()
             encode_image(model, image)
             seconds[name].append(time.perf_counter() - start)

@@ -65,6 +65,11 @@ def test_inference_path_equals_the_differentiable_path_bit_for_bit(scale, tau, b
     q.inference_path = False  # what the overhead benchmark times as "before"
     with torch.no_grad():
         assert torch.equal(q(maps), fast)
+    from saq.quant.log_quantizer import fused_log_fake_quantize
+
+    q.inference_path, q.fused = True, fused_log_fake_quantize()  # runtime.compile
+    with torch.no_grad():
+        assert torch.equal(q(maps), fast)
 
 
 def test_outputs_stay_in_level_set():

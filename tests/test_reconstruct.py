@@ -323,3 +323,19 @@ def test_zero_iterations_freeze_the_calibration_without_any_capture(items, monke
     assert_deployable(model)
     a, b = model.state_dict(), reference.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_compiled_fake_quantization_reconstructs_the_same_model(items, tmp_path):
+    """runtime.compile=true: reconstruction (QDrop, LSQ steps, AdaRound) with the compiled uniform fake
+    quantization ends in the eager run's model, tensor for tensor."""
+    from saq.quant.fused import use_fused_kernels_
+
+    states = []
+    for compiled in (False, True):
+        model = calibrated_tiny(items[:2])
+        assert use_fused_kernels_(model, compiled) > 0
+        reconstruct_(model, items[:2], {**RECON, "iters": 3}, tmp_path / str(compiled),
+                     RunLogger(tmp_path / str(compiled)), seed=1, show_progress=False)
+        harden_weights_(model)
+        states.append(model.state_dict())
+    assert [k for k in states[0] if not torch.equal(states[0][k], states[1][k])] == []

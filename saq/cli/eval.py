@@ -151,6 +151,10 @@ def run_eval(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict[str, Any
     assert_deployable(model, require_quantizers=bool(payload["layout"]))  # refuses: no numbers for such a model
     device = resolve_device(str(cfg.runtime.device))
     model = model.to(device)
+    if cfg.runtime.get("compile"):
+        from saq.quant.fused import use_fused_kernels_
+
+        use_fused_kernels_(model)  # compiled fake quantization: the same values, fewer passes
     dataset, prompts, fp = _labels_or_fp_masks(cfg, trained, data_cfg, prompts_cfg, device)
     if num_shards > 1:
         dataset, prompts, fp = _shard(dataset, prompts, fp, shard, num_shards)

@@ -251,6 +251,7 @@ class RuntimeConfig:
     num_threads: Optional[int] = None
     progress: bool = True
     precision: str = "32-true"  # engine loops: see saq.engine.precision.PRECISIONS
+    compile: bool = False  # torch.compile the uniform fake quantization (same values, one kernel)
 
 
 @dataclass

@@ -29,6 +29,7 @@ from saq.ptq.preflight import preflight
 from saq.ptq.recipe import rules_from_config
 from saq.ptq.stages import StageContext, run_stages
 from saq.quant import QuantMode, set_quant_mode
+from saq.quant.fused import use_fused_kernels_
 from saq.utils.loggers import RunLogger
 from saq.utils.run_files import result_rows, write_json
 
@@ -122,6 +123,8 @@ def run_ptq(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict[str, Any]
     reference = None
     if cfg.ptq.quantize:
         layout = quantize_(model, rules_from_config(config["quant"], config["ptq"]))
+        if cfg.runtime.get("compile"):
+            use_fused_kernels_(model)  # compiled fake quantization: the same values, fewer passes
         recon_items = cap_prompts(calib_items, cfg.calib.max_prompts_per_image, int(cfg.calib.seed))
         stage_info = run_stages(StageContext(model, calib_items, recon_items, config, run_dir, logger, progress))
         harden_weights_(model)

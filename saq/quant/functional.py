@@ -7,6 +7,7 @@ zero is exactly representable (padding, ReLU outputs, masked attention).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -57,14 +58,32 @@ def quantize_to_int(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tens
     return torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
 
 
-def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+FusedKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, int], torch.Tensor]
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+                  fused: FusedKernel | None = None) -> torch.Tensor:
     """Quantize-dequantize with straight-through rounding (gradients reach x and scale).
 
     Divides by the scale and rounds half to even, as ONNX QuantizeLinear does, so the fake-quantized
-    model computes what an int8 runtime computes from the same scales and zero points."""
+    model computes what an int8 runtime computes from the same scales and zero points. ``fused``: a
+    compiled form of the arithmetic (:func:`fused_fake_quantize`) for float32 tensors."""
     if not torch.is_grad_enabled() or not (x.requires_grad or scale.requires_grad):
-        return _fake_quantize_inference(x, scale.detach(), zero_point.detach(), qmin, qmax)
-    return _FakeQuantizeSTE.apply(x, scale, zero_point.detach(), qmin, qmax)
+        return _fake_quantize_inference(x, scale.detach(), zero_point.detach(), qmin, qmax, fused)
+    return _FakeQuantizeSTE.apply(x, scale, zero_point.detach(), qmin, qmax, fused)
+
+
+def _fake_quantize_values(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int
+                          ) -> torch.Tensor:
+    """The arithmetic written out (what :func:`fused_fake_quantize` compiles into one kernel)."""
+    return (torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale
+
+
+def fused_fake_quantize() -> FusedKernel:
+    """``torch.compile`` of the fake-quantization arithmetic: one kernel instead of six passes over the
+    tensor (about 3x faster on CPU), the same values bit for bit (tests/test_quant_functional.py). The
+    first call of each tensor layout compiles (seconds); ``runtime.compile=true`` turns it on."""
+    return torch.compile(_fake_quantize_values, dynamic=True)
 
 
 class _FakeQuantizeSTE(torch.autograd.Function):
@@ -78,10 +97,10 @@ class _FakeQuantizeSTE(torch.autograd.Function):
     (round(v) - v) + v decides."""
 
     @staticmethod
-    def forward(ctx, x, scale, zero_point, qmin, qmax):
+    def forward(ctx, x, scale, zero_point, qmin, qmax, fused=None):
         ctx.save_for_backward(x, scale, zero_point)
         ctx.qmin, ctx.qmax = qmin, qmax
-        return _fake_quantize_inference(x, scale.detach(), zero_point, qmin, qmax)
+        return _fake_quantize_inference(x, scale.detach(), zero_point, qmin, qmax, fused)
 
     @staticmethod
     def backward(ctx, grad):
@@ -98,13 +117,33 @@ class _FakeQuantizeSTE(torch.autograd.Function):
             # inside: (q - z) - x/s = round(x/s) - x/s; clamped: the bound's code minus z
             local = torch.where(inside, rounded.sub_(scaled), codes.clamp_(ctx.qmin, ctx.qmax).sub_(zero_point))
             grad_scale = (grad * local).sum_to_size(scale.shape)
-        return grad_x, grad_scale, None, None, None
+        return grad_x, grad_scale, None, None, None, None
 
 
-def _fake_quantize_inference(x, scale, zero_point, qmin, qmax) -> torch.Tensor:
+def _as_rows(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor):
+    """(x, scale, zero point) as (rows, N), (rows, 1), (rows, 1): per tensor one row, per channel of the
+    first axis (weights) one row per channel. Every quantizer then calls the compiled kernel with the
+    same ranks and plain tensors, so it compiles twice in all instead of once per layout (and past
+    dynamo's recompile limit). None (eager) for anything else: a non-contiguous x, another channel axis."""
+    if not x.is_contiguous() or x.dim() == 0:
+        return None
+    x = x.detach()  # a Parameter would be a layout of its own; this path has no gradient anyway
+    if scale.numel() == 1:
+        return x.view(1, -1), scale.reshape(1, 1), zero_point.reshape(1, 1)
+    channels = x.shape[0]
+    if scale.numel() == channels and scale.dim() == x.dim() and scale.shape[0] == channels:
+        return x.view(channels, -1), scale.reshape(channels, 1), zero_point.expand_as(scale).reshape(channels, 1)
+    return None
+
+
+def _fake_quantize_inference(x, scale, zero_point, qmin, qmax, fused: FusedKernel | None = None) -> torch.Tensor:
     """The same arithmetic in place on one buffer: the same values as the differentiable path, bit for
     bit, and on CPU about 5x faster than torch's fused fake_quantize kernels (which also write a mask)."""
     if x.dtype != scale.dtype and x.dtype in (torch.float16, torch.bfloat16):
-        return _fake_quantize_inference(x.float(), scale, zero_point, qmin, qmax).to(x.dtype)
+        return _fake_quantize_inference(x.float(), scale, zero_point, qmin, qmax, fused).to(x.dtype)
+    if fused is not None and x.dtype == torch.float32 and scale.dtype == torch.float32:
+        rows = _as_rows(x, scale, zero_point)
+        if rows is not None:
+            return fused(*rows, qmin, qmax).view(x.shape)
     y = x / scale
     return y.round_().add_(zero_point).clamp_(qmin, qmax).sub_(zero_point).mul_(scale)

@@ -85,6 +85,8 @@ class FakeQuantizer(nn.Module):
         self.alpha: nn.Parameter | None = None
         # Fixed learned rounding (0/1 per weight) after a unit is done, until weights are hardened.
         self.register_buffer("rounding", None)
+        # A compiled fake-quantization kernel (runtime.compile=true, saq.quant.fused), or None: eager.
+        self.fused: Callable | None = None
 
     # state --------------------------------------------------------------------------------------
     @property
@@ -192,7 +194,7 @@ class FakeQuantizer(nn.Module):
         elif self.rounding is not None:
             xq = adaround.fixed_quantize(x, self.rounding, self.scale, self.zero_point, self.qmin, self.qmax)
         else:
-            xq = fake_quantize(x, self._effective_scale(x.numel()), self.zero_point, self.qmin, self.qmax)
+            xq = fake_quantize(x, self._effective_scale(x.numel()), self.zero_point, self.qmin, self.qmax, self.fused)
         if self.drop_prob > 0.0 and self.training:
             keep_fp = torch.rand_like(x) < self.drop_prob
             xq = torch.where(keep_fp, x, xq)
@@ -249,3 +251,4 @@ def quant_mode(model: nn.Module, mode: QuantMode, where: QuantizerFilter | None 
     finally:
         for name, q in iter_quantizers(model):
             q.mode = previous.get(name, q.mode)
+
