@@ -11,7 +11,7 @@ FAST_RECON = ["ptq.recon.iters=4", "ptq.recon.best_window=2"]
 
 
 @pytest.mark.parametrize("recipe,extra", [
-    ("ptq4sam_s", []),
+    ("ptq4sam_s", ["runtime.compile=true"]),  # compiled fake quantization through the CLI
     ("brecq", FAST_RECON),
     ("brecq", FAST_RECON + ["ptq.recon.granularity=layer"]),  # AdaRound layer by layer
     ("qdrop", FAST_RECON + ["eval.reference_protocol=true"]),
