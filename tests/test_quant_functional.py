@@ -209,3 +209,22 @@ def test_fused_kernel_equals_the_eager_arithmetic_bit_for_bit():
         se = scale.clone().requires_grad_(True)
         fake_quantize(xe, se, zero, 0, 15).pow(2).sum().backward()
         assert torch.equal(xs.grad, xe.grad) and torch.equal(s.grad, se.grad)
+
+
+def test_a_kernel_that_fails_to_compile_runs_eagerly_with_one_warning(caplog):
+    """runtime.compile on a machine where inductor cannot compile (no C++ compiler): same values, eager."""
+    from saq.quant.fused import EagerFallback
+    from saq.quant.functional import _fake_quantize_values
+
+    calls = []
+
+    def broken(*args):
+        calls.append(1)
+        raise RuntimeError("InductorError: no working C++ compiler found")
+
+    kernel = EagerFallback(broken, _fake_quantize_values, "the uniform fake quantizer")
+    x, s, z = torch.randn(4, 8), torch.tensor(0.1), torch.tensor(3.0)
+    with caplog.at_level("WARNING"):
+        first, second = kernel(x, s, z, 0, 15), kernel(x, s, z, 0, 15)
+    assert torch.equal(first, fake_quantize(x, s, z, 0, 15)) and torch.equal(second, first)
+    assert len(calls) == 1 and sum("running it eagerly" in r.message for r in caplog.records) == 1

@@ -8,22 +8,48 @@ the quantizers (``q.fused``), one per kind, shared by all quantizers of a model.
 
 from __future__ import annotations
 
+import logging
+from typing import Callable
+
 from torch import nn
 
-from saq.quant.functional import fused_fake_quantize
-from saq.quant.log_quantizer import LogSoftmaxQuantizer, fused_log_fake_quantize
+from saq.quant.functional import _fake_quantize_values, fused_fake_quantize
+from saq.quant.log_quantizer import LogSoftmaxQuantizer, _log_fake_quantize_values, fused_log_fake_quantize
 from saq.quant.quantizer import FakeQuantizer, iter_quantizers
+
+log = logging.getLogger(__name__)
+
+
+class EagerFallback:
+    """A compiled kernel that falls back to its eager function, with one warning, when compiling fails
+    (e.g. no C++ compiler for inductor on this machine): the run goes on with the same values."""
+
+    def __init__(self, compiled: Callable, eager: Callable, name: str) -> None:
+        self.compiled, self.eager, self.name = compiled, eager, name
+        self.failed = False
+
+    def __call__(self, *args):
+        if not self.failed:
+            try:
+                return self.compiled(*args)
+            except Exception as exc:  # inductor/dynamo raise many types; any of them means "run eager"
+                self.failed = True
+                log.warning("runtime.compile: compiling %s failed (%s: %s); running it eagerly (same values)",
+                            self.name, type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+        return self.eager(*args)
 
 
 def use_fused_kernels_(model: nn.Module, enabled: bool = True) -> int:
     """Give every quantizer of ``model`` its compiled kernel (``enabled``) or the eager path back;
     returns how many quantizers changed."""
-    uniform = fused_fake_quantize() if enabled else None
-    log = fused_log_fake_quantize() if enabled else None
+    uniform = EagerFallback(fused_fake_quantize(), _fake_quantize_values, "the uniform fake quantizer") \
+        if enabled else None
+    log_kernel = EagerFallback(fused_log_fake_quantize(), _log_fake_quantize_values, "the log softmax quantizer") \
+        if enabled else None
     count = 0
     for _, q in iter_quantizers(model):
         if isinstance(q, LogSoftmaxQuantizer):
-            q.fused = log
+            q.fused = log_kernel
         elif type(q).forward is FakeQuantizer.forward:  # another subclass with arithmetic of its own: eager
             q.fused = uniform
         else:
