@@ -90,10 +90,22 @@ def _all_dirs(paths: list[Path]) -> bool:
     return not missing
 
 
+def _finished_runs(dirs: list[Path]) -> list | None:
+    """The finished runs under ``dirs``, or None after printing why there are none (a missing dir, no run)."""
+    from saq.eval.run_index import find_runs
+
+    if not _all_dirs(dirs):
+        return None
+    runs = find_runs(dirs)
+    if not runs:
+        print(f"error: no finished run (metrics.json) under {', '.join(map(str, dirs))}", file=sys.stderr)
+        return None
+    return runs
+
+
 def compare_main(argv: list[str]) -> int:
     """compare: the benchmark table with paired bootstrap intervals against a baseline recipe."""
     from saq.eval.compare import compare_table, footnote, plot_ap_vs_iters, to_markdown
-    from saq.eval.run_index import find_runs
 
     parser = argparse.ArgumentParser(prog="tables.py compare", description=compare_main.__doc__)
     parser.add_argument("dirs", type=Path, nargs="+", help="results/<experiment> trees, sweep dirs or run dirs")
@@ -104,11 +116,8 @@ def compare_main(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     parser.add_argument("--out", type=Path, default=None, help="basename of the outputs (default: <first dir>/compare)")
     args = parser.parse_args(argv)
-    if not _all_dirs(args.dirs):
-        return 2
-    runs = find_runs(args.dirs)
-    if not runs:
-        print(f"error: no finished run (metrics.json) under {', '.join(map(str, args.dirs))}", file=sys.stderr)
+    runs = _finished_runs(args.dirs)
+    if runs is None:
         return 2
     table = compare_table(runs, args.baseline, args.baseline_iters, args.samples, args.seed)
     out = args.out or args.dirs[0] / "compare"
@@ -158,17 +167,13 @@ def collect_main(argv: list[str]) -> int:
 def cost_main(argv: list[str]) -> int:
     """cost: minutes per stage and ms per reconstruction iteration per unit type, per benchmark row."""
     from saq.eval.costs import cost_markdown, cost_rows
-    from saq.eval.run_index import find_runs
 
     parser = argparse.ArgumentParser(prog="tables.py cost", description=cost_main.__doc__)
     parser.add_argument("dirs", type=Path, nargs="+", help="results/<experiment> trees, sweep dirs or run dirs")
     parser.add_argument("--out", type=Path, default=None, help="basename of the outputs (default: <first dir>/cost)")
     args = parser.parse_args(argv)
-    if not _all_dirs(args.dirs):
-        return 2
-    runs = find_runs(args.dirs)
-    if not runs:
-        print(f"error: no finished run (metrics.json) under {', '.join(map(str, args.dirs))}", file=sys.stderr)
+    runs = _finished_runs(args.dirs)
+    if runs is None:
         return 2
     rows = cost_rows(runs)
     out = args.out or args.dirs[0] / "cost"
