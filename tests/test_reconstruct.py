@@ -11,7 +11,8 @@ from saq.models.image_source import ImageSource
 from saq.models.units import reconstruction_units
 from saq.nn import QuantRule, assert_deployable, deployment_problems, harden_weights_, quantize_
 from saq.ptq.calibrate import calibrate_
-from saq.ptq.capture import capture_inputs, to_device
+from saq.models.predictor import encode_image
+from saq.ptq.capture import capture_inputs, share_repeated_rows, to_device
 from saq.ptq.reconstruct import STATE_FILE, reconstruct_
 from saq.quant import QuantMode, QuantSpec, iter_quantizers, quant_mode, set_quant_mode
 from saq.utils.loggers import RunLogger
@@ -339,3 +340,23 @@ def test_compiled_fake_quantization_reconstructs_the_same_model(items, tmp_path)
         harden_weights_(model)
         states.append(model.state_dict())
     assert [k for k in states[0] if not torch.equal(states[0][k], states[1][k])] == []
+
+
+def test_decoder_captures_store_per_prompt_repeats_once_and_give_the_same_outputs(items):
+    """The decoder repeats the positional encoding (and at its first layer the image embedding) per prompt:
+    the cache keeps one row of each, a stride-0 view, and the unit computes exactly what it did before."""
+    model = build_tiny_sam(seed=2).eval()
+    unit = next(u for u in reconstruction_units(model, "block", ("decoder",)) if u.kind == "decoder_layer")
+    encoded = [encode_image(model, ImageSource(model).image(item.image.path)) for item in items[:2]]
+    with torch.no_grad():
+        captured = capture_inputs(model, [unit.entry], items[:2], torch.device("cpu"), encoded=encoded)[unit.entry]
+    args, kwargs = captured[0]
+    tensors = [*args, *kwargs.values()]
+    shared = [t for t in tensors if t.dim() >= 2 and t.stride(0) == 0]
+    assert len(shared) == 2, [(tuple(t.shape), t.stride()) for t in tensors]  # keys (layer 0) and key_pe
+    assert all(t.shape[0] == len(items[0].prompts) > 1 for t in shared)
+    dense = ([t.contiguous() for t in args], {k: v.contiguous() for k, v in kwargs.items()})
+    with torch.no_grad():
+        out_shared, out_dense = unit.run(model, args, kwargs), unit.run(model, *dense)
+    assert all(torch.equal(a, b) for a, b in zip(out_shared, out_dense))
+    assert share_repeated_rows(torch.arange(6.0).view(3, 2)).stride(0) == 2  # distinct rows stay as they are

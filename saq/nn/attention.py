@@ -1,4 +1,4 @@
-"""Quantized subclasses of the attention modules of segment-anything and TinyViT.
+"""Quantized subclasses of the attention modules of segment-anything (TinyViT's: saq.nn.tinyvit_attention).
 
 Each keeps its parent's parameters and signature and adds four named quantization points: q, k and
 v after projection, and the softmax output. Attention logits (QK^T) and the relative-position term
@@ -9,7 +9,6 @@ operations, so outputs are bit-identical to upstream.
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 from segment_anything.modeling import image_encoder as sam_encoder
@@ -83,44 +82,3 @@ class QuantTwoWayAttention(_QuantAttention, sam_transformer.Attention):
         attn = self.softmax_quantizer(self.attention_probs(q, k), v)
         out = self._recombine_heads(attn @ v)
         return self.out_proj(out)
-
-
-def _tinyvit_attention_cls():
-    """The TinyViT attention class, or None when mobile_sam is not installed."""
-    try:
-        with warnings.catch_warnings():  # mobile_sam re-registers timm models and uses deprecated paths
-            warnings.simplefilter("ignore")
-            from mobile_sam.modeling import tiny_vit_sam
-    except ImportError:
-        return None
-    return tiny_vit_sam.Attention
-
-
-def _make_quant_tinyvit_attention():
-    base = _tinyvit_attention_cls()
-    if base is None:
-        return None
-
-    class QuantTinyViTAttention(_QuantAttention, base):
-        """TinyViT attention (pre-norm, learned attention-bias table)."""
-
-        float_cls = base
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            B, N, _ = x.shape
-            x = self.norm(x)
-            qkv = self.qkv(x)
-            q, k, v = qkv.view(B, N, self.num_heads, -1).split([self.key_dim, self.key_dim, self.d], dim=3)
-            q = self.q_quantizer(q.permute(0, 2, 1, 3))
-            k = self.k_quantizer(k.permute(0, 2, 1, 3))
-            v = self.v_quantizer(v.permute(0, 2, 1, 3))
-            bias = self.attention_biases[:, self.attention_bias_idxs] if self.training else self.ab
-            attn = (q @ k.transpose(-2, -1)) * self.scale + bias
-            attn = self.softmax_quantizer(attn.softmax(dim=-1), v)
-            x = (attn @ v).transpose(1, 2).reshape(B, N, self.dh)
-            return self.proj(x)
-
-    return QuantTinyViTAttention
-
-
-QuantTinyViTAttention = _make_quant_tinyvit_attention()

@@ -9,13 +9,14 @@ never depends on the rules that produced it.
 from __future__ import annotations
 
 import fnmatch
+import sys
 from dataclasses import dataclass
 from typing import Any, Iterable
 
 import torch
 from torch import nn
 
-from saq.nn.attention import QuantTinyViTAttention, QuantTwoWayAttention, QuantViTAttention
+from saq.nn.attention import QuantTwoWayAttention, QuantViTAttention
 from saq.nn.modules import QuantConv2d, QuantizedModule, QuantLinear
 from saq.quant.quantizer import QuantSpec
 
@@ -42,7 +43,10 @@ def quantized_classes() -> dict[str, type[QuantizedModule]]:
         "vit_attention": QuantViTAttention,
         "two_way_attention": QuantTwoWayAttention,
     }
-    if QuantTinyViTAttention is not None:
+    # A TinyViT attention exists only once mobile_sam is imported; importing it for other models costs time.
+    if "mobile_sam" in sys.modules:
+        from saq.nn.tinyvit_attention import QuantTinyViTAttention
+
         kinds["tinyvit_attention"] = QuantTinyViTAttention
     return kinds
 

@@ -19,10 +19,19 @@ class _EntriesCaptured(Exception):
     """Ends an encoder pass early: every entry of the current image has been captured."""
 
 
+def share_repeated_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with one stored row when every row along dim 0 is the same (a stride-0 view of it), else ``t``.
+    The mask decoder repeats the image's positional encoding, and at its first layer the image embedding,
+    once per prompt: kept per prompt, they would be most of a decoder unit's cache."""
+    if t.dim() < 2 or t.shape[0] < 2 or not torch.equal(t, t[:1].expand_as(t)):
+        return t
+    return t[:1].clone().expand(t.shape)
+
+
 def _detach(value: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
     if isinstance(value, torch.Tensor):
         v = value.detach().to(device)
-        return v.to(dtype) if dtype is not None and v.is_floating_point() else v
+        return share_repeated_rows(v.to(dtype) if dtype is not None and v.is_floating_point() else v)
     if isinstance(value, (tuple, list)):
         return type(value)(_detach(v, device, dtype) for v in value)
     if isinstance(value, dict):

@@ -9,6 +9,7 @@ steps, logging, the per-unit checkpoint) belongs to the Trainer.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import resource
 import time
@@ -176,6 +177,13 @@ def _unit_loader(batches: UnitBatches, iters: int, seed: int) -> DataLoader:
     return DataLoader(batches, batch_size=None, sampler=sampler)
 
 
+def _fit(trainer: Any, module: UnitReconstruction, data: UnitData, fp_inputs: list | None, iters: int,
+         seed: int) -> None:
+    """The unit's optimisation loop; the batches and the trainer live only as long as it."""
+    batches = UnitBatches(data.q_inputs, fp_inputs, data.targets, data.head_targets)
+    fit_quietly(trainer, module, _unit_loader(batches, iters, seed))
+
+
 def reconstruct_(model: nn.Module, items: list[CalibrationItem], cfg: Mapping[str, Any], run_dir: Path,
                  logger: RunLogger, seed: int = 0, show_progress: bool = True,
                  units: list[ReconUnit] | None = None, stop_after: int | None = None,
@@ -237,17 +245,20 @@ def reconstruct_(model: nn.Module, items: list[CalibrationItem], cfg: Mapping[st
             state.save(model, done, global_step + iters, stats)
 
         if iters > 0:
-            batches = UnitBatches(data.q_inputs, chain.fp(unit) if module.mixes_input else None, data.targets,
-                                  data.head_targets)
             fit_start = time.perf_counter()
-            trainer = unit_trainer(unit.name, device, precision, run_dir, logger, global_step, iters,
-                                   [windows, UnitCheckpoint(save_unit)], show_progress)
-            fit_quietly(trainer, module, _unit_loader(batches, iters, unit_seed))
+            _fit(unit_trainer(unit.name, device, precision, run_dir, logger, global_step, iters,
+                              [windows, UnitCheckpoint(save_unit)], show_progress),
+                 module, data, chain.fp(unit) if module.mixes_input else None, iters, unit_seed)
         else:  # nothing to optimise (no parameters or iters=0): the calibrated values, frozen
             module.finalize()
             save_unit()
         global_step += iters
-        chain.finished(unit, data.q_inputs if data is not None else None, later)
+        q_inputs = data.q_inputs if data is not None else None
+        # This unit's targets and its trainer (whose Lightning objects hold each other in cycles) are freed
+        # before the next unit captures its own: two units' caches never coexist.
+        del data, module
+        gc.collect()
+        chain.finished(unit, q_inputs, later)
         if stop_after is not None and len(done) >= stop_after:
             break  # used by tests to simulate a killed job
     return stats
