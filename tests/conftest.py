@@ -10,6 +10,16 @@ import pytest
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (the README's test command) each worker is one process per core: one thread
+    each, for the subprocesses it starts too, so that workers do not oversubscribe the cores."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
 def assets_dir() -> Path:
     """The shared assets (env SAQ_ASSETS, else ../shared/assets next to the project)."""
     return Path(os.environ.get("SAQ_ASSETS", PROJECT_ROOT.parent / "shared" / "assets")).resolve()
