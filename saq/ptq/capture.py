@@ -22,7 +22,7 @@ class _EntriesCaptured(Exception):
 def share_repeated_rows(t: torch.Tensor) -> torch.Tensor:
     """``t`` with one stored row when every row along dim 0 is the same (a stride-0 view of it), else ``t``.
     The mask decoder repeats the image's positional encoding, and at its first layer the image embedding,
-    once per prompt: kept per prompt, they would be most of a decoder unit's cache."""
+    once per prompt: kept per prompt, they would be half of a decoder unit's inputs."""
     if t.dim() < 2 or t.shape[0] < 2 or not torch.equal(t, t[:1].expand_as(t)):
         return t
     return t[:1].clone().expand(t.shape)
