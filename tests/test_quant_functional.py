@@ -158,6 +158,44 @@ def test_fake_quantize_gradients_are_lsq(per_channel):
     torch.testing.assert_close(got_x[off_bound], x.grad[off_bound])
 
 
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_qdrop_inside_the_straight_through_node_equals_where_over_it(per_channel):
+    """QDrop in one autograd node gives the values and gradients (x and step) of the composition it
+    replaces, torch.where(keep, x, fake_quantize(x)), exactly; and a quantizer draws its mask from the
+    same random stream as before (one rand_like per call)."""
+    torch.manual_seed(0)
+    shape = (6, 1) if per_channel else ()
+    x = (torch.randn(6, 40) * 3).requires_grad_()
+    scale = (torch.rand(shape) * 0.3 + 0.05).requires_grad_()
+    zero_point = torch.randint(0, 16, shape).float()
+    keep = torch.rand(6, 40) < 0.5
+    grad_out = torch.randn(6, 40)
+
+    fused = fake_quantize(x, scale, zero_point, 0, 15, keep_fp=keep)
+    fused.backward(grad_out)
+    got = fused.detach().clone(), x.grad.clone(), scale.grad.clone()
+    x.grad, scale.grad = None, None
+    composed = torch.where(keep, x, fake_quantize(x, scale, zero_point, 0, 15))
+    composed.backward(grad_out)
+    assert keep.any() and (~keep).any()
+    assert torch.equal(got[0], composed.detach())
+    assert torch.equal(got[1], x.grad)
+    assert torch.equal(got[2], scale.grad)
+    with torch.no_grad():  # the inference path too
+        assert torch.equal(fake_quantize(x, scale, zero_point, 0, 15, keep_fp=keep), composed)
+
+    q = FakeQuantizer(QuantSpec(bits=4), Role.ACTIVATION)
+    q.set_range(torch.tensor(-2.0), torch.tensor(2.0))
+    q.set_mode(QuantMode.QUANTIZE)
+    q.drop_prob = 0.5
+    q.train()
+    torch.manual_seed(1)
+    y = q(x.detach())
+    torch.manual_seed(1)
+    mask = torch.rand_like(x) < 0.5
+    assert torch.equal(y, torch.where(mask, x.detach(), fake_quantize(x.detach(), q.scale, q.zero_point, 0, 15)))
+
+
 def test_modes_and_context_manager():
     model = torch.nn.Sequential(FakeQuantizer(QuantSpec(4), Role.ACTIVATION))
     x = torch.randn(100)
@@ -209,6 +247,54 @@ def test_fused_kernel_equals_the_eager_arithmetic_bit_for_bit():
         se = scale.clone().requires_grad_(True)
         fake_quantize(xe, se, zero, 0, 15).pow(2).sum().backward()
         assert torch.equal(xs.grad, xe.grad) and torch.equal(s.grad, se.grad)
+
+
+@pytest.mark.parametrize("with_drop", [False, True])
+def test_compiled_backward_gives_the_eager_gradients(with_drop):
+    """runtime.compile in reconstruction: the compiled backward of the straight-through node gives the
+    eager gradients of x and of the step exactly, per tensor and per channel, with and without QDrop's
+    mask, on a permuted input too; a strided input runs eagerly."""
+    from saq.quant.functional import fused_ste_backward
+
+    backward = fused_ste_backward()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 40, 24, generator=g) * 4
+    grad_out = torch.randn(6, 40, 24, generator=g)
+    keep = torch.rand(6, 40, 24, generator=g) < 0.5 if with_drop else None
+    for scale, zero in ((torch.tensor(0.5), torch.tensor(7.0)),
+                        (torch.rand(6, 1, 1, generator=g) + 0.05, torch.randint(0, 15, (6, 1, 1), generator=g).float())):
+        grads = []
+        for kernel in (backward, None):
+            xs, s = x.clone().requires_grad_(True), scale.clone().requires_grad_(True)
+            fake_quantize(xs, s, zero, 0, 15, keep_fp=keep, fused_backward=kernel).backward(grad_out)
+            grads.append((xs.grad, s.grad))
+        (x_fused, s_fused), (x_eager, s_eager) = grads
+        assert torch.equal(x_fused, x_eager) and (x_eager == 0).any()
+        assert torch.equal(s_fused, s_eager)
+    calls = []
+
+    def counted(*args):
+        calls.append(1)
+        return backward(*args)
+
+    def grads(x_full, keep_in, kernel, every=1):
+        """Gradients of x_full[..., ::every] (a leaf laid out as x_full) and of the step."""
+        leaf = x_full.detach().clone(memory_format=torch.preserve_format).requires_grad_(True)
+        xs, s = leaf[..., ::every], torch.tensor(0.5, requires_grad=True)
+        fake_quantize(xs, s, torch.tensor(7.0), 0, 15, keep_fp=keep_in, fused_backward=kernel).backward(
+            grad_out[..., ::every])
+        return leaf.grad[..., ::every], s.grad
+
+    # a permuted x (SAM's image tokens) takes the kernel, element for element
+    permuted = x.transpose(1, 2).contiguous().transpose(1, 2)
+    keep_p = keep.transpose(1, 2).contiguous().transpose(1, 2) if with_drop else None
+    (gx, gs), (ex, es) = grads(permuted, keep_p, counted), grads(x, keep, None)
+    assert len(calls) == 1 and torch.equal(gx, ex)
+    torch.testing.assert_close(gs, es)  # summed in another memory order than the contiguous reference
+    # a strided x (every other element) takes the eager backward
+    keep_s = keep[..., ::2] if with_drop else None
+    (gx, gs), (ex, es) = grads(x, keep_s, counted, every=2), grads(x, keep_s, None, every=2)
+    assert len(calls) == 1 and torch.equal(gx, ex) and torch.equal(gs, es)
 
 
 def test_a_kernel_that_fails_to_compile_runs_eagerly_with_one_warning(caplog):

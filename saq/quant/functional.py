@@ -62,15 +62,20 @@ FusedKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, int], tor
 
 
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
-                  fused: FusedKernel | None = None) -> torch.Tensor:
+                  fused: FusedKernel | None = None, keep_fp: torch.Tensor | None = None,
+                  fused_backward: Callable | None = None) -> torch.Tensor:
     """Quantize-dequantize with straight-through rounding (gradients reach x and scale).
 
     Divides by the scale and rounds half to even, as ONNX QuantizeLinear does, so the fake-quantized
     model computes what an int8 runtime computes from the same scales and zero points. ``fused``: a
-    compiled form of the arithmetic (:func:`fused_fake_quantize`) for float32 tensors."""
+    compiled form of the arithmetic (:func:`fused_fake_quantize`) for float32 tensors. ``keep_fp``
+    (QDrop): where True, x passes through unquantized, and so does its gradient; the same values and
+    gradients as ``torch.where(keep_fp, x, fake_quantize(x))``, in one autograd node instead of two.
+    ``fused_backward``: the compiled backward (:func:`fused_ste_backward`)."""
     if not torch.is_grad_enabled() or not (x.requires_grad or scale.requires_grad):
-        return _fake_quantize_inference(x, scale.detach(), zero_point.detach(), qmin, qmax, fused)
-    return _FakeQuantizeSTE.apply(x, scale, zero_point.detach(), qmin, qmax, fused)
+        out = _fake_quantize_inference(x, scale.detach(), zero_point.detach(), qmin, qmax, fused)
+        return out if keep_fp is None else torch.where(keep_fp, x, out)
+    return _FakeQuantizeSTE.apply(x, scale, zero_point.detach(), qmin, qmax, fused, keep_fp, fused_backward)
 
 
 def _fake_quantize_values(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int
@@ -86,6 +91,31 @@ def fused_fake_quantize() -> FusedKernel:
     return torch.compile(_fake_quantize_values, dynamic=True)
 
 
+def _ste_backward_values(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, grad: torch.Tensor,
+                         keep_fp: torch.Tensor | None, qmin: int, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The straight-through node's backward on (rows, N) tensors: the gradient of x and each element's
+    share of the step's gradient (what :func:`fused_ste_backward` compiles into one pass; the eager
+    backward of ``_FakeQuantizeSTE`` computes the same in place). The sum over elements stays outside:
+    a compiled reduction would add in another order than the eager one."""
+    scaled = x / scale
+    rounded = torch.round(scaled)
+    unrounded = scaled + zero_point
+    inside = (unrounded >= qmin) & (unrounded <= qmax)
+    local = torch.where(inside, rounded - scaled, torch.clamp(rounded + zero_point, qmin, qmax) - zero_point)
+    passes = inside
+    if keep_fp is not None:
+        passes = inside | keep_fp
+        local = torch.where(keep_fp, torch.zeros_like(local), local)
+    return grad * passes, grad * local
+
+
+def fused_ste_backward() -> Callable:
+    """``torch.compile`` of :func:`_ste_backward_values`: the training backward of fake quantization (the
+    largest cost of a reconstruction step on CPU) in one pass instead of about fifteen; the gradients are
+    the eager ones bit for bit (tests/test_quant_functional.py)."""
+    return torch.compile(_ste_backward_values, dynamic=True)
+
+
 class _FakeQuantizeSTE(torch.autograd.Function):
     """``(clamp(round(x / s) + z, qmin, qmax) - z) * s`` with LSQ's straight-through gradients. The
     forward keeps only x (autograd of the written-out ops would keep half a dozen temporaries of x's
@@ -97,41 +127,93 @@ class _FakeQuantizeSTE(torch.autograd.Function):
     (round(v) - v) + v decides."""
 
     @staticmethod
-    def forward(ctx, x, scale, zero_point, qmin, qmax, fused=None):
-        ctx.save_for_backward(x, scale, zero_point)
-        ctx.qmin, ctx.qmax = qmin, qmax
-        return _fake_quantize_inference(x, scale.detach(), zero_point, qmin, qmax, fused)
+    def forward(ctx, x, scale, zero_point, qmin, qmax, fused=None, keep_fp=None, fused_backward=None):
+        ctx.save_for_backward(x, scale, zero_point, keep_fp)
+        ctx.qmin, ctx.qmax, ctx.fused_backward = qmin, qmax, fused_backward
+        out = _fake_quantize_inference(x, scale.detach(), zero_point, qmin, qmax, fused)
+        return out if keep_fp is None else torch.where(keep_fp, x, out, out=out)
 
     @staticmethod
     def backward(ctx, grad):
-        x, scale, zero_point = ctx.saved_tensors
+        x, scale, zero_point, keep_fp = ctx.saved_tensors
+        if ctx.fused_backward is not None:
+            fused = _fused_backward(ctx, grad, x, scale, zero_point, keep_fp)
+            if fused is not None:
+                return (*fused, None, None, None, None, None, None)
         scaled = x / scale
         rounded = torch.round(scaled)
         codes = rounded + zero_point
         unrounded = scaled + zero_point  # LSQ decides "clipped" before rounding
         inside = (unrounded >= ctx.qmin) & (unrounded <= ctx.qmax)
         del unrounded
-        grad_x = grad * inside if ctx.needs_input_grad[0] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad * (inside if keep_fp is None else inside | keep_fp)  # an FP element passes its gradient
         grad_scale = None
         if ctx.needs_input_grad[1]:
             # inside: (q - z) - x/s = round(x/s) - x/s; clamped: the bound's code minus z
             local = torch.where(inside, rounded.sub_(scaled), codes.clamp_(ctx.qmin, ctx.qmax).sub_(zero_point))
+            if keep_fp is not None:
+                local.masked_fill_(keep_fp, 0.0)  # an element kept FP does not depend on the step
             grad_scale = (grad * local).sum_to_size(scale.shape)
-        return grad_x, grad_scale, None, None, None, None
+        return grad_x, grad_scale, None, None, None, None, None, None
+
+
+def _fused_backward(ctx, grad, x, scale, zero_point, keep_fp) -> tuple | None:
+    """(grad_x, grad_scale) from the compiled kernel on the (rows, N) layout; None where the layout does
+    not fit it (the eager backward then runs). x, its gradient and the mask are read in one memory order:
+    where their layouts differ, contiguous copies (one pass each) instead of the eager backward's fifteen."""
+    if x.dtype != torch.float32 or scale.dtype != torch.float32 or grad.dtype != torch.float32:
+        return None
+    if grad.stride() != x.stride() or (keep_fp is not None and keep_fp.stride() != x.stride()):
+        x, grad = x.contiguous(), grad.contiguous()
+        keep_fp = keep_fp.contiguous() if keep_fp is not None else None
+    rows = _as_rows(x, scale, zero_point)
+    grad_flat = _flat(grad)
+    keep_flat = _flat(keep_fp) if keep_fp is not None else None
+    if rows is None or grad_flat is None or (keep_fp is not None and keep_flat is None):
+        return None
+    x_rows, scale_rows, zero_rows = rows
+    grad_x, grad_scale_terms = ctx.fused_backward(x_rows, scale_rows, zero_rows, grad_flat.view(x_rows.shape),
+                                            keep_flat.view(x_rows.shape) if keep_flat is not None else None,
+                                            ctx.qmin, ctx.qmax)
+    return (_unflat(grad_x.view(-1), x) if ctx.needs_input_grad[0] else None,
+            _unflat(grad_scale_terms.view(-1), x).sum_to_size(scale.shape) if ctx.needs_input_grad[1] else None)
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor | None:
+    """x's elements as a 1-D view of its storage when x is contiguous or a permutation of a contiguous
+    tensor (SAM's image tokens are a permuted view), else None. Elementwise arithmetic on this view is
+    arithmetic on x, element for element."""
+    if x.is_contiguous():
+        return x.view(-1)
+    expected = 1  # dims by increasing stride must tile the storage: strides 1, n1, n1*n2, ...
+    for stride, size in sorted((st, sz) for st, sz in zip(x.stride(), x.shape) if sz != 1):
+        if stride != expected:
+            return None
+        expected *= size
+    return x.as_strided((x.numel(),), (1,), x.storage_offset())
+
+
+def _unflat(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`_flat` for a new contiguous ``flat``: a tensor laid out as ``like``."""
+    return flat.view(like.shape) if like.is_contiguous() else flat.as_strided(like.shape, like.stride())
 
 
 def _as_rows(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor):
-    """(x, scale, zero point) as (rows, N), (rows, 1), (rows, 1): per tensor one row, per channel of the
-    first axis (weights) one row per channel. Every quantizer then calls the compiled kernel with the
-    same ranks and plain tensors, so it compiles twice in all instead of once per layout (and past
-    dynamo's recompile limit). None (eager) for anything else: a non-contiguous x, another channel axis."""
-    if not x.is_contiguous() or x.dim() == 0:
+    """(x, scale, zero point) as (rows, N), (rows, 1), (rows, 1): per tensor one row (of x in its memory
+    order), per channel of the first axis (weights) one row per channel. Every quantizer then calls the
+    compiled kernel with the same ranks and plain tensors, so it compiles twice in all instead of once per
+    layout (and past dynamo's recompile limit). None (eager) for anything else: an overlapping or strided
+    x, a non-contiguous per-channel x, another channel axis. :func:`_unflat` lays a result out as x."""
+    if x.dim() == 0:
         return None
     x = x.detach()  # a Parameter would be a layout of its own; this path has no gradient anyway
     if scale.numel() == 1:
-        return x.view(1, -1), scale.reshape(1, 1), zero_point.reshape(1, 1)
+        flat = _flat(x)
+        return None if flat is None else (flat.view(1, -1), scale.reshape(1, 1), zero_point.reshape(1, 1))
     channels = x.shape[0]
-    if scale.numel() == channels and scale.dim() == x.dim() and scale.shape[0] == channels:
+    if x.is_contiguous() and scale.numel() == channels and scale.dim() == x.dim() and scale.shape[0] == channels:
         return x.view(channels, -1), scale.reshape(channels, 1), zero_point.expand_as(scale).reshape(channels, 1)
     return None
 
@@ -144,6 +226,6 @@ def _fake_quantize_inference(x, scale, zero_point, qmin, qmax, fused: FusedKerne
     if fused is not None and x.dtype == torch.float32 and scale.dtype == torch.float32:
         rows = _as_rows(x, scale, zero_point)
         if rows is not None:
-            return fused(*rows, qmin, qmax).view(x.shape)
+            return _unflat(fused(*rows, qmin, qmax).view(-1), x)
     y = x / scale
     return y.round_().add_(zero_point).clamp_(qmin, qmax).sub_(zero_point).mul_(scale)

@@ -2,8 +2,9 @@
 
 Each quantizer's inference arithmetic becomes one ``torch.compile``d kernel instead of a pass per
 operation; the values are the eager ones bit for bit (tests/test_quant_functional.py,
-tests/test_log_quantizer.py), so a compiled run reports the same numbers, sooner. The kernels live on
-the quantizers (``q.fused``), one per kind, shared by all quantizers of a model.
+tests/test_log_quantizer.py), so a compiled run reports the same numbers, sooner. The training backward
+of the uniform quantizer (reconstruction) is compiled too, with the same gradients. The kernels live on
+the quantizers (``q.fused``, ``q.fused_backward``), one per kind, shared by all quantizers of a model.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Callable
 
 from torch import nn
 
-from saq.quant.functional import _fake_quantize_values, fused_fake_quantize
+from saq.quant.functional import _fake_quantize_values, _ste_backward_values, fused_fake_quantize, fused_ste_backward
 from saq.quant.log_quantizer import LogSoftmaxQuantizer, _log_fake_quantize_values, fused_log_fake_quantize
 from saq.quant.quantizer import FakeQuantizer, iter_quantizers
 
@@ -44,6 +45,8 @@ def use_fused_kernels_(model: nn.Module, enabled: bool = True) -> int:
     returns how many quantizers changed."""
     uniform = EagerFallback(fused_fake_quantize(), _fake_quantize_values, "the uniform fake quantizer") \
         if enabled else None
+    uniform_backward = EagerFallback(fused_ste_backward(), _ste_backward_values,
+                                     "the uniform fake quantizer's backward") if enabled else None
     log_kernel = EagerFallback(fused_log_fake_quantize(), _log_fake_quantize_values, "the log softmax quantizer") \
         if enabled else None
     count = 0
@@ -51,7 +54,7 @@ def use_fused_kernels_(model: nn.Module, enabled: bool = True) -> int:
         if isinstance(q, LogSoftmaxQuantizer):
             q.fused = log_kernel
         elif type(q).forward is FakeQuantizer.forward:  # another subclass with arithmetic of its own: eager
-            q.fused = uniform
+            q.fused, q.fused_backward = uniform, uniform_backward
         else:
             continue
         count += 1

@@ -87,6 +87,7 @@ class FakeQuantizer(nn.Module):
         self.register_buffer("rounding", None)
         # A compiled fake-quantization kernel (runtime.compile=true, saq.quant.fused), or None: eager.
         self.fused: Callable | None = None
+        self.fused_backward: Callable | None = None  # its training backward (saq.quant.functional.fused_ste_backward)
 
     # state --------------------------------------------------------------------------------------
     @property
@@ -189,16 +190,15 @@ class FakeQuantizer(nn.Module):
             return x
         if not self.is_calibrated:
             raise RuntimeError(f"quantizer {self.extra_repr()} is in QUANTIZE mode but was never calibrated")
+        keep_fp = torch.rand_like(x) < self.drop_prob if self.drop_prob > 0.0 and self.training else None  # QDrop
         if self.alpha is not None:
             xq = adaround.soft_quantize(x, self.alpha, self.scale.detach(), self.zero_point, self.qmin, self.qmax)
         elif self.rounding is not None:
             xq = adaround.fixed_quantize(x, self.rounding, self.scale, self.zero_point, self.qmin, self.qmax)
-        else:
-            xq = fake_quantize(x, self._effective_scale(x.numel()), self.zero_point, self.qmin, self.qmax, self.fused)
-        if self.drop_prob > 0.0 and self.training:
-            keep_fp = torch.rand_like(x) < self.drop_prob
-            xq = torch.where(keep_fp, x, xq)
-        return xq
+        else:  # the common case: QDrop inside the straight-through node (one autograd node, not two)
+            return fake_quantize(x, self._effective_scale(x.numel()), self.zero_point, self.qmin, self.qmax,
+                                 self.fused, keep_fp, self.fused_backward)
+        return xq if keep_fp is None else torch.where(keep_fp, x, xq)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # qparams are empty before calibration: take the checkpoint's shapes.
