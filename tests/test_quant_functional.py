@@ -240,6 +240,8 @@ def test_fused_kernel_equals_the_eager_arithmetic_bit_for_bit():
                         (torch.rand(24, generator=g) + 0.05, torch.randint(0, 15, (24,), generator=g).float())):
         eager = fake_quantize(x, scale, zero, 0, 15)
         assert torch.equal(fake_quantize(x, scale, zero, 0, 15, fused), eager)
+        keep = torch.rand(x.shape, generator=g) < 0.5  # QDrop's select in the same kernel
+        assert torch.equal(fake_quantize(x, scale, zero, 0, 15, fused, keep), torch.where(keep, x, eager))
         xs = x.clone().requires_grad_(True)
         s = scale.clone().requires_grad_(True)
         fake_quantize(xs, s, zero, 0, 15, fused).pow(2).sum().backward()

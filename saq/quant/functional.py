@@ -73,15 +73,16 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     gradients as ``torch.where(keep_fp, x, fake_quantize(x))``, in one autograd node instead of two.
     ``fused_backward``: the compiled backward (:func:`fused_ste_backward`)."""
     if not torch.is_grad_enabled() or not (x.requires_grad or scale.requires_grad):
-        out = _fake_quantize_inference(x, scale.detach(), zero_point.detach(), qmin, qmax, fused)
-        return out if keep_fp is None else torch.where(keep_fp, x, out)
+        return _fake_quantize_inference(x, scale.detach(), zero_point.detach(), qmin, qmax, fused, keep_fp)
     return _FakeQuantizeSTE.apply(x, scale, zero_point.detach(), qmin, qmax, fused, keep_fp, fused_backward)
 
 
-def _fake_quantize_values(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int
-                          ) -> torch.Tensor:
-    """The arithmetic written out (what :func:`fused_fake_quantize` compiles into one kernel)."""
-    return (torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale
+def _fake_quantize_values(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+                          keep_fp: torch.Tensor | None = None) -> torch.Tensor:
+    """The arithmetic written out (what :func:`fused_fake_quantize` compiles into one kernel), with
+    QDrop's selection of FP elements when ``keep_fp`` is given."""
+    out = (torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale
+    return out if keep_fp is None else torch.where(keep_fp, x, out)
 
 
 def fused_fake_quantize() -> FusedKernel:
@@ -130,8 +131,7 @@ class _FakeQuantizeSTE(torch.autograd.Function):
     def forward(ctx, x, scale, zero_point, qmin, qmax, fused=None, keep_fp=None, fused_backward=None):
         ctx.save_for_backward(x, scale, zero_point, keep_fp)
         ctx.qmin, ctx.qmax, ctx.fused_backward = qmin, qmax, fused_backward
-        out = _fake_quantize_inference(x, scale.detach(), zero_point, qmin, qmax, fused)
-        return out if keep_fp is None else torch.where(keep_fp, x, out, out=out)
+        return _fake_quantize_inference(x, scale.detach(), zero_point, qmin, qmax, fused, keep_fp)
 
     @staticmethod
     def backward(ctx, grad):
@@ -218,14 +218,21 @@ def _as_rows(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor):
     return None
 
 
-def _fake_quantize_inference(x, scale, zero_point, qmin, qmax, fused: FusedKernel | None = None) -> torch.Tensor:
+def _fake_quantize_inference(x, scale, zero_point, qmin, qmax, fused: FusedKernel | None = None,
+                             keep_fp: torch.Tensor | None = None) -> torch.Tensor:
     """The same arithmetic in place on one buffer: the same values as the differentiable path, bit for
-    bit, and on CPU about 5x faster than torch's fused fake_quantize kernels (which also write a mask)."""
+    bit, and on CPU about 5x faster than torch's fused fake_quantize kernels (which also write a mask).
+    ``keep_fp``: QDrop's FP elements (in the compiled kernel a select in the same pass; eagerly a
+    torch.where, which on CPU costs as much as the quantization)."""
     if x.dtype != scale.dtype and x.dtype in (torch.float16, torch.bfloat16):
-        return _fake_quantize_inference(x.float(), scale, zero_point, qmin, qmax, fused).to(x.dtype)
+        out = _fake_quantize_inference(x.float(), scale, zero_point, qmin, qmax, fused).to(x.dtype)
+        return out if keep_fp is None else torch.where(keep_fp, x, out)
     if fused is not None and x.dtype == torch.float32 and scale.dtype == torch.float32:
         rows = _as_rows(x, scale, zero_point)
-        if rows is not None:
-            return _unflat(fused(*rows, qmin, qmax).view(-1), x)
+        keep_flat = _flat(keep_fp) if keep_fp is not None and keep_fp.stride() == x.stride() else None
+        if rows is not None and (keep_fp is None or keep_flat is not None):
+            args = (*rows, qmin, qmax) if keep_fp is None else (*rows, qmin, qmax, keep_flat.view(rows[0].shape))
+            return _unflat(fused(*args).view(-1), x)
     y = x / scale
-    return y.round_().add_(zero_point).clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
+    out = y.round_().add_(zero_point).clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
+    return out if keep_fp is None else torch.where(keep_fp, x, out, out=out)
