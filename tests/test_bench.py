@@ -32,3 +32,48 @@ def test_bench_writes_json_and_markdown(tmp_path):
         assert block["s_per_image"] > 0 and block["forward_s_per_image"] > 0
         assert block["note"] == "random weights, not for accuracy"
     assert "random weights, not for accuracy" in (out / "bench.md").read_text()
+
+
+def test_bench_recon_step_times_every_unit_type_eager_and_compiled(tmp_path):
+    """experiments/bench_recon_step.py on a tiny quantized checkpoint: the CLM decoder layer and every
+    encoder stage timed in both modes, the quantizers left final (no QDrop, no soft rounding)."""
+    import importlib.util
+
+    import numpy as np
+    import torch
+
+    from saq.export import save_quantized
+    from saq.models import build_tiny_sam
+    from saq.models.predictor import decode_boxes, encode_image
+    from saq.nn import QuantRule, harden_weights_, quantize_
+    from saq.nn.deploy import deployment_check
+    from saq.ptq.calibrate import calibrate_weights_, is_activation
+    from saq.quant import QuantMode, QuantSpec, iter_quantizers, quant_mode, set_quant_mode
+
+    model = build_tiny_sam(seed=0).eval()
+    layout = quantize_(model, [QuantRule("prompt_encoder*"),
+                               QuantRule("*", QuantSpec(4, granularity="channel"), QuantSpec(4))])
+    calibrate_weights_(model)
+    image = np.random.default_rng(0).integers(0, 255, (96, 128, 3), dtype=np.uint8)
+    with torch.no_grad(), quant_mode(model, QuantMode.OFF):
+        set_quant_mode(model, QuantMode.OBSERVE, where=is_activation)
+        decode_boxes(model, encode_image(model, image), torch.tensor([[10.0, 10.0, 60.0, 80.0]]), return_masks=False)
+        for _, q in iter_quantizers(model):
+            if q.mode is QuantMode.OBSERVE:
+                q.finalize_observer()
+    set_quant_mode(model, QuantMode.QUANTIZE)
+    harden_weights_(model)
+    ckpt = save_quantized(tmp_path / "quantized.pt", model, layout, {
+        "model": {"name": "tiny", "init_seed": 0, "checkpoint": None}, "quant": {"name": "w4a4"},
+        "ptq": {"name": "minmax"}})
+
+    spec = importlib.util.spec_from_file_location("bench_recon_step", ROOT / "experiments" / "bench_recon_step.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    loaded, _ = bench.load_quantized(ckpt)
+    batches = bench.unit_batches(loaded, prompts=3, generator=torch.Generator().manual_seed(0))
+    rows = [bench.time_unit(loaded, unit, batch, rounds=1, steps=1) for unit, batch in batches]
+    assert [r["kind"] for r in rows][0] == "decoder_layer" and {r["kind"] for r in rows[1:]} == {"stage"}
+    assert all(len(r["ms_per_step"]["eager"]) == len(r["ms_per_step"]["compiled"]) == 1 and r["speedup"] > 0
+               for r in rows)
+    assert deployment_check(loaded)[1] == []  # every unit finalised: nothing dropping, nothing soft

@@ -1,0 +1,138 @@
+"""Time reconstruction steps eager against ``runtime.compile=true``, interleaved round by round.
+
+    python experiments/bench_recon_step.py outputs/vit_t_coco/w4a4_saq_base_i20_s0/quantized.pt \
+        --rounds 3 --out results/bench/recon_step_vit_t_w4a4.json
+
+One training step (forward, backward, Adam) of each unit type on a quantized checkpoint: the SAQ-SAM
+decoder layer (CLM loss, 16 box prompts, the undropped pass for the final-token term) and every encoder
+stage (stage-output MSE, QDrop-mixed input), QDrop probability 0.5 as in the saq recipes. The image and
+the boxes are random (cost only): what is timed is the arithmetic of a step, which does not depend on
+the values. Eager and compiled steps alternate on the same unit, so both see the same machine load.
+Writes JSON (per unit: ms per step of each mode, median, speedup) and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from saq.engine.reconstruction import ReconSettings, UnitReconstruction
+from saq.export.checkpoint import load_quantized
+from saq.models.units import ReconUnit, decoder_clm_units, encoder_units
+from saq.ptq.capture import _detach
+from saq.quant.fused import use_fused_kernels_
+from saq.quant.quantizer import QuantMode, quant_mode
+
+CPU = torch.device("cpu")
+
+
+def captured_input(model: torch.nn.Module, entry: str, forward: Callable[[], Any]) -> tuple[tuple, dict]:
+    """(args, kwargs) of the module ``entry`` during ``forward()``."""
+    seen: dict[str, Any] = {}
+    handle = model.get_submodule(entry).register_forward_pre_hook(
+        lambda module, args, kwargs: seen.setdefault("input", (_detach(args, CPU, None), _detach(kwargs, CPU, None))),
+        with_kwargs=True)
+    try:
+        with torch.no_grad(), quant_mode(model, QuantMode.OFF):
+            forward()
+    finally:
+        handle.remove()
+    return seen["input"]
+
+
+def unit_batches(model: torch.nn.Module, prompts: int, generator: torch.Generator) -> list[tuple[ReconUnit, dict]]:
+    """A step's batch for the first CLM decoder layer and for every encoder stage."""
+    encoder = model.image_encoder
+    image = torch.randn(1, 3, encoder.img_size, encoder.img_size, generator=generator)
+    embed = torch.randn(1, model.prompt_encoder.embed_dim, *model.prompt_encoder.image_embedding_size,
+                        generator=generator)
+    corners = torch.rand(prompts, 2, 2, generator=generator).sort(dim=1).values * encoder.img_size
+    boxes = corners.reshape(prompts, 4)
+
+    def decode() -> None:
+        sparse, dense = model.prompt_encoder(points=None, boxes=boxes, masks=None)
+        model.mask_decoder(image_embeddings=embed, image_pe=model.prompt_encoder.get_dense_pe(),
+                           sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False)
+
+    batches = []
+    decoder_unit = decoder_clm_units(model)[0]
+    args, kwargs = captured_input(model, decoder_unit.entry, decode)
+    with torch.no_grad():  # CLM targets: the FP later layers on the quantized embedding's path
+        target = decoder_unit.run(model, args, kwargs)
+    batches.append((decoder_unit, {"index": 0, "q": (args, kwargs), "fp": None, "target": target, "head_target": None}))
+    for unit in (u for u in encoder_units(model, "stage") if u.kind == "stage"):
+        args, kwargs = captured_input(model, unit.entry, lambda: encoder(image))
+        with torch.no_grad(), quant_mode(model, QuantMode.OFF):
+            target = unit.run(model, args, kwargs)
+        noisy = ((args[0] + 0.01 * torch.randn(args[0].shape, generator=generator),), kwargs)
+        batches.append((unit, {"index": 0, "q": noisy, "fp": (args, kwargs), "target": target, "head_target": None}))
+    return batches
+
+
+def time_unit(model: torch.nn.Module, unit: ReconUnit, batch: dict, rounds: int, steps: int) -> dict[str, Any]:
+    """ms per step, eager and compiled alternating; the unit's quantizers are restored afterwards."""
+    module = UnitReconstruction(model, unit, ReconSettings(iters=steps * rounds * 2, qdrop_prob=0.5,
+                                                           reg_weight=0.0, a_lr=2e-3))
+    optimizer = torch.optim.Adam([*module.alphas, *module.scales], lr=1e-3)
+
+    def step() -> None:
+        loss = module.reconstruction_loss(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    times: dict[str, list[float]] = {"eager": [], "compiled": []}
+    for compiled in (True, False):  # warm-up: the compiled kernels compile on their first calls
+        use_fused_kernels_(model, compiled)
+        step()
+    for _ in range(rounds):
+        for mode in ("eager", "compiled"):
+            use_fused_kernels_(model, mode == "compiled")
+            start = time.perf_counter()
+            for _ in range(steps):
+                step()
+            times[mode].append(1000 * (time.perf_counter() - start) / steps)
+    module.finalize()
+    eager, compiled = statistics.median(times["eager"]), statistics.median(times["compiled"])
+    return {"unit": unit.name, "kind": unit.kind, "ms_per_step": times, "eager_median_ms": eager,
+            "compiled_median_ms": compiled, "speedup": eager / compiled}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", help="a run's quantized.pt")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=1, help="steps per round and mode")
+    parser.add_argument("--prompts", type=int, default=16, help="box prompts per image (the reconstruction cap)")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=None, help="JSON file to write")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, payload = load_quantized(args.checkpoint)
+    generator = torch.Generator().manual_seed(0)
+    rows = [time_unit(model, unit, batch, args.rounds, args.steps)
+            for unit, batch in unit_batches(model, args.prompts, generator)]
+    result = {"checkpoint": str(args.checkpoint), "model": payload["model_name"], "threads": torch.get_num_threads(),
+              "rounds": args.rounds, "steps": args.steps, "prompts": args.prompts, "machine": platform.processor()
+              or platform.machine(), "torch": torch.__version__, "units": rows,
+              "note": "random image and boxes: step cost only"}
+    print("| unit | kind | eager ms/step | compiled ms/step | speedup |\n| --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['unit']} | {r['kind']} | {r['eager_median_ms']:.0f} | {r['compiled_median_ms']:.0f} | "
+              f"{r['speedup']:.2f}x |")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
