@@ -77,29 +77,37 @@ def unit_batches(model: torch.nn.Module, prompts: int, generator: torch.Generato
 
 
 def time_unit(model: torch.nn.Module, unit: ReconUnit, batch: dict, rounds: int, steps: int) -> dict[str, Any]:
-    """ms per step, eager and compiled alternating; the unit's quantizers are restored afterwards."""
+    """ms per step, eager and compiled alternating (which goes first alternates too, so neither always
+    runs on caches the other warmed); the unit's quantizers are finalized afterwards, whatever happens."""
     module = UnitReconstruction(model, unit, ReconSettings(iters=steps * rounds * 2, qdrop_prob=0.5,
                                                            reg_weight=0.0, a_lr=2e-3))
-    optimizer = torch.optim.Adam([*module.alphas, *module.scales], lr=1e-3)
+    optimizers, _ = module.configure_optimizers()  # the run's optimizers: rounding and steps, own rates
 
     def step() -> None:
         loss = module.reconstruction_loss(batch)
-        optimizer.zero_grad(set_to_none=True)
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
+        for optimizer in optimizers:
+            optimizer.step()
+        module.keep_steps_positive_()
 
     times: dict[str, list[float]] = {"eager": [], "compiled": []}
-    for compiled in (True, False):  # warm-up: the compiled kernels compile on their first calls
-        use_fused_kernels_(model, compiled)
-        step()
-    for _ in range(rounds):
-        for mode in ("eager", "compiled"):
-            use_fused_kernels_(model, mode == "compiled")
-            start = time.perf_counter()
-            for _ in range(steps):
-                step()
-            times[mode].append(1000 * (time.perf_counter() - start) / steps)
-    module.finalize()
+    try:
+        for compiled in (True, False):  # warm-up: the compiled kernels compile on their first calls
+            use_fused_kernels_(model, compiled)
+            step()
+        for round_index in range(rounds):
+            order = ("eager", "compiled") if round_index % 2 == 0 else ("compiled", "eager")
+            for mode in order:
+                use_fused_kernels_(model, mode == "compiled")
+                start = time.perf_counter()
+                for _ in range(steps):
+                    step()
+                times[mode].append(1000 * (time.perf_counter() - start) / steps)
+    finally:
+        use_fused_kernels_(model, False)
+        module.finalize()
     eager, compiled = statistics.median(times["eager"]), statistics.median(times["compiled"])
     return {"unit": unit.name, "kind": unit.kind, "ms_per_step": times, "eager_median_ms": eager,
             "compiled_median_ms": compiled, "speedup": eager / compiled}

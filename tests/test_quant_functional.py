@@ -227,21 +227,35 @@ def test_qparams_load_into_empty_quantizer():
     assert PerChannel(0).param_shape((5, 7)) == (5, 1)
 
 
+def _counting(kernel):
+    """kernel, and a list that grows by one at each call (to assert the compiled path ran)."""
+    calls = []
+
+    def counted(*args):
+        calls.append(1)
+        return kernel(*args)
+
+    return counted, calls
+
+
 def test_fused_kernel_equals_the_eager_arithmetic_bit_for_bit():
     """runtime.compile: the compiled fake quantization gives the eager values exactly, per tensor and per
     channel, on codes at both clamps and on exact ties (half to even); the gradients do not change."""
     from saq.quant.functional import fused_fake_quantize
 
-    fused = fused_fake_quantize()
+    fused, calls = _counting(fused_fake_quantize())
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 40, 24, generator=g) * 4
     x[0, 0, :4] = torch.tensor([0.25, 0.75, -0.25, 100.0])  # ties at scale 0.5 and a clamped value
     for scale, zero in ((torch.tensor(0.5), torch.tensor(7.0)),
-                        (torch.rand(24, generator=g) + 0.05, torch.randint(0, 15, (24,), generator=g).float())):
+                        (torch.rand(3, 1, 1, generator=g) + 0.05,
+                         torch.randint(0, 15, (3, 1, 1), generator=g).float())):
         eager = fake_quantize(x, scale, zero, 0, 15)
+        before = len(calls)
         assert torch.equal(fake_quantize(x, scale, zero, 0, 15, fused), eager)
         keep = torch.rand(x.shape, generator=g) < 0.5  # QDrop's select in the same kernel
         assert torch.equal(fake_quantize(x, scale, zero, 0, 15, fused, keep), torch.where(keep, x, eager))
+        assert len(calls) == before + 2  # both went through the kernel, not the eager fallback
         xs = x.clone().requires_grad_(True)
         s = scale.clone().requires_grad_(True)
         fake_quantize(xs, s, zero, 0, 15, fused).pow(2).sum().backward()
@@ -251,52 +265,84 @@ def test_fused_kernel_equals_the_eager_arithmetic_bit_for_bit():
         assert torch.equal(xs.grad, xe.grad) and torch.equal(s.grad, se.grad)
 
 
+def test_compiled_fake_quantization_output_can_be_modified_in_place():
+    """The compiled kernel's result is reshaped to x's layout; what the straight-through node returns is
+    still a tensor of its own, so an in-place op after it (a residual add_) keeps the node's gradients."""
+    from saq.quant.functional import fused_fake_quantize
+
+    fused = fused_fake_quantize()
+    grads = []
+    for kernel in (fused, None):
+        x = torch.randn(4, 8, 3, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+        s = torch.tensor(0.1, requires_grad=True)
+        y = fake_quantize(x, s, torch.tensor(7.0), 0, 15, kernel)
+        y.mul_(2)
+        y.sum().backward()
+        grads.append((x.grad, s.grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+def _permuted(t):
+    """t's values laid out as SAM's image tokens are: a transposed view of a contiguous tensor."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 @pytest.mark.parametrize("with_drop", [False, True])
 def test_compiled_backward_gives_the_eager_gradients(with_drop):
     """runtime.compile in reconstruction: the compiled backward of the straight-through node gives the
     eager gradients of x and of the step exactly, per tensor and per channel, with and without QDrop's
-    mask, on a permuted input too; a strided input runs eagerly."""
+    mask, on permuted inputs too (through the flat view of their storage, or contiguous copies where only
+    x is permuted); a strided input, or a gradient laid out unlike both, runs eagerly."""
     from saq.quant.functional import fused_ste_backward
 
-    backward = fused_ste_backward()
+    kernel, calls = _counting(fused_ste_backward())
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6, 40, 24, generator=g) * 4
     grad_out = torch.randn(6, 40, 24, generator=g)
     keep = torch.rand(6, 40, 24, generator=g) < 0.5 if with_drop else None
-    for scale, zero in ((torch.tensor(0.5), torch.tensor(7.0)),
-                        (torch.rand(6, 1, 1, generator=g) + 0.05, torch.randint(0, 15, (6, 1, 1), generator=g).float())):
-        grads = []
-        for kernel in (backward, None):
-            xs, s = x.clone().requires_grad_(True), scale.clone().requires_grad_(True)
-            fake_quantize(xs, s, zero, 0, 15, keep_fp=keep, fused_backward=kernel).backward(grad_out)
-            grads.append((xs.grad, s.grad))
-        (x_fused, s_fused), (x_eager, s_eager) = grads
-        assert torch.equal(x_fused, x_eager) and (x_eager == 0).any()
-        assert torch.equal(s_fused, s_eager)
-    calls = []
 
-    def counted(*args):
-        calls.append(1)
-        return backward(*args)
-
-    def grads(x_full, keep_in, kernel, every=1):
+    def grads(x_full, grad_full, keep_in, backward, scale, zero, every=1):
         """Gradients of x_full[..., ::every] (a leaf laid out as x_full) and of the step."""
         leaf = x_full.detach().clone(memory_format=torch.preserve_format).requires_grad_(True)
-        xs, s = leaf[..., ::every], torch.tensor(0.5, requires_grad=True)
-        fake_quantize(xs, s, torch.tensor(7.0), 0, 15, keep_fp=keep_in, fused_backward=kernel).backward(
-            grad_out[..., ::every])
+        xs, s = leaf[..., ::every], scale.clone().requires_grad_(True)
+        fake_quantize(xs, s, zero, 0, 15, keep_fp=keep_in, fused_backward=backward).backward(
+            grad_full[..., ::every])
         return leaf.grad[..., ::every], s.grad
 
-    # a permuted x (SAM's image tokens) takes the kernel, element for element
-    permuted = x.transpose(1, 2).contiguous().transpose(1, 2)
-    keep_p = keep.transpose(1, 2).contiguous().transpose(1, 2) if with_drop else None
-    (gx, gs), (ex, es) = grads(permuted, keep_p, counted), grads(x, keep, None)
-    assert len(calls) == 1 and torch.equal(gx, ex)
-    torch.testing.assert_close(gs, es)  # summed in another memory order than the contiguous reference
-    # a strided x (every other element) takes the eager backward
-    keep_s = keep[..., ::2] if with_drop else None
-    (gx, gs), (ex, es) = grads(x, keep_s, counted, every=2), grads(x, keep_s, None, every=2)
-    assert len(calls) == 1 and torch.equal(gx, ex) and torch.equal(gs, es)
+    def assert_same(x_in, grad_in, keep_in, scale, zero, kernel_runs, every=1):
+        before = len(calls)
+        (gx, gs), (ex, es) = (grads(x_in, grad_in, keep_in, b, scale, zero, every) for b in (kernel, None))
+        assert len(calls) == before + kernel_runs
+        assert torch.equal(gx, ex) and (ex == 0).any() and torch.equal(gs, es)
+
+    per_tensor = (torch.tensor(0.5), torch.tensor(7.0))
+    per_channel = (torch.rand(6, 1, 1, generator=g) + 0.05, torch.randint(0, 15, (6, 1, 1), generator=g).float())
+    for scale, zero in (per_tensor, per_channel):
+        assert_same(x, grad_out, keep, scale, zero, kernel_runs=1)
+    keep_p = _permuted(keep) if with_drop else None
+    # x, gradient and mask permuted alike (SAM's image tokens): the kernel on the flat view of the storage
+    assert_same(_permuted(x), _permuted(grad_out), keep_p, *per_tensor, kernel_runs=1)
+    # only x (and the mask) permuted, the gradient contiguous: the kernel on contiguous copies
+    assert_same(_permuted(x), grad_out, keep_p, *per_tensor, kernel_runs=1)
+    # a gradient laid out unlike x and not contiguous, or a strided x (every other element): eager
+    assert_same(x, _permuted(grad_out), keep, *per_tensor, kernel_runs=0)
+    assert_same(x, grad_out, keep[..., ::2] if with_drop else None, *per_tensor, kernel_runs=0, every=2)
+
+
+def test_a_non_finite_gradient_at_an_element_kept_fp_leaves_the_step_gradient_finite():
+    """QDrop: an element kept FP does not depend on the step, so an inf or NaN arriving at it reaches x
+    and never the step's gradient, eagerly or compiled."""
+    from saq.quant.functional import fused_ste_backward
+
+    x = torch.linspace(-3, 3, 64).reshape(4, 16)
+    keep = torch.zeros(4, 16, dtype=torch.bool)
+    keep[0, :3] = True
+    grad_out = torch.ones(4, 16)
+    grad_out[0, 0], grad_out[0, 1] = float("nan"), float("inf")
+    for backward in (None, fused_ste_backward()):
+        xs, s = x.clone().requires_grad_(True), torch.tensor(0.4, requires_grad=True)
+        fake_quantize(xs, s, torch.tensor(7.0), 0, 15, keep_fp=keep, fused_backward=backward).backward(grad_out)
+        assert torch.isfinite(s.grad) and xs.grad[0, 0].isnan() and xs.grad[0, 1].isinf()
 
 
 def test_a_kernel_that_fails_to_compile_runs_eagerly_with_one_warning(caplog):

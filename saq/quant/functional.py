@@ -103,11 +103,10 @@ def _ste_backward_values(x: torch.Tensor, scale: torch.Tensor, zero_point: torch
     unrounded = scaled + zero_point
     inside = (unrounded >= qmin) & (unrounded <= qmax)
     local = torch.where(inside, rounded - scaled, torch.clamp(rounded + zero_point, qmin, qmax) - zero_point)
-    passes = inside
-    if keep_fp is not None:
-        passes = inside | keep_fp
-        local = torch.where(keep_fp, torch.zeros_like(local), local)
-    return grad * passes, grad * local
+    if keep_fp is None:
+        return grad * inside, grad * local
+    # an element kept FP does not depend on the step: its term is 0 even where its gradient is not finite
+    return grad * (inside | keep_fp), torch.where(keep_fp, torch.zeros_like(local), grad * local)
 
 
 def fused_ste_backward() -> Callable:
@@ -132,7 +131,7 @@ class _FakeQuantizeSTE(torch.autograd.Function):
     def forward(ctx, x, scale, zero_point, qmin, qmax, fused=None, keep_fp=None, fused_backward=None):
         ctx.save_for_backward(x, scale, zero_point, keep_fp)
         ctx.qmin, ctx.qmax, ctx.fused_backward = qmin, qmax, fused_backward
-        return _fake_quantize_inference(x, scale.detach(), zero_point, qmin, qmax, fused, keep_fp)
+        return _not_a_view(_fake_quantize_inference(x, scale.detach(), zero_point, qmin, qmax, fused, keep_fp))
 
     @staticmethod
     def backward(ctx, grad):
@@ -154,20 +153,34 @@ class _FakeQuantizeSTE(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             # inside: (q - z) - x/s = round(x/s) - x/s; clamped: the bound's code minus z
             local = torch.where(inside, rounded.sub_(scaled), codes.clamp_(ctx.qmin, ctx.qmax).sub_(zero_point))
-            if keep_fp is not None:
-                local.masked_fill_(keep_fp, 0.0)  # an element kept FP does not depend on the step
-            grad_scale = (grad * local).sum_to_size(scale.shape)
+            terms = grad * local
+            if keep_fp is not None:  # an element kept FP does not depend on the step, whatever its gradient
+                terms.masked_fill_(keep_fp, 0.0)
+            grad_scale = terms.sum_to_size(scale.shape)
         return grad_x, grad_scale, None, None, None, None, None, None
+
+
+def _not_a_view(out: torch.Tensor) -> torch.Tensor:
+    """out, or where it is a view (the compiled kernel's result reshaped) a tensor of its own on the same
+    memory: autograd forbids in-place ops on a view returned by a custom Function, and a copy would cost
+    a pass over the tensor. Nothing else refers to the kernel's buffer once the forward returns."""
+    if not out._is_view():
+        return out
+    return out.new_empty(0).set_(out.untyped_storage(), out.storage_offset(), out.shape, out.stride())
 
 
 def _fused_backward(ctx, grad, x, scale, zero_point, keep_fp) -> tuple | None:
     """(grad_x, grad_scale) from the compiled kernel on the (rows, N) layout; None where the layout does
     not fit it (the eager backward then runs). x, its gradient and the mask are read in one memory order:
-    where their layouts differ, contiguous copies (one pass each) instead of the eager backward's fifteen."""
+    where their layouts differ and the gradient is contiguous, contiguous copies of x and the mask (one pass
+    each) instead of the eager backward's fifteen; the eager product then has the gradient's contiguous
+    layout too, so the step's terms are summed in the same order. Any other mix of layouts runs eagerly."""
     if x.dtype != torch.float32 or scale.dtype != torch.float32 or grad.dtype != torch.float32:
         return None
     if grad.stride() != x.stride() or (keep_fp is not None and keep_fp.stride() != x.stride()):
-        x, grad = x.contiguous(), grad.contiguous()
+        if not grad.is_contiguous():
+            return None
+        x = x.contiguous()
         keep_fp = keep_fp.contiguous() if keep_fp is not None else None
     rows = _as_rows(x, scale, zero_point)
     grad_flat = _flat(grad)
