@@ -24,7 +24,8 @@ RECON_RUN = ("debug=fast", "data=skimage", "data.photos=[coffee,camera]", "promp
              "quant=w4a4", "ptq=qdrop", "ptq.recon.iters=5", "eval.cache_fp=false", "eval.side_by_side=0",
              "logger=none", "seed=0", "runtime.progress=false", "runtime.num_threads=1")
 VOLATILE = frozenset({"wall_time_s", "timing", "time_s", "setup_s", "ms_per_iter", "seconds",
-                       "peak_memory_mb", "checkpoint"})  # clocks, memory, paths
+                       "peak_memory_mb", "checkpoint",
+                       "image_source"})  # clocks, memory, paths, work done by this process
 
 
 def ptq_command(run_dir: Path, cache_dir: Path) -> list[str]:

@@ -66,3 +66,25 @@ def test_default_demo_job_end_to_end(tmp_path, vit_t_checkpoint):
     assert metrics["model"] == "vit_t" and metrics["ground_truth"] == "fp_masks"
     assert 0.5 < metrics["quantized"]["fidelity_mIoU"] <= 1.0
     assert (sweep / "0" / "side_by_side.png").is_file()
+
+
+def test_a_resumed_saq_sam_run_skips_the_stages_before_reconstruction(tmp_path):
+    """Run again in its dir, a saq_sam run whose reconstruction had begun takes the bimodal fold, PCC's
+    clipping and the observers' ranges from the reconstruction checkpoint instead of recomputing them,
+    and reports what the first process did."""
+    from recon_cli import _without_volatile
+
+    run_dir = tmp_path / "saq_sam"
+    command = ("saq.ptq", "debug=fast", "quant=w4a4", "ptq=saq_sam", "ptq.recon.iters=2", "ptq.recon.best_window=1",
+               "ptq.recon.final_attn_iters=2", "ptq.pcc.passes=1", "ptq.pcc.percentiles=[0.9,1.0]",
+               "eval.cache_fp=false", "eval.side_by_side=0", f"hydra.run.dir={run_dir}")
+    run(*command)
+    first = read(run_dir / "metrics.json")
+    assert read(run_dir / "stages.json")["done"] == ["bimodal", "pcc", "calibrate", "reconstruct"]
+    proc = run(*command)
+    logs = proc.stdout + proc.stderr + "".join(p.read_text() for p in run_dir.glob("*.log"))
+    assert "resuming after bimodal, pcc, calibrate" in logs
+    again = read(run_dir / "metrics.json")
+    assert _without_volatile(again) == _without_volatile(first)
+    before = ("bimodal", "pcc", "calibrate")  # their times are the first process's
+    assert [again["stages"]["seconds"][k] for k in before] == [first["stages"]["seconds"][k] for k in before]

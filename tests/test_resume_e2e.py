@@ -33,6 +33,11 @@ def _kill_after_first_unit(run_dir, cache_dir) -> None:
     assert proc.returncode == -signal.SIGKILL
 
 
+def _run_log(run_dir) -> str:
+    """The text of the run's Hydra log files."""
+    return "".join(p.read_text() for p in run_dir.glob("*.log"))
+
+
 def _recon_time_entries(run_dir) -> list[str]:
     """The units whose end was logged to log.jsonl, once per time the unit was trained."""
     lines = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
@@ -50,7 +55,9 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     assert not (resumed / "metrics.json").exists() and not (resumed / "quantized.pt").exists()
     killed_done = list(state["done"])
 
-    run_ptq(resumed, tmp_path / "cache_resumed")  # the same command, the same run dir
+    proc = run_ptq(resumed, tmp_path / "cache_resumed")  # the same command, the same run dir
+    # calibration was not run again: its ranges came with the reconstruction checkpoint
+    assert "resuming after calibrate" in proc.stdout + proc.stderr + _run_log(resumed)
     assert json.loads((resumed / "status.json").read_text())["state"] == "completed"
     # it resumed: the units checkpointed before the kill were not trained again
     trained = _recon_time_entries(resumed)

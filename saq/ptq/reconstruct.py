@@ -51,6 +51,16 @@ class ReconState:
         self.path = Path(run_dir) / STATE_FILE
         self.unit_names = unit_names
 
+    @staticmethod
+    def exists(run_dir: Path) -> bool:
+        return (Path(run_dir) / STATE_FILE).is_file()
+
+    @staticmethod
+    def load_model_state(run_dir: Path, model: nn.Module) -> None:
+        """The checkpointed model state alone (a resumed run skipping the stages before reconstruction)."""
+        state = torch.load(Path(run_dir) / STATE_FILE, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"], strict=True)
+
     def load(self, model: nn.Module) -> dict[str, Any]:
         if not self.path.is_file():
             return {"done": [], "global_step": 0, "units": []}

@@ -3,10 +3,16 @@
 Reference order (METHOD.md sections 3-5): bimodal fold -> PCC -> observers of everything else ->
 reconstruction. PCC after the observers also runs (its searched points then start from their
 calibrated range): the order is the recipe's.
+
+A resumed run whose reconstruction had begun does not run the stages before it again: the per-unit
+checkpoint holds the whole model state they produced (folded weights, ranges, PCC's clipping), and
+``stages.json`` what they reported.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +25,10 @@ from saq.data.calibration import CalibrationItem
 from saq.models.image_source import ImageSource
 from saq.utils.loggers import RunLogger
 from saq.utils.run_files import write_json
+
+STAGES_FILE = "stages.json"  # the stages finished so far, with what each reported and its wall time
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -91,17 +101,42 @@ STAGES: dict[Stage, Callable[[StageContext], Any]] = {
 }
 
 
+def _resume_before_reconstruction(ctx: StageContext, stages: list[Stage]) -> dict[str, Any] | None:
+    """What the stages before reconstruction reported, with their model state loaded, when this run dir
+    holds a reconstruction checkpoint made after them; None when they have to run."""
+    from saq.ptq.reconstruct import ReconState
+
+    if Stage.reconstruct not in stages:
+        return None
+    before = [s.value for s in stages[: stages.index(Stage.reconstruct)]]
+    record_path = ctx.run_dir / STAGES_FILE
+    if not (record_path.is_file() and ReconState.exists(ctx.run_dir)):
+        return None
+    record = json.loads(record_path.read_text())
+    if record.get("done", [])[: len(before)] != before:  # another recipe's record
+        return None
+    ReconState.load_model_state(ctx.run_dir, ctx.model)
+    log.info("resuming after %s: their state comes from the reconstruction checkpoint", ", ".join(before) or "no stage")
+    return {"done": before, "info": {k: record["info"][k] for k in before},
+            "seconds": {k: record["seconds"][k] for k in before}}
+
+
 def run_stages(ctx: StageContext) -> dict[str, Any]:
     """The recipe's stages in its order; returns what each reported, by stage name."""
-    info: dict[str, Any] = {}
-    seconds: dict[str, float] = {}
-    for name in ctx.config["ptq"]["stages"]:
-        stage = Stage(name)
+    stages = [Stage(name) for name in ctx.config["ptq"]["stages"]]
+    record = _resume_before_reconstruction(ctx, stages) or {"done": [], "info": {}, "seconds": {}}
+    info: dict[str, Any] = dict(record["info"])
+    seconds: dict[str, float] = dict(record["seconds"])
+    ctx.done.extend(Stage(name) for name in record["done"])
+    for stage in stages:
+        if stage in ctx.done:
+            continue
         start = time.perf_counter()
         info[stage.value] = STAGES[stage](ctx)
         seconds[stage.value] = round(time.perf_counter() - start, 3)
         ctx.done.append(stage)
-    info["seconds"] = seconds  # wall time of each stage (a resumed reconstruction counts only this process)
+        write_json(ctx.run_dir / STAGES_FILE, {"done": [s.value for s in ctx.done], "info": info, "seconds": seconds})
+    info["seconds"] = seconds  # wall time of each stage (a resumed run: the process that ran it)
     info["image_source"] = {"images_decoded": ctx.images.decoded, "fp_encoder_passes": ctx.images.fp_encoded}
     ctx.images.forget_embeddings()  # hardening follows: FP embeddings would no longer be the FP model's
     return info
