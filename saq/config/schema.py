@@ -226,6 +226,7 @@ class CalibConfig:
     seed: int = 0
     max_prompts_per_image: Optional[int] = 16
     exclude_from_eval: bool = False
+    weight_range_cache: Optional[str] = None  # a dir of weight ranges shared by runs; null: search every run
 
 
 @dataclass

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -9,6 +11,7 @@ from tqdm.auto import tqdm
 from saq.data.calibration import CalibrationItem
 from saq.models.image_source import ImageSource
 from saq.models.predictor import decode_boxes, encode_image
+from saq.ptq.weight_ranges import WeightRangeCache, weight_range_key
 from saq.nn.modules import QuantizedModule
 from saq.quant.quantizer import QuantMode, Role, iter_quantizers, quant_mode, set_quant_mode
 
@@ -22,15 +25,23 @@ def is_uncalibrated_activation(_name: str, q) -> bool:
 
 
 @torch.no_grad()
-def calibrate_weights_(model: nn.Module) -> int:
-    """Weight ranges straight from the parameters (no data needed)."""
+def calibrate_weights_(model: nn.Module, cache: WeightRangeCache | None = None) -> int:
+    """Weight ranges straight from the parameters (no data needed); ``cache``: ranges an earlier run
+    computed for the same tensor and spec are read instead of searched."""
     count = 0
     for module in model.modules():
         q = getattr(module, "weight_quantizer", None)
         if isinstance(module, QuantizedModule) and q is not None:
-            q.set_mode(QuantMode.OBSERVE)
-            q.observer.update(module.weight)
-            q.finalize_observer()
+            key = weight_range_key(module.weight, q.spec) if cache is not None else None
+            cached = cache.get(key) if cache is not None else None
+            if cached is not None:
+                q.set_range(*cached)
+            else:
+                q.set_mode(QuantMode.OBSERVE)
+                q.observer.update(module.weight)
+                if cache is not None:
+                    cache.put(key, *q.observer.compute_range())
+                q.finalize_observer()
             count += 1
     return count
 
@@ -60,10 +71,15 @@ def calibrate_activations_(model: nn.Module, items: list[CalibrationItem], show_
 
 
 def calibrate_(model: nn.Module, items: list[CalibrationItem], show_progress: bool = True,
-               keep_calibrated: bool = False, images: ImageSource | None = None) -> dict[str, int]:
+               keep_calibrated: bool = False, images: ImageSource | None = None,
+               weight_range_cache: Path | None = None) -> dict[str, int]:
     """Calibrate every quantizer (``keep_calibrated``: every activation quantizer without a range) and
-    switch them all to QUANTIZE."""
-    weights = calibrate_weights_(model)
+    switch them all to QUANTIZE. ``weight_range_cache``: a directory of weight ranges shared by runs."""
+    cache = WeightRangeCache(weight_range_cache) if weight_range_cache is not None else None
+    weights = calibrate_weights_(model, cache)
     activations = calibrate_activations_(model, items, show_progress, keep_calibrated, images)
     set_quant_mode(model, QuantMode.QUANTIZE)
-    return {"weight_quantizers": weights, "activation_quantizers": activations}
+    info = {"weight_quantizers": weights, "activation_quantizers": activations}
+    if cache is not None:
+        info["weight_ranges_from_cache"] = cache.hits
+    return info

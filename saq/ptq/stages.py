@@ -79,8 +79,9 @@ def calibrate_stage(ctx: StageContext) -> Any:
     from saq.ptq.calibrate import calibrate_
 
     # ranges PCC already chose are kept; every other quantizer gets its observer's range
+    cache_dir = ctx.config["calib"].get("weight_range_cache")
     return calibrate_(ctx.model, ctx.calib_items, ctx.progress, keep_calibrated=Stage.pcc in ctx.done,
-                      images=ctx.images)
+                      images=ctx.images, weight_range_cache=Path(cache_dir) if cache_dir else None)
 
 
 def reconstruct_stage(ctx: StageContext) -> Any:
