@@ -8,7 +8,10 @@ decoder layer (CLM loss, 16 box prompts, the undropped pass for the final-token 
 stage (stage-output MSE, QDrop-mixed input), QDrop probability 0.5 as in the saq recipes. The image and
 the boxes are random (cost only): what is timed is the arithmetic of a step, which does not depend on
 the values. Eager and compiled steps alternate on the same unit, so both see the same machine load.
-Writes JSON (per unit: ms per step of each mode, median, speedup) and prints a markdown table.
+Before timing, each unit takes ``--agree-steps`` steps in each mode from the same state and seed, and the
+losses, gradients and learned parameters are compared bit for bit (the compiled kernels are meant to
+change the speed of a run, not its result).
+Writes JSON (per unit: ms per step of each mode, median, speedup, agreement) and prints a markdown table.
 """
 
 from __future__ import annotations
@@ -76,6 +79,41 @@ def unit_batches(model: torch.nn.Module, prompts: int, generator: torch.Generato
     return batches
 
 
+def steps_agree(model: torch.nn.Module, unit: ReconUnit, batch: dict, steps: int, seed: int = 0) -> dict[str, Any]:
+    """``steps`` training steps eager and compiled from the same start and seed (the same QDrop draws):
+    are the losses, each step's gradients and the final learned parameters the same bit for bit?"""
+    runs = []
+    for compiled in (False, True):
+        module = UnitReconstruction(model, unit, ReconSettings(iters=steps, qdrop_prob=0.5, reg_weight=0.0, a_lr=2e-3))
+        start = module.snapshot()
+        optimizers, _ = module.configure_optimizers()
+        losses, grads = [], []
+        use_fused_kernels_(model, compiled)
+        torch.manual_seed(seed)
+        try:
+            for _ in range(steps):
+                loss = module.reconstruction_loss(batch)
+                for optimizer in optimizers:
+                    optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                losses.append(loss.item())
+                grads.append([p.grad.clone() for p in [*module.alphas, *module.scales]])
+                for optimizer in optimizers:
+                    optimizer.step()
+                module.keep_steps_positive_()
+            runs.append((losses, grads, module.snapshot()))
+        finally:
+            module.restore(start)
+            use_fused_kernels_(model, False)
+            module.finalize()
+    (eager_losses, eager_grads, eager_params), (losses, grads, params) = runs
+    pairs = [(a, b) for step_a, step_b in zip(eager_grads, grads) for a, b in zip(step_a, step_b)]
+    return {"steps": steps, "losses_equal": eager_losses == losses,
+            "gradients_equal": sum(torch.equal(a, b) for a, b in pairs), "gradients": len(pairs),
+            "parameters_equal": sum(torch.equal(a, b) for a, b in zip(eager_params, params)),
+            "parameters": len(params)}
+
+
 def time_unit(model: torch.nn.Module, unit: ReconUnit, batch: dict, rounds: int, steps: int) -> dict[str, Any]:
     """ms per step, eager and compiled alternating (which goes first alternates too, so neither always
     runs on caches the other warmed); the unit's quantizers are finalized afterwards, whatever happens."""
@@ -120,22 +158,29 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1, help="steps per round and mode")
     parser.add_argument("--prompts", type=int, default=16, help="box prompts per image (the reconstruction cap)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--agree-steps", type=int, default=2, help="steps of the eager/compiled agreement check "
+                        "(0: skip it)")
     parser.add_argument("--out", type=Path, default=None, help="JSON file to write")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     model, payload = load_quantized(args.checkpoint)
     generator = torch.Generator().manual_seed(0)
-    rows = [time_unit(model, unit, batch, args.rounds, args.steps)
-            for unit, batch in unit_batches(model, args.prompts, generator)]
+    rows = []
+    for unit, batch in unit_batches(model, args.prompts, generator):
+        agreement = steps_agree(model, unit, batch, args.agree_steps) if args.agree_steps else None
+        rows.append({**time_unit(model, unit, batch, args.rounds, args.steps), "agreement": agreement})
     result = {"checkpoint": str(args.checkpoint), "model": payload["model_name"], "threads": torch.get_num_threads(),
               "rounds": args.rounds, "steps": args.steps, "prompts": args.prompts, "machine": platform.processor()
               or platform.machine(), "torch": torch.__version__, "units": rows,
               "note": "random image and boxes: step cost only"}
-    print("| unit | kind | eager ms/step | compiled ms/step | speedup |\n| --- | --- | --- | --- | --- |")
+    print("| unit | kind | eager ms/step | compiled ms/step | speedup | same parameters after the check |\n"
+          "| --- | --- | --- | --- | --- | --- |")
     for r in rows:
+        agree = r["agreement"]
+        same = f"{agree['parameters_equal']}/{agree['parameters']}" if agree else "-"
         print(f"| {r['unit']} | {r['kind']} | {r['eager_median_ms']:.0f} | {r['compiled_median_ms']:.0f} | "
-              f"{r['speedup']:.2f}x |")
+              f"{r['speedup']:.2f}x | {same} |")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2))

@@ -73,6 +73,11 @@ def test_bench_recon_step_times_every_unit_type_eager_and_compiled(tmp_path):
     loaded, _ = bench.load_quantized(ckpt)
     batches = bench.unit_batches(loaded, prompts=3, generator=torch.Generator().manual_seed(0))
     rows = [bench.time_unit(loaded, unit, batch, rounds=1, steps=1) for unit, batch in batches]
+    for unit, batch in batches:  # the compiled steps learn what the eager ones learn, bit for bit
+        agreement = bench.steps_agree(loaded, unit, batch, steps=2)
+        assert agreement["losses_equal"] and agreement["parameters"] > 0
+        assert agreement["gradients_equal"] == agreement["gradients"] == 2 * agreement["parameters"]
+        assert agreement["parameters_equal"] == agreement["parameters"]
     assert [r["kind"] for r in rows][0] == "decoder_layer" and {r["kind"] for r in rows[1:]} == {"stage"}
     assert all(len(r["ms_per_step"]["eager"]) == len(r["ms_per_step"]["compiled"]) == 1 and r["speedup"] > 0
                for r in rows)
