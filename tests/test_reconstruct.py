@@ -216,7 +216,7 @@ def test_fp_targets_of_chained_units_are_the_next_units_captured_inputs(items, m
     monkeypatch.setattr(recon._ChainInputs, "outputs", outputs)
     chain = recon._ChainInputs(model, items[:2], ImageSource(model), units, torch.device("cpu"), torch.device("cpu"),
                                None)
-    chained = [u for u, nxt in zip(units, units[1:]) if u.feeds == nxt.entry]
+    chained = [u for u, nxt in zip(units, units[1:]) if u.feeds == nxt.entry and u.to_next is None]
     assert chained, "the tiny model's encoder units chain"
     for unit, nxt in zip(units, units[1:]):
         reused = chain.chained_fp_targets(unit, nxt)
@@ -229,6 +229,39 @@ def test_fp_targets_of_chained_units_are_the_next_units_captured_inputs(items, m
     computed.clear()
     reconstruct_(model, items[:2], {**RECON, "iters": 2}, tmp_path, RunLogger(tmp_path), show_progress=False)
     assert computed == [u.name for u in units if u not in chained]
+
+
+def test_the_neck_and_the_decoder_take_their_quantized_inputs_from_the_chain(items, monkeypatch, tmp_path):
+    """The last encoder unit hands its output to the neck through the encoder's reshape, and the final
+    neck hands the quantized image embeddings to the decoder units: the same tensors a quantized
+    encoder pass gives, bit for bit, without one."""
+    import saq.ptq.reconstruct as recon
+
+    model = calibrated_tiny(items[:2])
+    units = [u for u in reconstruction_units(model, "block") if unit_quantizers(model, u)]
+    last, neck = [u for u in units if u.part == "encoder"][-2:]
+    assert neck.kind == "neck" and last.feeds == neck.entry and last.to_next is not None
+    set_quant_mode(model, QuantMode.QUANTIZE)
+    chain = recon._ChainInputs(model, items[:2], ImageSource(model), units, torch.device("cpu"),
+                               torch.device("cpu"), None)
+    captured = capture_inputs(model, [last.entry, neck.entry], items[:2], torch.device("cpu"))
+    chain.finished(last, captured[last.entry], [neck, *units[units.index(neck) + 1:]])
+    handed = chain.quantized(neck)
+    assert len(handed) == 2 and all(torch.equal(a[0][0], b[0][0]) and a[0][0].stride() == b[0][0].stride()
+                                    for a, b in zip(handed, captured[neck.entry]))
+    chain.finished(neck, handed, units[units.index(neck) + 1:])
+    expected = [encode_image(model, ImageSource(model).image(item.image.path)) for item in items[:2]]
+    for got, want in zip(chain.encoded, expected):
+        assert torch.equal(got.embedding, want.embedding)
+        assert (got.input_size, got.original_size) == (want.input_size, want.original_size)
+
+    def no_encoder_pass(*args, **kwargs):
+        raise AssertionError("a quantized encoder pass during reconstruction")
+
+    monkeypatch.setattr(recon, "encode_items", no_encoder_pass)
+    stats = reconstruct_(calibrated_tiny(items[:2]), items[:2], {**RECON, "iters": 2}, tmp_path,
+                         RunLogger(tmp_path), show_progress=False)
+    assert [s["unit"] for s in stats] == [u.name for u in units]
 
 
 def test_an_encoder_unit_without_captured_fp_inputs_is_an_error(items):

@@ -26,6 +26,14 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def encoded_image(model: Sam, embedding: torch.Tensor, original_size: tuple[int, int]) -> EncodedImage:
+    """An image embedding computed elsewhere (the neck's output on a cached input) with the sizes that
+    :func:`encode_image` would record for an image of ``original_size`` (height, width)."""
+    transform = ResizeLongestSide(model.image_encoder.img_size)
+    input_size = transform.get_preprocess_shape(*original_size, model.image_encoder.img_size)
+    return EncodedImage(embedding, tuple(input_size), tuple(original_size), transform)
+
+
 @torch.no_grad()
 def encode_image(model: Sam, image: np.ndarray) -> EncodedImage:
     """Run the image encoder on an RGB uint8 HxWx3 image."""

@@ -39,6 +39,23 @@ class ReconUnit:
     # Elements of a tuple output whose loss term comes from a second forward pass with QDrop off
     # (SAQ-SAM's final-token term of a decoder layer).
     undropped_outputs: tuple[int, ...] = ()
+    # What the model does between this unit's output and the input of ``feeds`` when they differ in shape
+    # (the last encoder stage's tokens -> the neck's B x C x H x W input); None: the output is the input.
+    to_next: Callable[[nn.Module, torch.Tensor], torch.Tensor | None] | None = None
+
+
+def as_neck_input(model: nn.Module, stage_output: torch.Tensor) -> torch.Tensor | None:
+    """``stage_output`` as the neck's B x C x H x W input (the view the encoder's own forward makes), or
+    None if its shape cannot feed the neck. ViT stages give B x H x W x C, TinyViT layers B x (H*W) x C."""
+    channels = model.image_encoder.neck[0].in_channels
+    grid = tuple(model.prompt_encoder.image_embedding_size)
+    if stage_output.shape[-1] != channels:
+        return None
+    if stage_output.dim() == 4 and tuple(stage_output.shape[1:3]) == grid:
+        return stage_output.permute(0, 3, 1, 2)
+    if stage_output.dim() == 3 and stage_output.shape[1] == grid[0] * grid[1]:
+        return stage_output.reshape(stage_output.shape[0], *grid, channels).permute(0, 3, 1, 2)
+    return None
 
 
 def _chain(names: list[str]) -> Run:
@@ -145,10 +162,11 @@ def encoder_units(model: nn.Module, granularity: str) -> list[ReconUnit]:
             for child in children:
                 units.append(ReconUnit(child, child, (child,), _chain([child]), "encoder"))
     # Consecutive encoder units chain (an attention sub-block shares its input with its MLP sub-block
-    # instead); the neck sees a reshaped tensor, so the last unit before it does not.
-    units = [dataclasses.replace(u, feeds=None if u.name.endswith(".attn") else nxt.entry)
-             for u, nxt in zip(units[:-1], units[1:])] + units[-1:]
+    # instead); the last one feeds the neck through the encoder's reshape.
     neck = f"{prefix}.neck"
+    units = [dataclasses.replace(u, feeds=None if u.name.endswith(".attn") else nxt.entry)
+             for u, nxt in zip(units[:-1], units[1:])] + \
+        [dataclasses.replace(u, feeds=neck, to_next=as_neck_input) for u in units[-1:]]
     units.append(ReconUnit(neck, neck, (neck,), _chain([neck]), "encoder", kind="neck"))
     return units
 

@@ -15,24 +15,10 @@ from segment_anything.utils.transforms import ResizeLongestSide
 from torch import nn
 
 from saq.data.calibration import CalibrationItem
+from saq.models.units import as_neck_input
 from saq.quant.quantizer import QuantMode, quant_mode
 
 HEAD_PREFIXES = ("image_encoder.neck.", "mask_decoder.")
-
-
-def as_neck_input(model: nn.Module, stage_output: torch.Tensor) -> torch.Tensor | None:
-    """``stage_output`` as the neck's B x C x H x W input, or None if its shape cannot feed the neck.
-
-    ViT stages give B x H x W x C, TinyViT layers B x (H*W) x C tokens."""
-    channels = model.image_encoder.neck[0].in_channels
-    grid = tuple(model.prompt_encoder.image_embedding_size)
-    if stage_output.shape[-1] != channels:
-        return None
-    if stage_output.dim() == 4 and tuple(stage_output.shape[1:3]) == grid:
-        return stage_output.permute(0, 3, 1, 2)
-    if stage_output.dim() == 3 and stage_output.shape[1] == grid[0] * grid[1]:
-        return stage_output.reshape(stage_output.shape[0], *grid, channels).permute(0, 3, 1, 2)
-    return None
 
 
 class PromptAwareHead:

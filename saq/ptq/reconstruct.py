@@ -27,6 +27,7 @@ from saq.engine.reconstruction import ReconSettings, UnitBatches, UnitReconstruc
 from saq.engine.trainer import fit_quietly, unit_trainer
 from saq.models.units import ReconUnit, reconstruction_units
 from saq.models.image_source import ImageSource
+from saq.models.predictor import encoded_image
 from saq.ptq.capture import _detach, capture_inputs, encode_items, to_device
 from saq.quant.quantizer import QuantMode, quant_mode, set_quant_mode
 from saq.utils.loggers import RunLogger
@@ -121,9 +122,10 @@ class _ChainInputs:
 
     def chained_fp_targets(self, unit: ReconUnit, next_unit: ReconUnit | None) -> list | None:
         """A unit's FP targets when they were already captured: the all-FP model's output of a unit that
-        feeds the next one is that unit's captured FP input (no second FP pass over the calibration set)."""
+        feeds the next one as it is (no reshape between them) is that unit's captured FP input (no second
+        FP pass over the calibration set)."""
         if unit.target_inputs != "fp" or next_unit is None or unit.feeds != next_unit.entry \
-                or next_unit.entry not in self.fp_inputs:
+                or unit.to_next is not None or next_unit.entry not in self.fp_inputs:
             return None
         return [args[0] for args, _ in self.fp_inputs[next_unit.entry]]
 
@@ -134,11 +136,24 @@ class _ChainInputs:
                     for inp in inputs]
 
     def finished(self, unit: ReconUnit, q_inputs: list | None, later: list[ReconUnit]) -> None:
-        """``unit`` is final: drop what no later unit reads, and hand its quantized output to the next unit."""
+        """``unit`` is final: drop what no later unit reads, and hand its quantized output to the next unit
+        (the last encoder unit's, reshaped as the encoder does, to the neck; the neck's, as the quantized
+        image embeddings, to the decoder units): no quantized encoder pass over the calibration set."""
         if all(u.entry != unit.entry for u in later):  # sub-blocks share their block's input
             self.fp_inputs.pop(unit.entry, None)  # the previous unit took its targets already
-        if q_inputs is not None and later and unit.feeds == later[0].entry:
-            self.q_cache[later[0].entry] = [((out,), {}) for out in self.outputs(unit, q_inputs)]
+        if q_inputs is None or not later:
+            return
+        if unit.feeds == later[0].entry:
+            outputs = self.outputs(unit, q_inputs)
+            if unit.to_next is not None:
+                outputs = [unit.to_next(self.model, out) for out in outputs]
+            if all(out is not None for out in outputs):
+                self.q_cache[later[0].entry] = [((out,), {}) for out in outputs]
+        elif unit.kind == "neck" and later[0].part == "decoder" and self.encoded is None:
+            with torch.no_grad():  # full precision on the model's device, as encode_items gives them
+                self.encoded = [encoded_image(self.model, unit.run(self.model, *to_device(inp, self.device)),
+                                              (item.image.height, item.image.width))
+                                for inp, item in zip(q_inputs, self.items)]
 
 
 @dataclasses.dataclass
