@@ -97,7 +97,7 @@ def steps_agree(model: torch.nn.Module, unit: ReconUnit, batch: dict, steps: int
                     optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 losses.append(loss.item())
-                grads.append([p.grad.clone() for p in [*module.alphas, *module.scales]])
+                grads.append([None if p.grad is None else p.grad.clone() for p in [*module.alphas, *module.scales]])
                 for optimizer in optimizers:
                     optimizer.step()
                 module.keep_steps_positive_()
@@ -109,7 +109,8 @@ def steps_agree(model: torch.nn.Module, unit: ReconUnit, batch: dict, steps: int
     (eager_losses, eager_grads, eager_params), (losses, grads, params) = runs
     pairs = [(a, b) for step_a, step_b in zip(eager_grads, grads) for a, b in zip(step_a, step_b)]
     return {"steps": steps, "losses_equal": eager_losses == losses,
-            "gradients_equal": sum(torch.equal(a, b) for a, b in pairs), "gradients": len(pairs),
+            "gradients_equal": sum(a is b is None or (a is not None and b is not None and torch.equal(a, b))
+                                   for a, b in pairs), "gradients": len(pairs),
             "parameters_equal": sum(torch.equal(a, b) for a, b in zip(eager_params, params)),
             "parameters": len(params)}
 

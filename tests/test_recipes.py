@@ -88,3 +88,17 @@ def test_a_resumed_saq_sam_run_skips_the_stages_before_reconstruction(tmp_path):
     assert _without_volatile(again) == _without_volatile(first)
     before = ("bimodal", "pcc", "calibrate")  # their times are the first process's
     assert [again["stages"]["seconds"][k] for k in before] == [first["stages"]["seconds"][k] for k in before]
+
+
+def test_a_run_dir_resumed_with_other_settings_is_refused(tmp_path):
+    """A reconstruction checkpoint made under one recipe setting is not resumed under another: the
+    second command stops with a message naming the file and the way out, and reports no numbers."""
+    run_dir = tmp_path / "run"
+    common = ("saq.ptq", "debug=fast", "quant=w4a4", "ptq=qdrop", "ptq.recon.iters=2", "ptq.recon.best_window=1",
+              "eval.cache_fp=false", "eval.side_by_side=0", f"hydra.run.dir={run_dir}")
+    run(*common)
+    first = read(run_dir / "metrics.json")
+    proc = run(*common, "ptq.recon.qdrop_prob=0.25", check=False)
+    assert proc.returncode != 0
+    assert "recon_state.pt was written by a run with other settings" in proc.stdout + proc.stderr
+    assert read(run_dir / "metrics.json") == first

@@ -255,6 +255,12 @@ def test_the_neck_and_the_decoder_take_their_quantized_inputs_from_the_chain(ite
         assert torch.equal(got.embedding, want.embedding)
         assert (got.input_size, got.original_size) == (want.input_size, want.original_size)
 
+    # a 16-bit cache rounds every handed tensor: the decoder's embeddings then come from a real encoder pass
+    half = recon._ChainInputs(model, items[:2], ImageSource(model), units, torch.device("cpu"),
+                              torch.device("cpu"), torch.float16)
+    half.finished(neck, handed, units[units.index(neck) + 1:])
+    assert half.encoded is None
+
     def no_encoder_pass(*args, **kwargs):
         raise AssertionError("a quantized encoder pass during reconstruction")
 

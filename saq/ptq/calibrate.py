@@ -33,7 +33,7 @@ def calibrate_weights_(model: nn.Module, cache: WeightRangeCache | None = None) 
         q = getattr(module, "weight_quantizer", None)
         if isinstance(module, QuantizedModule) and q is not None:
             key = weight_range_key(module.weight, q.spec) if cache is not None else None
-            cached = cache.get(key) if cache is not None else None
+            cached = cache.get(key, q.granularity.param_shape(tuple(module.weight.shape))) if cache is not None else None
             if cached is not None:
                 q.set_range(*cached)
             else:

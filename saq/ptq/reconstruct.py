@@ -46,11 +46,13 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 
 class ReconState:
-    """Per-unit checkpoint in the run dir: model state after the last finished unit."""
+    """Per-unit checkpoint in the run dir: model state after the last finished unit, and the fingerprint
+    of the settings it was made under (a rerun with other settings in the same dir must not resume it)."""
 
-    def __init__(self, run_dir: Path, unit_names: list[str]) -> None:
+    def __init__(self, run_dir: Path, unit_names: list[str], fingerprint: str | None = None) -> None:
         self.path = Path(run_dir) / STATE_FILE
         self.unit_names = unit_names
+        self.fingerprint = fingerprint
 
     @staticmethod
     def exists(run_dir: Path) -> bool:
@@ -68,6 +70,10 @@ class ReconState:
         state = torch.load(self.path, map_location="cpu", weights_only=True)
         if state["unit_names"] != self.unit_names:
             raise RuntimeError(f"{self.path} belongs to another unit list; delete it to start over")
+        if self.fingerprint is not None and state.get("fingerprint", self.fingerprint) != self.fingerprint:
+            raise RuntimeError(f"{self.path} was written by a run with other settings (model, quantization, "
+                               "calibration or recipe); resume with the run's own settings, or give this run a "
+                               "fresh hydra.run.dir, or delete the file to start over")
         model.load_state_dict(state["model"], strict=True)
         log.info("resuming reconstruction after %d finished units (%s)", len(state["done"]), self.path)
         return state
@@ -75,7 +81,8 @@ class ReconState:
     def save(self, model: nn.Module, done: list[str], global_step: int, units: list[dict]) -> None:
         with atomic_file(self.path) as f:
             torch.save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "done": done,
-                        "global_step": global_step, "units": units, "unit_names": self.unit_names}, f)
+                        "global_step": global_step, "units": units, "unit_names": self.unit_names,
+                        "fingerprint": self.fingerprint}, f)
 
 
 class _ChainInputs:
@@ -147,12 +154,15 @@ class _ChainInputs:
             outputs = self.outputs(unit, q_inputs)
             if unit.to_next is not None:
                 outputs = [unit.to_next(self.model, out) for out in outputs]
-            if all(out is not None for out in outputs):
-                self.q_cache[later[0].entry] = [((out,), {}) for out in outputs]
-        elif unit.kind == "neck" and later[0].part == "decoder" and self.encoded is None:
-            with torch.no_grad():  # full precision on the model's device, as encode_items gives them
+            if all(out is not None for out in outputs):  # the only quantized inputs kept: the next unit's
+                self.q_cache = {later[0].entry: [((out,), {}) for out in outputs]}
+        elif unit.kind == "neck" and later[0].part == "decoder" and self.encoded is None \
+                and self.cache_dtype is None:
+            # Only from a float32 cache: a 16-bit one rounds every unit's output, and the decoder must learn
+            # on the embeddings evaluation will see (encode_items then runs the quantized encoder instead).
+            with torch.no_grad():
                 self.encoded = [encoded_image(self.model, unit.run(self.model, *to_device(inp, self.device)),
-                                              (item.image.height, item.image.width))
+                                              self.images.image(item.image.path).shape[:2])
                                 for inp, item in zip(q_inputs, self.items)]
 
 
@@ -212,9 +222,11 @@ def _fit(trainer: Any, module: UnitReconstruction, data: UnitData, fp_inputs: li
 def reconstruct_(model: nn.Module, items: list[CalibrationItem], cfg: Mapping[str, Any], run_dir: Path,
                  logger: RunLogger, seed: int = 0, show_progress: bool = True,
                  units: list[ReconUnit] | None = None, stop_after: int | None = None,
-                 precision: str = "32-true", images: ImageSource | None = None) -> list[dict[str, Any]]:
+                 precision: str = "32-true", images: ImageSource | None = None,
+                 fingerprint: str | None = None) -> list[dict[str, Any]]:
     """Reconstruct every unit in order; returns per-unit statistics (loss, time, memory). ``precision``
-    is the Trainer's (runtime.precision)."""
+    is the Trainer's (runtime.precision); ``fingerprint``: the run's settings, stored with the per-unit
+    checkpoint so that a run with other settings does not resume it."""
     settings = ReconSettings.from_config(cfg)
     images = images or ImageSource(model)
     device = next(model.parameters()).device
@@ -228,7 +240,7 @@ def reconstruct_(model: nn.Module, items: list[CalibrationItem], cfg: Mapping[st
 
         head = PromptAwareHead(model, items)
     units = [u for u in units if unit_quantizers(model, u)]  # nothing to learn in an all-FP unit
-    state = ReconState(run_dir, [u.name for u in units])
+    state = ReconState(run_dir, [u.name for u in units], fingerprint)
     saved = state.load(model)
     done, global_step, stats = list(saved["done"]), int(saved["global_step"]), list(saved["units"])
     todo = [u for u in units if u.name not in done]

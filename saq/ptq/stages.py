@@ -11,6 +11,7 @@ checkpoint holds the whole model state they produced (folded weights, ranges, PC
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -89,7 +90,8 @@ def reconstruct_stage(ctx: StageContext) -> Any:
     from saq.ptq.reconstruct import reconstruct_
 
     units = reconstruct_(ctx.model, ctx.recon_items, ctx.config["ptq"]["recon"], ctx.run_dir, ctx.logger,
-                         int(ctx.config["seed"]), ctx.progress, precision=ctx.config["runtime"]["precision"], images=ctx.images)
+                         int(ctx.config["seed"]), ctx.progress, precision=ctx.config["runtime"]["precision"],
+                         images=ctx.images, fingerprint=_fingerprint(ctx.config, with_recon=True))
     ctx.logger.log_image("recon/curves", plot_recon_curves(units, ctx.run_dir / "recon_curves.png"))
     return [{k: v for k, v in u.items() if k != "curve"} for u in units]
 
@@ -100,6 +102,22 @@ STAGES: dict[Stage, Callable[[StageContext], Any]] = {
     Stage.calibrate: calibrate_stage,
     Stage.reconstruct: reconstruct_stage,
 }
+
+
+def _fingerprint(config: dict[str, Any], with_recon: bool = False) -> str:
+    """What the stages before reconstruction depend on: model, quantization, calibration set, the recipe
+    but for its reconstruction settings (``with_recon``: with them), the seed and the engine's precision
+    (PCC's forwards). A record or checkpoint made under other settings is not reused."""
+    def without(section: dict[str, Any], *where: str) -> dict[str, Any]:  # keys that say where, not what
+        return {k: v for k, v in section.items() if k not in where}
+
+    ptq = without(config["ptq"], "recon")
+    if with_recon and "recon" in config["ptq"]:
+        ptq["recon"] = without(config["ptq"]["recon"], "cache_device")
+    relevant = {"model": without(config["model"], "cache_dir"), "quant": config["quant"],
+                "calib": without(config["calib"], "weight_range_cache"), "seed": config["seed"],
+                "precision": config.get("runtime", {}).get("precision"), "ptq": ptq}
+    return hashlib.sha1(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _resume_before_reconstruction(ctx: StageContext, stages: list[Stage]) -> dict[str, Any] | None:
@@ -114,7 +132,8 @@ def _resume_before_reconstruction(ctx: StageContext, stages: list[Stage]) -> dic
     if not (record_path.is_file() and ReconState.exists(ctx.run_dir)):
         return None
     record = json.loads(record_path.read_text())
-    if record.get("done", [])[: len(before)] != before:  # another recipe's record
+    if record.get("done", [])[: len(before)] != before or record.get("fingerprint") != _fingerprint(ctx.config):
+        log.info("%s was written under other settings: the stages run again", record_path)
         return None
     ReconState.load_model_state(ctx.run_dir, ctx.model)
     log.info("resuming after %s: their state comes from the reconstruction checkpoint", ", ".join(before) or "no stage")
@@ -136,7 +155,8 @@ def run_stages(ctx: StageContext) -> dict[str, Any]:
         info[stage.value] = STAGES[stage](ctx)
         seconds[stage.value] = round(time.perf_counter() - start, 3)
         ctx.done.append(stage)
-        write_json(ctx.run_dir / STAGES_FILE, {"done": [s.value for s in ctx.done], "info": info, "seconds": seconds})
+        write_json(ctx.run_dir / STAGES_FILE, {"done": [s.value for s in ctx.done], "info": info, "seconds": seconds,
+                                               "fingerprint": _fingerprint(ctx.config)})
     info["seconds"] = seconds  # wall time of each stage (a resumed run: the process that ran it)
     info["image_source"] = {"images_decoded": ctx.images.decoded, "fp_encoder_passes": ctx.images.fp_encoded}
     ctx.images.forget_embeddings()  # hardening follows: FP embeddings would no longer be the FP model's

@@ -1,8 +1,9 @@
 """Cache of weight ranges: every run of a sweep that quantizes the same weights with the same observer
 gets the same ranges, so the search runs once per weight tensor, not once per run.
 
-A weight's range depends only on the tensor and the quantizer's spec (bits, symmetric, granularity,
-observer and its settings), never on calibration images or seeds. On the Lp search with zero points
+A weight's range depends only on the tensor, the quantizer's spec (bits, symmetric, granularity,
+observer and its settings) and where the search ran (the device's reductions add in their own order),
+never on calibration images or seeds. On the Lp search with zero points
 (the MSE observer of the reconstruction recipes: 100 steps x every zero point per channel, p = 2.4) it
 is the largest part of calibrating vit_t on the CPU. The key is the tensor's bytes and the spec, so a
 bimodal fold that flips rows of q/k, another checkpoint or another bit width each get their own entry.
@@ -27,12 +28,14 @@ CACHE_FORMAT = 1  # bump when an observer's search changes, so older ranges are 
 
 
 def weight_range_key(weight: torch.Tensor, spec) -> str:
-    """sha1 of the weight's bytes (float32, contiguous), its shape and the quantizer's spec."""
+    """sha1 of the weight's bytes (as float32), its shape, dtype and device type, the quantizer's spec and
+    the torch version."""
     digest = hashlib.sha1()
     values = weight.detach().to(device="cpu", dtype=torch.float32).contiguous()
     digest.update(values.numpy().tobytes())
-    digest.update(json.dumps({"shape": list(values.shape), "spec": dataclasses.asdict(spec),
-                              "torch": torch.__version__, "format": CACHE_FORMAT}, sort_keys=True, default=str).encode())
+    digest.update(json.dumps({"shape": list(values.shape), "dtype": str(weight.dtype), "device": weight.device.type,
+                              "spec": dataclasses.asdict(spec), "torch": torch.__version__, "format": CACHE_FORMAT},
+                             sort_keys=True, default=str).encode())
     return digest.hexdigest()[:24]
 
 
@@ -47,7 +50,8 @@ class WeightRangeCache:
     def _path(self, key: str) -> Path:
         return self.dir / f"{key}.pt"
 
-    def get(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def get(self, key: str, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The stored (min, max), each of ``shape`` (the quantizer's parameter shape), or None."""
         path = self._path(key)
         if not path.is_file():
             self.misses += 1
@@ -55,6 +59,8 @@ class WeightRangeCache:
         try:
             entry = torch.load(path, map_location="cpu", weights_only=True)
             low, high = entry["min"], entry["max"]
+            if tuple(low.shape) != tuple(shape) or tuple(high.shape) != tuple(shape):
+                raise ValueError(f"shape {tuple(low.shape)}, expected {tuple(shape)}")
             if not (torch.isfinite(low).all() and torch.isfinite(high).all()):
                 raise ValueError("non-finite range")
         except Exception as exc:  # a truncated or edited file: the search runs again
@@ -66,6 +72,12 @@ class WeightRangeCache:
         return low, high
 
     def put(self, key: str, low: torch.Tensor, high: torch.Tensor) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with atomic_file(self._path(key)) as f:
-            torch.save({"min": low.detach().cpu(), "max": high.detach().cpu()}, f)
+        """Store a searched range; a cache that cannot be written (read-only, disk full) is reported and
+        calibration goes on without it."""
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            with atomic_file(self._path(key)) as f:
+                torch.save({"min": low.detach().cpu(), "max": high.detach().cpu()}, f)
+        except OSError as exc:
+            log.warning("weight range cache %s is not writable (%s); set calib.weight_range_cache=null to "
+                        "turn it off", self.dir, exc)

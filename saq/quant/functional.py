@@ -111,9 +111,9 @@ def _ste_backward_values(x: torch.Tensor, scale: torch.Tensor, zero_point: torch
 
 def fused_ste_backward() -> Callable:
     """``torch.compile`` of :func:`_ste_backward_values`: the training backward of fake quantization (the
-    largest cost of a reconstruction step on CPU) in one pass instead of about fifteen. The gradient of x is
-    the eager one bit for bit; so is the step's wherever x and its incoming gradient share a memory layout
-    (where they do not, the same terms are summed in contiguous order: float rounding apart)."""
+    largest cost of a reconstruction step on CPU) in one pass instead of about fifteen. The gradients of x
+    and of the step are the eager ones bit for bit: ``_fused_backward`` calls it only on layouts where the
+    step's terms are summed in the eager order."""
     return torch.compile(_ste_backward_values, dynamic=True)
 
 

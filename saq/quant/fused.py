@@ -3,8 +3,9 @@
 Each quantizer's inference arithmetic becomes one ``torch.compile``d kernel instead of a pass per
 operation; the values are the eager ones bit for bit (tests/test_quant_functional.py,
 tests/test_log_quantizer.py), so a compiled run reports the same numbers, sooner. The training backward
-of the uniform quantizer (reconstruction) is compiled too: the same gradients, but for the step's
-when a tensor and its gradient differ in memory layout (summed in another order). The kernels live on
+of the uniform quantizer (reconstruction) is compiled too, where it gives the eager gradients bit for
+bit (elsewhere the eager backward runs), so a compiled reconstruction learns what an eager one learns.
+The kernels live on
 the quantizers (``q.fused``, ``q.fused_backward``), one per kind, shared by all quantizers of a model.
 """
 
