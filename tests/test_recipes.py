@@ -99,6 +99,7 @@ def test_a_run_dir_resumed_with_other_settings_is_refused(tmp_path):
     run(*common)
     first = read(run_dir / "metrics.json")
     proc = run(*common, "ptq.recon.qdrop_prob=0.25", check=False)
-    assert proc.returncode != 0
-    assert "recon_state.pt was written by a run with other settings" in proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr  # one line naming the file and the fix
+    assert "recon_state.pt was written by a run with other settings" in proc.stderr
+    assert read(run_dir / "stages.json")["seconds"] == first["stages"]["seconds"]  # refused before any stage ran
     assert read(run_dir / "metrics.json") == first

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 
+from saq.config.validate import ConfigError
 from saq.data.calibration import CalibrationItem
 from saq.config.schema import CacheDtype, EncoderLoss
 from saq.engine.callbacks import LossWindows, UnitCheckpoint
@@ -58,6 +59,19 @@ class ReconState:
     def exists(run_dir: Path) -> bool:
         return (Path(run_dir) / STATE_FILE).is_file()
 
+    def check_fingerprint(self, stored: str | None) -> None:
+        """Refuse a checkpoint made under other settings (None on either side: nothing to compare)."""
+        if self.fingerprint is not None and stored is not None and stored != self.fingerprint:
+            raise ConfigError(f"{self.path} was written by a run with other settings (model, quantization, "
+                              "calibration or recipe); resume with the run's own settings, or give this run a "
+                              "fresh hydra.run.dir, or delete the file to start over")
+
+    @staticmethod
+    def stored_fingerprint(run_dir: Path) -> str | None:
+        """The settings fingerprint of the checkpoint in ``run_dir`` (memory-mapped: no weights are read)."""
+        state = torch.load(Path(run_dir) / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
+        return state.get("fingerprint")
+
     @staticmethod
     def load_model_state(run_dir: Path, model: nn.Module) -> None:
         """The checkpointed model state alone (a resumed run skipping the stages before reconstruction)."""
@@ -70,10 +84,7 @@ class ReconState:
         state = torch.load(self.path, map_location="cpu", weights_only=True)
         if state["unit_names"] != self.unit_names:
             raise RuntimeError(f"{self.path} belongs to another unit list; delete it to start over")
-        if self.fingerprint is not None and state.get("fingerprint", self.fingerprint) != self.fingerprint:
-            raise RuntimeError(f"{self.path} was written by a run with other settings (model, quantization, "
-                               "calibration or recipe); resume with the run's own settings, or give this run a "
-                               "fresh hydra.run.dir, or delete the file to start over")
+        self.check_fingerprint(state.get("fingerprint"))
         model.load_state_dict(state["model"], strict=True)
         log.info("resuming reconstruction after %d finished units (%s)", len(state["done"]), self.path)
         return state

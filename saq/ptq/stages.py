@@ -127,6 +127,9 @@ def _resume_before_reconstruction(ctx: StageContext, stages: list[Stage]) -> dic
 
     if Stage.reconstruct not in stages:
         return None
+    if ReconState.exists(ctx.run_dir):  # refuse another run's checkpoint now, not after the stages
+        ReconState(ctx.run_dir, [], _fingerprint(ctx.config, with_recon=True)).check_fingerprint(
+            ReconState.stored_fingerprint(ctx.run_dir))
     before = [s.value for s in stages[: stages.index(Stage.reconstruct)]]
     record_path = ctx.run_dir / STAGES_FILE
     if not (record_path.is_file() and ReconState.exists(ctx.run_dir)):
