@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -14,6 +15,8 @@ from saq.models.predictor import decode_boxes, encode_image
 from saq.ptq.weight_ranges import WeightRangeCache, weight_range_key
 from saq.nn.modules import QuantizedModule
 from saq.quant.quantizer import QuantMode, Role, iter_quantizers, quant_mode, set_quant_mode
+
+log = logging.getLogger(__name__)
 
 
 def is_activation(_name: str, q) -> bool:
@@ -79,7 +82,6 @@ def calibrate_(model: nn.Module, items: list[CalibrationItem], show_progress: bo
     weights = calibrate_weights_(model, cache)
     activations = calibrate_activations_(model, items, show_progress, keep_calibrated, images)
     set_quant_mode(model, QuantMode.QUANTIZE)
-    info = {"weight_quantizers": weights, "activation_quantizers": activations}
-    if cache is not None:
-        info["weight_ranges_from_cache"] = cache.hits
-    return info
+    if cache is not None:  # logged, not reported: a run's results never depend on the cache's state
+        log.info("weight ranges: %d read from %s, %d searched", cache.hits, cache.dir, cache.misses)
+    return {"weight_quantizers": weights, "activation_quantizers": activations}
