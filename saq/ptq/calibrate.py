@@ -35,8 +35,10 @@ def calibrate_weights_(model: nn.Module, cache: WeightRangeCache | None = None) 
     for module in model.modules():
         q = getattr(module, "weight_quantizer", None)
         if isinstance(module, QuantizedModule) and q is not None:
-            key = weight_range_key(module.weight, q.spec) if cache is not None else None
-            cached = cache.get(key, q.granularity.param_shape(tuple(module.weight.shape))) if cache is not None else None
+            key, cached = None, None
+            if cache is not None:
+                key = weight_range_key(module.weight, q.spec)
+                cached = cache.get(key, q.granularity.param_shape(tuple(module.weight.shape)))
             if cached is not None:
                 q.set_range(*cached)
             else:
