@@ -3,7 +3,7 @@ import torch
 
 from saq.quant import PerChannel, PerTensor, build_observer
 from saq.quant.observers import CalibrationDataError, MinMaxObserver
-from saq.quant.stats import quantile
+from saq.quant.stats import histogram, quantile
 
 
 def test_minmax_over_batches():
@@ -34,6 +34,25 @@ def test_percentile_by_hand():
     obs.update(x)
     lo, hi = obs.compute_range()
     assert (lo.item(), hi.item()) == (100.0, 9900.0)
+
+
+@pytest.mark.parametrize("kind", ["normal", "heavy_tail", "integers", "two_values", "constant", "tiny_range"])
+def test_histogram_counts_equal_torch_histc(kind):
+    """The observers' histogram bins as torch.histc does, element for element (edges included): the
+    MSE search on it must not move when the binning is computed another way."""
+    g = torch.Generator().manual_seed(0)
+    x = {"normal": lambda: torch.randn(300_001, generator=g),
+         "heavy_tail": lambda: torch.randn(300_001, generator=g).exp().mul(7.0),
+         "integers": lambda: torch.randint(-50, 51, (300_001,), generator=g).float(),  # values on bin edges
+         "two_values": lambda: torch.tensor([-1.0, 3.0] * 1000),
+         "constant": lambda: torch.full((1000,), 2.5),
+         "tiny_range": lambda: 1000.0 + torch.rand(1000, generator=g) * 1e-4}[kind]()
+    lo, hi = torch.aminmax(x)
+    counts, centres = histogram(x, 2048, lo, hi)
+    hi_used = hi if hi > lo else lo + 1e-6
+    expected = torch.histc(x, bins=2048, min=lo.item(), max=hi_used.item())
+    assert torch.equal(counts, expected)
+    assert counts.sum().item() == x.numel() and centres.shape == (2048,)
 
 
 def test_quantile_beyond_torch_quantile_limit():
