@@ -399,3 +399,69 @@ def test_decoder_captures_store_per_prompt_repeats_once_and_give_the_same_output
         out_shared, out_dense = unit.run(model, args, kwargs), unit.run(model, *dense)
     assert all(torch.equal(a, b) for a, b in zip(out_shared, out_dense))
     assert share_repeated_rows(torch.arange(6.0).view(3, 2)).stride(0) == 2  # distinct rows stay as they are
+
+
+def test_calibration_keeps_the_fp_encoder_inputs_reconstruction_reads(items, monkeypatch, tmp_path):
+    """Calibration's FP passes keep the FP inputs of the encoder units reconstruction trains: the same
+    tensors a capture with every quantizer off gives; reconstruction then runs no encoder capture of its
+    own and learns the same model, bit for bit."""
+    import copy
+
+    import saq.ptq.reconstruct as recon
+    from saq.engine.reconstruction import ReconSettings
+    from saq.ptq.capture import KeptInputs
+
+    model = build_tiny_sam(seed=2).eval()
+    quantize_(model, RULES)
+    cfg = {**RECON, "iters": 2}
+    entries = recon.encoder_fp_entries(recon.training_units(recon.planned_units(model, cfg),
+                                                            ReconSettings.from_config(cfg)))
+    assert len(entries) > 1
+    kept = KeptInputs(entries, torch.device("cpu"))
+    calibrate_(model, items[:2], show_progress=False, kept_inputs=kept)
+    with quant_mode(model, QuantMode.OFF):
+        captured = capture_inputs(model, entries, items[:2], torch.device("cpu"))
+    for name in entries:
+        assert len(kept.captured[name]) == len(captured[name]) == 2
+        assert all(torch.equal(a[0], b[0]) and ka.keys() == kb.keys()
+                   for (a, ka), (b, kb) in zip(kept.captured[name], captured[name]))
+    assert kept.take(entries, [items[1].image.path, items[0].image.path]) is None  # other images (order)
+    reference = copy.deepcopy(model)
+
+    encoder_captures = []  # FP captures only: a unit's quantized input is still captured (the first one's)
+    real_capture = recon.capture_inputs
+
+    def recording(m, names, *args, **kwargs):
+        if all(q.mode is QuantMode.OFF for _, q in iter_quantizers(m)):
+            encoder_captures.extend(n for n in names if n.startswith("image_encoder."))
+        return real_capture(m, names, *args, **kwargs)
+
+    monkeypatch.setattr(recon, "capture_inputs", recording)
+    reconstruct_(model, items[:2], cfg, tmp_path / "kept", RunLogger(tmp_path / "kept"), show_progress=False,
+                 kept=kept)
+    assert encoder_captures == [] and kept.captured == {}  # handed over, not held twice
+    reconstruct_(reference, items[:2], cfg, tmp_path / "captured", RunLogger(tmp_path / "captured"),
+                 show_progress=False)
+    assert encoder_captures == entries
+    got, want = model.state_dict(), reference.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+
+
+@pytest.mark.parametrize("stages,iters,keeps", [
+    (["bimodal", "calibrate", "reconstruct"], 2, True),
+    (["calibrate", "pcc", "reconstruct"], 2, False),  # PCC between them: the inputs are captured later
+    (["bimodal", "calibrate", "reconstruct"], 0, False),  # nothing trains: nothing to keep
+    (["calibrate"], 2, False),
+])
+def test_calibration_keeps_inputs_only_for_a_reconstruction_right_after_it(stages, iters, keeps):
+    from types import SimpleNamespace
+
+    from saq.ptq.stages import _inputs_reconstruction_reads
+
+    model = build_tiny_sam(seed=2).eval()
+    quantize_(model, RULES)
+    kept = _inputs_reconstruction_reads(SimpleNamespace(
+        model=model, config={"ptq": {"stages": stages, "recon": {**RECON, "iters": iters}}}))
+    assert (kept is not None) == keeps
+    if keeps:
+        assert kept.entries and all(e.startswith("image_encoder.") for e in kept.entries)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -37,6 +40,53 @@ def _detach(value: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
     if isinstance(value, dict):
         return {k: _detach(v, device, dtype) for k, v in value.items()}
     return value
+
+
+@dataclass
+class KeptInputs:
+    """The inputs of ``entries`` kept from FP encoder passes that another stage runs anyway (calibration's
+    observers see an FP forward of every calibration image), in the order of ``paths``, until reconstruction
+    takes them: its FP capture is then not a second encoder pass over the calibration set."""
+
+    entries: list[str]
+    device: torch.device
+    dtype: torch.dtype | None = None
+    captured: dict[str, list[tuple]] = field(default_factory=dict)
+    paths: list[Path] = field(default_factory=list)
+
+    @contextlib.contextmanager
+    def recording(self, model: nn.Module, path: Path) -> Iterator[None]:
+        """Keep what ``entries`` receive during one image's pass; the pass must run the model as FP (every
+        quantizer OFF or OBSERVE). An interrupted pass keeps nothing of that image."""
+        calls: dict[str, list[tuple]] = {name: [] for name in self.entries}
+
+        def hook_for(name):
+            def hook(module, args, kwargs):
+                calls[name].append((_detach(args, self.device, self.dtype), _detach(kwargs, self.device, self.dtype)))
+            return hook
+
+        handles = [model.get_submodule(name).register_forward_pre_hook(hook_for(name), with_kwargs=True)
+                   for name in self.entries]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+        if any(len(c) != 1 for c in calls.values()):  # encoder entries run once per image
+            raise RuntimeError(f"kept inputs: each encoder entry should run once per image, got "
+                               f"{ {n: len(c) for n, c in calls.items()} }")
+        for name, c in calls.items():
+            self.captured.setdefault(name, []).extend(c)
+        self.paths.append(Path(path))
+
+    def take(self, entries: list[str], paths: list[Path]) -> dict[str, list[tuple]] | None:
+        """The kept inputs of ``entries`` for ``paths`` (in that order), handed over once; None when they
+        were not all kept for exactly these images (the caller captures them itself)."""
+        if not set(entries) <= set(self.captured) or [Path(p) for p in paths] != self.paths:
+            return None
+        taken = {name: self.captured[name] for name in entries}
+        self.captured, self.paths = {}, []
+        return taken
 
 
 def run_items(model: nn.Module, items: list[CalibrationItem], encoded: list[EncodedImage] | None = None,

@@ -29,7 +29,7 @@ from saq.engine.trainer import fit_quietly, unit_trainer
 from saq.models.units import ReconUnit, reconstruction_units
 from saq.models.image_source import ImageSource
 from saq.models.predictor import encoded_image
-from saq.ptq.capture import _detach, capture_inputs, encode_items, to_device
+from saq.ptq.capture import KeptInputs, _detach, capture_inputs, encode_items, to_device
 from saq.quant.quantizer import QuantMode, quant_mode, set_quant_mode
 from saq.utils.loggers import RunLogger
 from saq.utils.run_files import atomic_file
@@ -103,14 +103,17 @@ class _ChainInputs:
     unit hands to the next one, and the quantized image embeddings once the encoder is final."""
 
     def __init__(self, model: nn.Module, items: list[CalibrationItem], images: ImageSource, training: list[ReconUnit],
-                 device: torch.device, cache_device: torch.device, cache_dtype: torch.dtype | None) -> None:
+                 device: torch.device, cache_device: torch.device, cache_dtype: torch.dtype | None,
+                 kept: KeptInputs | None = None) -> None:
         self.model, self.items, self.images = model, items, images
         self.device, self.cache_device, self.cache_dtype = device, cache_device, cache_dtype
-        with quant_mode(model, QuantMode.OFF):
-            # A decoder unit's FP inputs are taken when it comes and only if its loss needs them: per
-            # prompt they are large, and CLM units never use them.
-            self.fp_inputs = capture_inputs(model, sorted({u.entry for u in training if u.part == "encoder"}),
-                                            items, cache_device, cache_dtype, images=images)
+        # A decoder unit's FP inputs are taken when it comes and only if its loss needs them: per prompt they
+        # are large, and CLM units never use them.
+        entries = encoder_fp_entries(training)
+        self.fp_inputs = kept.take(entries, [item.image.path for item in items]) if kept is not None else None
+        if self.fp_inputs is None:
+            with quant_mode(model, QuantMode.OFF):
+                self.fp_inputs = capture_inputs(model, entries, items, cache_device, cache_dtype, images=images)
         self.q_cache: dict[str, list] = {}  # quantized inputs known without a forward pass (chained units)
         self.encoded = None  # quantized image embeddings, once the encoder is final
 
@@ -209,6 +212,23 @@ def _unit_data(unit: ReconUnit, next_unit: ReconUnit | None, chain: _ChainInputs
     return UnitData(q_inputs, targets, head, head_targets)
 
 
+def encoder_fp_entries(training: list[ReconUnit]) -> list[str]:
+    """The encoder entries whose FP inputs the training units read (captured together, at the start)."""
+    return sorted({u.entry for u in training if u.part == "encoder"})
+
+
+def planned_units(model: nn.Module, cfg: Mapping[str, Any]) -> list[ReconUnit]:
+    """The units of a reconstruction with settings ``cfg``, in order, but those with nothing to learn (all FP)."""
+    units = reconstruction_units(model, cfg.get("granularity", "block"), tuple(cfg.get("parts", ("encoder", "decoder"))),
+                                 ReconSettings.from_config(cfg).decoder_loss)
+    return [u for u in units if unit_quantizers(model, u)]
+
+
+def training_units(units: list[ReconUnit], settings: ReconSettings) -> list[ReconUnit]:
+    """The units that train (a unit with no iterations, ptq.recon.iters=0, is only frozen)."""
+    return [u for u in units if _unit_settings(settings, u).iters > 0]
+
+
 def _unit_settings(settings: ReconSettings, unit: ReconUnit) -> ReconSettings:
     """The decoder's final attention has its own iteration count (``final_attn_iters``, null = ``iters``)."""
     if unit.kind == "final_attn" and settings.final_attn_iters is not None:
@@ -234,23 +254,22 @@ def reconstruct_(model: nn.Module, items: list[CalibrationItem], cfg: Mapping[st
                  logger: RunLogger, seed: int = 0, show_progress: bool = True,
                  units: list[ReconUnit] | None = None, stop_after: int | None = None,
                  precision: str = "32-true", images: ImageSource | None = None,
-                 fingerprint: str | None = None) -> list[dict[str, Any]]:
+                 fingerprint: str | None = None, kept: KeptInputs | None = None) -> list[dict[str, Any]]:
     """Reconstruct every unit in order; returns per-unit statistics (loss, time, memory). ``precision``
     is the Trainer's (runtime.precision); ``fingerprint``: the run's settings, stored with the per-unit
-    checkpoint so that a run with other settings does not resume it."""
+    checkpoint so that a run with other settings does not resume it; ``kept``: FP encoder inputs kept
+    from calibration's passes, used instead of a capture when they are the ones needed."""
     settings = ReconSettings.from_config(cfg)
     images = images or ImageSource(model)
     device = next(model.parameters()).device
     cache_device = torch.device(cfg.get("cache_device", "cpu"))
     cache_dtype = CACHE_DTYPES[CacheDtype(cfg.get("cache_dtype", "float32"))]
-    units = units if units is not None else reconstruction_units(
-        model, cfg.get("granularity", "block"), tuple(cfg.get("parts", ("encoder", "decoder"))), settings.decoder_loss)
+    units = planned_units(model, cfg) if units is None else [u for u in units if unit_quantizers(model, u)]
     head = None
     if settings.encoder_loss is EncoderLoss.par:
         from saq.ptq.par import PromptAwareHead
 
         head = PromptAwareHead(model, items)
-    units = [u for u in units if unit_quantizers(model, u)]  # nothing to learn in an all-FP unit
     state = ReconState(run_dir, [u.name for u in units], fingerprint)
     saved = state.load(model)
     done, global_step, stats = list(saved["done"]), int(saved["global_step"]), list(saved["units"])
@@ -260,8 +279,8 @@ def reconstruct_(model: nn.Module, items: list[CalibrationItem], cfg: Mapping[st
     set_quant_mode(model, QuantMode.QUANTIZE)
     # A unit with no iterations (ptq.recon.iters=0: the recipe's calibration alone) is only frozen: none of
     # its inputs or targets are captured.
-    training = [u for u in todo if _unit_settings(settings, u).iters > 0]
-    chain = _ChainInputs(model, items, images, training, device, cache_device, cache_dtype)
+    training = training_units(todo, settings)
+    chain = _ChainInputs(model, items, images, training, device, cache_device, cache_dtype, kept)
     for position, unit in enumerate(todo):
         index = [u.name for u in units].index(unit.name)
         unit_seed = seed * 100003 + index  # per-unit seed: a resumed run repeats the same draws

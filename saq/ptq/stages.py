@@ -17,15 +17,19 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
+import torch
 from torch import nn
 
-from saq.config.schema import Stage
+from saq.config.schema import CacheDtype, Stage
 from saq.data.calibration import CalibrationItem
 from saq.models.image_source import ImageSource
 from saq.utils.loggers import RunLogger
 from saq.utils.run_files import write_json
+
+if TYPE_CHECKING:
+    from saq.ptq.capture import KeptInputs
 
 STAGES_FILE = "stages.json"  # the stages finished so far, with what each reported and its wall time
 
@@ -43,6 +47,9 @@ class StageContext:
     progress: bool
     done: list[Stage] = field(default_factory=list)
     images: ImageSource | None = None  # shared by the stages: each image decoded once, FP-encoded once
+    # FP encoder inputs that reconstruction reads, kept from calibration's FP passes (one encoder pass
+    # over the calibration set less); handed over when reconstruction starts
+    kept_inputs: KeptInputs | None = None
 
     def __post_init__(self) -> None:
         if self.images is None:
@@ -81,17 +88,39 @@ def calibrate_stage(ctx: StageContext) -> Any:
 
     # ranges PCC already chose are kept; every other quantizer gets its observer's range
     cache_dir = ctx.config["calib"].get("weight_range_cache")
+    ctx.kept_inputs = _inputs_reconstruction_reads(ctx)
     return calibrate_(ctx.model, ctx.calib_items, ctx.progress, keep_calibrated=Stage.pcc in ctx.done,
-                      images=ctx.images, weight_range_cache=Path(cache_dir) if cache_dir else None)
+                      images=ctx.images, weight_range_cache=Path(cache_dir) if cache_dir else None,
+                      kept_inputs=ctx.kept_inputs)
+
+
+def _inputs_reconstruction_reads(ctx: StageContext) -> KeptInputs | None:
+    """What calibration should keep for the reconstruction right after it: the FP inputs of the encoder
+    units it trains, cached as it caches them; None when no reconstruction follows it directly (a stage
+    between them could change what the FP encoder computes)."""
+    from saq.engine.reconstruction import ReconSettings
+    from saq.ptq.capture import KeptInputs
+    from saq.ptq.reconstruct import CACHE_DTYPES, encoder_fp_entries, planned_units, training_units
+
+    stages = [Stage(name) for name in ctx.config["ptq"]["stages"]]
+    if Stage.reconstruct not in stages or stages.index(Stage.reconstruct) != stages.index(Stage.calibrate) + 1:
+        return None
+    cfg = ctx.config["ptq"]["recon"]
+    entries = encoder_fp_entries(training_units(planned_units(ctx.model, cfg), ReconSettings.from_config(cfg)))
+    if not entries:
+        return None
+    return KeptInputs(entries, torch.device(cfg.get("cache_device", "cpu")),
+                      CACHE_DTYPES[CacheDtype(cfg.get("cache_dtype", "float32"))])
 
 
 def reconstruct_stage(ctx: StageContext) -> Any:
     from saq.eval.plots import plot_recon_curves
     from saq.ptq.reconstruct import reconstruct_
 
+    kept, ctx.kept_inputs = ctx.kept_inputs, None  # reconstruction owns them now (and frees them)
     units = reconstruct_(ctx.model, ctx.recon_items, ctx.config["ptq"]["recon"], ctx.run_dir, ctx.logger,
                          int(ctx.config["seed"]), ctx.progress, precision=ctx.config["runtime"]["precision"],
-                         images=ctx.images, fingerprint=_fingerprint(ctx.config, with_recon=True))
+                         images=ctx.images, fingerprint=_fingerprint(ctx.config, with_recon=True), kept=kept)
     ctx.logger.log_image("recon/curves", plot_recon_curves(units, ctx.run_dir / "recon_curves.png"))
     return [{k: v for k, v in u.items() if k != "curve"} for u in units]
 
