@@ -465,3 +465,32 @@ def test_calibration_keeps_inputs_only_for_a_reconstruction_right_after_it(stage
     assert (kept is not None) == keeps
     if keeps:
         assert kept.entries and all(e.startswith("image_encoder.") for e in kept.entries)
+
+
+def test_decoder_captures_stop_at_the_last_entry(items):
+    """Capturing decoder inputs (from given image embeddings) runs each decoder call only up to the last
+    entry (no later layer, no mask or IoU head) and captures exactly what a full decoder pass sees."""
+    from saq.ptq.capture import encode_items, run_items
+
+    model = calibrated_tiny(items[:2])
+    entries = [u.entry for u in reconstruction_units(model, "block") if u.part == "decoder"][:1]
+    assert entries and entries[0].startswith("mask_decoder.")
+    encoded = encode_items(model, items[:2])
+    heads = {"iou": 0}
+    hook = model.mask_decoder.iou_prediction_head.register_forward_hook(
+        lambda *_: heads.__setitem__("iou", heads["iou"] + 1))
+    early = capture_inputs(model, entries, items[:2], torch.device("cpu"), encoded=encoded)
+    assert heads["iou"] == 0
+    full = {name: [] for name in entries}
+    handles = [model.get_submodule(name).register_forward_pre_hook(
+        lambda module, args, kwargs, name=name: full[name].append((args, kwargs)), with_kwargs=True) for name in entries]
+    with torch.no_grad():
+        run_items(model, items[:2], encoded)
+    for h in [hook, *handles]:
+        h.remove()
+    assert heads["iou"] == 2
+    for name in entries:
+        assert len(early[name]) == len(full[name]) == 2
+        for (args, kwargs), (want_args, want_kwargs) in zip(early[name], full[name]):
+            assert len(args) == len(want_args) and all(torch.equal(a, b) for a, b in zip(args, want_args))
+            assert kwargs.keys() == want_kwargs.keys() and all(torch.equal(kwargs[k], want_kwargs[k]) for k in kwargs)

@@ -7,6 +7,7 @@ All geometry follows the model's ``image_encoder.img_size``; nothing assumes 102
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -46,20 +47,28 @@ def encode_image(model: Sam, image: np.ndarray) -> EncodedImage:
 
 
 @torch.no_grad()
-def decode_boxes(model: Sam, encoded: EncodedImage, boxes_xyxy: torch.Tensor, batch_size: int = 16,
-                 return_masks: bool = True):
-    """Single-mask prediction for each box: (bool masks N x H x W at original size, predicted IoU N)."""
+def decoder_batches(model: Sam, encoded: EncodedImage, boxes_xyxy: torch.Tensor, batch_size: int = 16
+                    ) -> Iterator[dict[str, Any]]:
+    """The mask decoder's keyword arguments for each batch of at most ``batch_size`` boxes (single-mask
+    output), the prompt encoder run on the batch."""
     if boxes_xyxy.numel() == 0:
         raise ValueError("no box prompts for this image: every evaluated or calibration image needs at least one box")
     device = encoded.embedding.device
     boxes = encoded.transform.apply_boxes_torch(boxes_xyxy.to(device).float(), encoded.original_size)
     image_pe = model.prompt_encoder.get_dense_pe()
-    masks, ious = [], []
     for start in range(0, boxes.shape[0], batch_size):
         sparse, dense = model.prompt_encoder(points=None, boxes=boxes[start:start + batch_size], masks=None)
-        low_res, iou = model.mask_decoder(image_embeddings=encoded.embedding, image_pe=image_pe,
-                                          sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                                          multimask_output=False)
+        yield {"image_embeddings": encoded.embedding, "image_pe": image_pe, "sparse_prompt_embeddings": sparse,
+               "dense_prompt_embeddings": dense, "multimask_output": False}
+
+
+@torch.no_grad()
+def decode_boxes(model: Sam, encoded: EncodedImage, boxes_xyxy: torch.Tensor, batch_size: int = 16,
+                 return_masks: bool = True):
+    """Single-mask prediction for each box: (bool masks N x H x W at original size, predicted IoU N)."""
+    masks, ious = [], []
+    for inputs in decoder_batches(model, encoded, boxes_xyxy, batch_size):
+        low_res, iou = model.mask_decoder(**inputs)
         ious.append(iou[:, 0])
         if return_masks:
             full = model.postprocess_masks(low_res, encoded.input_size, encoded.original_size)

@@ -12,14 +12,15 @@ from torch import nn
 
 from saq.data.calibration import CalibrationItem
 from saq.models.image_source import ImageSource
-from saq.models.predictor import EncodedImage, decode_boxes, encode_image
+from saq.models.predictor import EncodedImage, decode_boxes, decoder_batches, encode_image
 
 
 ENCODER_PREFIX = "image_encoder."
+DECODER_PREFIX = "mask_decoder."
 
 
 class _EntriesCaptured(Exception):
-    """Ends an encoder pass early: every entry of the current image has been captured."""
+    """Ends a pass early: every entry has been captured for the current image (encoder) or decoder call."""
 
 
 def share_repeated_rows(t: torch.Tensor) -> torch.Tensor:
@@ -117,29 +118,38 @@ def capture_inputs(model: nn.Module, entries: list[str], items: list[Calibration
         return {}  # nothing to capture: no forward pass
     captured: dict[str, list[tuple]] = {name: [] for name in entries}
     handles = []
-    # Entries inside the image encoder are each called once per image: their inputs are known as soon
-    # as the last of them is reached, and the rest of the encoder and the decoder need not run.
+    # Entries inside the image encoder are each called once per image, entries inside the mask decoder once
+    # per decoder call: their inputs are known as soon as the last of them is reached, and the rest of that
+    # pass (later layers, the decoder's heads, for encoder entries the decoder) need not run.
     encoder_only = encoded is None and all(name.startswith(ENCODER_PREFIX) for name in entries)
-    images_done = [0]
+    decoder_only = encoded is not None and all(name.startswith(DECODER_PREFIX) for name in entries)
+    passes_done = [0]
 
     def hook_for(name):
         def hook(module, args, kwargs):
             captured[name].append((_detach(args, cache_device, cache_dtype), _detach(kwargs, cache_device, cache_dtype)))
-            if encoder_only and all(len(calls) > images_done[0] for calls in captured.values()):
+            if (encoder_only or decoder_only) and all(len(calls) > passes_done[0] for calls in captured.values()):
                 raise _EntriesCaptured
         return hook
+
+    def stopping_early(run) -> None:
+        try:
+            run()
+        except _EntriesCaptured:
+            pass
+        passes_done[0] += 1
 
     try:
         for name in entries:
             handles.append(model.get_submodule(name).register_forward_pre_hook(hook_for(name), with_kwargs=True))
+        images = images or ImageSource(model)
         if encoder_only:
-            images = images or ImageSource(model)
             for item in items:
-                try:
-                    encode_image(model, images.image(item.image.path))
-                except _EntriesCaptured:
-                    pass
-                images_done[0] += 1
+                stopping_early(lambda: encode_image(model, images.image(item.image.path)))
+        elif decoder_only:
+            for image, item in zip(encoded, items):
+                for inputs in decoder_batches(model, image, torch.tensor([p.box_xyxy for p in item.prompts])):
+                    stopping_early(lambda: model.mask_decoder(**inputs))
         else:
             run_items(model, items, encoded, images)
     finally:

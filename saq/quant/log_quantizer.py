@@ -146,11 +146,13 @@ class AGQObserver(Observer):
             neg_log2_a, is_zero = _safe_log2(a_blk)
             neg_log2_a.neg_().masked_fill_(is_zero, float("inf"))
             buf, keep = torch.empty_like(a_blk), torch.empty_like(a_blk)
+            out = a_blk.new_empty(a_blk.shape[:-1] + (n_c,))
             for ti, tau in enumerate(self.taus):
-                # One candidate at a time: memory stays a few blocks, never grid x map.
+                # One candidate at a time: memory stays a few blocks, never grid x map; every pass writes
+                # into the same buffers (fresh ones per candidate made this search about 2x slower on CPU).
                 blk = torch.stack([
-                    (_candidate_error_(buf, keep, neg_log2_a, a_blk, log2_cands[gi], tau, self.n_levels)
-                     @ v_blk).abs().pow(self.p).sum()
+                    torch.bmm(_candidate_error_(buf, keep, neg_log2_a, a_blk, log2_cands[gi], tau, self.n_levels),
+                              v_blk, out=out).abs_().pow_(self.p).sum()
                     for gi in range(self.grid)
                 ])
                 sums[ti] += blk
