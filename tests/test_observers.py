@@ -179,3 +179,22 @@ def test_any_non_finite_value_is_caught_wherever_it_is(where, bad):
     for view in (x, x.t()):
         with pytest.raises(CalibrationDataError, match="non-finite"):
             MinMaxObserver(8, False, PerTensor()).update(view)
+
+
+@pytest.mark.parametrize("name", ["mse", "omse"])
+def test_a_tensor_repeating_one_slice_gets_the_range_of_its_full_histogram(name, monkeypatch):
+    """The decoder's per-prompt copies of the image keys are histogrammed once and counted n times: the
+    same range as the histogram of every copy."""
+    import saq.quant.observers as observers
+
+    g = torch.Generator().manual_seed(1)
+    rows = torch.randn(1, 300, 16, generator=g).exp()
+    repeated = rows.expand(12, 300, 16).contiguous()
+    assert observers.repeated_slice(repeated)[1] == 12
+    assert observers.repeated_slice(torch.randn(12, 300, 16, generator=g))[1] == 1
+    fast = build_observer(name, 4, False, PerTensor())
+    fast.update(repeated)
+    monkeypatch.setattr(observers, "repeated_slice", lambda x: (x, 1))
+    full = build_observer(name, 4, False, PerTensor())
+    full.update(repeated)
+    assert all(torch.equal(a, b) for a, b in zip(fast.compute_range(), full.compute_range()))
