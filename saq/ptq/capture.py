@@ -43,6 +43,11 @@ def _detach(value: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
     return value
 
 
+def _detached_call(args: tuple, kwargs: dict, device: torch.device, dtype: torch.dtype | None) -> tuple:
+    """One call's (args, kwargs) as a capture stores it: detached, on ``device``, in ``dtype``."""
+    return _detach(args, device, dtype), _detach(kwargs, device, dtype)
+
+
 @dataclass
 class KeptInputs:
     """The inputs of ``entries`` kept from FP encoder passes that another stage runs anyway (calibration's
@@ -63,7 +68,7 @@ class KeptInputs:
 
         def hook_for(name):
             def hook(module, args, kwargs):
-                calls[name].append((_detach(args, self.device, self.dtype), _detach(kwargs, self.device, self.dtype)))
+                calls[name].append(_detached_call(args, kwargs, self.device, self.dtype))
             return hook
 
         handles = [model.get_submodule(name).register_forward_pre_hook(hook_for(name), with_kwargs=True)
@@ -127,7 +132,7 @@ def capture_inputs(model: nn.Module, entries: list[str], items: list[Calibration
 
     def hook_for(name):
         def hook(module, args, kwargs):
-            captured[name].append((_detach(args, cache_device, cache_dtype), _detach(kwargs, cache_device, cache_dtype)))
+            captured[name].append(_detached_call(args, kwargs, cache_device, cache_dtype))
             if (encoder_only or decoder_only) and all(len(calls) > passes_done[0] for calls in captured.values()):
                 raise _EntriesCaptured
         return hook

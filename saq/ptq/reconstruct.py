@@ -212,6 +212,11 @@ def _unit_data(unit: ReconUnit, next_unit: ReconUnit | None, chain: _ChainInputs
     return UnitData(q_inputs, targets, head, head_targets)
 
 
+def cache_placement(cfg: Mapping[str, Any]) -> tuple[torch.device, torch.dtype | None]:
+    """Where and in which dtype reconstruction caches inputs and targets (None: as computed)."""
+    return torch.device(cfg.get("cache_device", "cpu")), CACHE_DTYPES[CacheDtype(cfg.get("cache_dtype", "float32"))]
+
+
 def encoder_fp_entries(training: list[ReconUnit]) -> list[str]:
     """The encoder entries whose FP inputs the training units read (captured together, at the start)."""
     return sorted({u.entry for u in training if u.part == "encoder"})
@@ -262,8 +267,7 @@ def reconstruct_(model: nn.Module, items: list[CalibrationItem], cfg: Mapping[st
     settings = ReconSettings.from_config(cfg)
     images = images or ImageSource(model)
     device = next(model.parameters()).device
-    cache_device = torch.device(cfg.get("cache_device", "cpu"))
-    cache_dtype = CACHE_DTYPES[CacheDtype(cfg.get("cache_dtype", "float32"))]
+    cache_device, cache_dtype = cache_placement(cfg)
     units = planned_units(model, cfg) if units is None else [u for u in units if unit_quantizers(model, u)]
     head = None
     if settings.encoder_loss is EncoderLoss.par:

@@ -19,10 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-import torch
 from torch import nn
 
-from saq.config.schema import CacheDtype, Stage
+from saq.config.schema import Stage
 from saq.data.calibration import CalibrationItem
 from saq.models.image_source import ImageSource
 from saq.utils.loggers import RunLogger
@@ -100,7 +99,7 @@ def _inputs_reconstruction_reads(ctx: StageContext) -> KeptInputs | None:
     between them could change what the FP encoder computes)."""
     from saq.engine.reconstruction import ReconSettings
     from saq.ptq.capture import KeptInputs
-    from saq.ptq.reconstruct import CACHE_DTYPES, encoder_fp_entries, planned_units, training_units
+    from saq.ptq.reconstruct import cache_placement, encoder_fp_entries, planned_units, training_units
 
     stages = [Stage(name) for name in ctx.config["ptq"]["stages"]]
     if Stage.reconstruct not in stages or stages.index(Stage.reconstruct) != stages.index(Stage.calibrate) + 1:
@@ -109,8 +108,7 @@ def _inputs_reconstruction_reads(ctx: StageContext) -> KeptInputs | None:
     entries = encoder_fp_entries(training_units(planned_units(ctx.model, cfg), ReconSettings.from_config(cfg)))
     if not entries:
         return None
-    return KeptInputs(entries, torch.device(cfg.get("cache_device", "cpu")),
-                      CACHE_DTYPES[CacheDtype(cfg.get("cache_dtype", "float32"))])
+    return KeptInputs(entries, *cache_placement(cfg))
 
 
 def reconstruct_stage(ctx: StageContext) -> Any:
