@@ -166,6 +166,7 @@ def run_bench(overrides: list[str], run_dir: Path) -> dict[str, Any]:
     from saq.ptq.stages import STAGES, StageContext
     from saq.config.schema import Stage
     from saq.quant import QuantMode, set_quant_mode
+    from saq.utils.cpu_runtime import apply_cpu_runtime
     from saq.utils.loggers import RunLogger
 
     register_resolvers()
@@ -175,6 +176,7 @@ def run_bench(overrides: list[str], run_dir: Path) -> dict[str, Any]:
     full = OmegaConf.to_container(compose_config(full_schedule_overrides(overrides)).ptq.recon, resolve=True)
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     torch.manual_seed(int(cfg.seed))
+    apply_cpu_runtime(cfg.runtime)
     device = resolve_device(str(cfg.runtime.device))
     clock = Clock(device)
     random_weights = str(cfg.model.checkpoint) == RANDOM_WEIGHTS

@@ -12,6 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from saq.cli.task import config_dir, device_or_exit, expand_resume, register_resolvers, run_task
+from saq.utils.cpu_runtime import apply_cpu_runtime
 from saq.utils.loggers import RunLogger
 
 register_resolvers()
@@ -91,6 +92,7 @@ def run_eval_deployed(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict
     from saq.utils.run_files import format_table, write_json
 
     start = time.perf_counter()
+    apply_cpu_runtime(cfg.runtime)  # the torch parts (the FP reference); the runtime gets the threads below
     backend, precision = str(cfg.eval.backend), str(cfg.eval.runtime_precision)
     manifest = read_manifest(cfg.ckpt_path)
     trained = manifest["run_config"]
@@ -141,6 +143,7 @@ def run_eval(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict[str, Any
     from saq.config.validate import validate_shard
 
     start = time.perf_counter()
+    apply_cpu_runtime(cfg.runtime)
     num_shards, shard = cfg.eval.get("num_shards", 1), cfg.eval.get("shard", 0)
     validate_shard(num_shards, shard)  # before the checkpoint is read
     model, payload = load_quantized(cfg.ckpt_path)

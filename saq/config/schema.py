@@ -253,6 +253,7 @@ class RuntimeConfig:
     progress: bool = True
     precision: str = "32-true"  # engine loops: see saq.engine.precision.PRECISIONS
     compile: bool = False  # torch.compile the uniform fake quantization (same values, one kernel)
+    keep_freed_memory: bool = True  # glibc keeps freed CPU memory for the next tensor (saq.utils.cpu_runtime)
 
 
 @dataclass

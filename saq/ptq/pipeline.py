@@ -30,6 +30,7 @@ from saq.ptq.recipe import rules_from_config
 from saq.ptq.stages import StageContext, run_stages
 from saq.quant import QuantMode, set_quant_mode
 from saq.quant.fused import use_fused_kernels_
+from saq.utils.cpu_runtime import apply_cpu_runtime
 from saq.utils.loggers import RunLogger
 from saq.utils.run_files import result_rows, write_json
 
@@ -87,8 +88,7 @@ def run_ptq(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict[str, Any]
     start = time.perf_counter()
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     torch.manual_seed(int(cfg.seed))
-    if cfg.runtime.get("num_threads"):
-        torch.set_num_threads(int(cfg.runtime.num_threads))
+    apply_cpu_runtime(cfg.runtime)
     device = resolve_device(str(cfg.runtime.device))
     progress = bool(cfg.runtime.progress)
     workers = int(cfg.eval.num_workers)
