@@ -149,16 +149,17 @@ def test_search_memory_blocks_do_not_change_the_result():
         assert math.isclose(err, results[1][1][tau], rel_tol=1e-4)
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_search_errors_equal_the_dequantizer_bit_for_bit(bits):
+@pytest.mark.parametrize("bits,taus", [(4, (1.0, 2.0, 4.0)), (8, (1.0, 2.0, 4.0)), (4, (0.5, 1.5, 3.0))])
+def test_search_errors_equal_the_dequantizer_bit_for_bit(bits, taus):
     """The search's in-place candidate error equals ``_log_dequantize(...) - a`` exactly (exact zeros in
-    the map, codes past 2^b and saturated codes included), so its tau and scale are the reference's."""
+    the map, codes past 2^b and saturated codes included), so its tau and scale are the reference's; for
+    taus that are powers of two (the defaults) it takes a shorter path, for others the general one."""
     from saq.quant.log_quantizer import _log_dequantize, _safe_log2
 
     attn = _softmax_maps(4, shape=(3, 12, 20), temperature=8.0)
     attn[0, :, :3] = 0.0
     values = torch.randn(3, 20, 5, generator=torch.Generator().manual_seed(4))
-    obs = AGQObserver(bits, grid=12)
+    obs = AGQObserver(bits, taus=taus, grid=12)
     obs.update(attn, values)
 
     amax = attn.max()
