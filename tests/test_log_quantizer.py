@@ -149,29 +149,70 @@ def test_search_memory_blocks_do_not_change_the_result():
         assert math.isclose(err, results[1][1][tau], rel_tol=1e-4)
 
 
-@pytest.mark.parametrize("bits,taus", [(4, (1.0, 2.0, 4.0)), (8, (1.0, 2.0, 4.0)), (4, (0.5, 1.5, 3.0))])
-def test_search_errors_equal_the_dequantizer_bit_for_bit(bits, taus):
-    """The search's in-place candidate error equals ``_log_dequantize(...) - a`` exactly (exact zeros in
-    the map, codes past 2^b and saturated codes included), so its tau and scale are the reference's; for
-    taus that are powers of two (the defaults) it takes a shorter path, for others the general one."""
+def _reference_candidate_errors(attn, bits, tau, cands):
     from saq.quant.log_quantizer import _log_dequantize, _safe_log2
 
+    log2_a, is_zero = _safe_log2(attn)
+    return [_log_dequantize(log2_a, is_zero, torch.log2(c), tau, 2**bits, torch.round) - attn for c in cands]
+
+
+def _search_inputs(bits):
     attn = _softmax_maps(4, shape=(3, 12, 20), temperature=8.0)
-    attn[0, :, :3] = 0.0
+    attn[0, :, :3] = 0.0  # exact zeros
+    attn[1, 0, 0] = 1.0  # saturates at the smallest candidate scales
+    amax = attn.max()
+    lo = torch.minimum(0.01 * amax, torch.full_like(amax, 0.1))
+    return attn, lo + (amax - lo) * torch.linspace(0.0, 1.0, 12)
+
+
+@pytest.mark.parametrize("bits,tau", [(4, 1.0), (4, 2.0), (8, 4.0), (4, 0.5), (4, 1.5), (6, 3.0)])
+def test_search_candidate_errors_equal_the_dequantizer_bit_for_bit(bits, tau):
+    """The search's in-place candidate error equals ``_log_dequantize(...) - a`` exactly (exact zeros in
+    the map, codes past 2^b and saturated codes included); powers of two (the default taus) take the
+    shorter path, other taus the general one."""
+    import math
+
+    from saq.quant.log_quantizer import _candidate_error_, _candidate_error_pow2_, _safe_log2
+
+    attn, cands = _search_inputs(bits)
+    log2_a, is_zero = _safe_log2(attn)
+    neg_log2_a = (-log2_a).masked_fill_(is_zero, math.inf)
+    tau_log2_a = (log2_a * tau).masked_fill_(is_zero, -math.inf)
+    for c, reference in zip(cands, _reference_candidate_errors(attn, bits, tau, cands)):
+        general = _candidate_error_(torch.empty_like(attn), torch.empty_like(attn), neg_log2_a, attn,
+                                    torch.log2(c), tau, 2**bits)
+        assert torch.equal(general, reference)
+        if math.frexp(tau)[0] == 0.5:
+            short = _candidate_error_pow2_(torch.empty_like(attn), tau_log2_a, attn, torch.log2(c), tau, 2**bits)
+            assert torch.equal(short, reference)
+
+
+def test_lp_sum_matches_pow_closely_and_squares_exactly():
+    from saq.quant.log_quantizer import _lp_sum_
+
+    x = torch.randn(4096, generator=torch.Generator().manual_seed(0)) * 1e-2
+    x[:5] = 0.0
+    reference = x.abs().pow(2.4).sum()
+    assert math.isclose(float(_lp_sum_(x.clone(), 2.4)), float(reference), rel_tol=1e-6)
+    assert float(_lp_sum_(x.clone(), 2.4)) != 0.0
+    assert torch.equal(_lp_sum_(x.clone(), 2.0), x.square().sum())
+
+
+@pytest.mark.parametrize("bits,taus", [(4, (1.0, 2.0, 4.0)), (8, (1.0, 2.0, 4.0)), (4, (0.5, 1.5, 3.0))])
+def test_search_picks_the_reference_tau_and_scale(bits, taus):
+    """The observer's errors are the reference's (the dequantizer's error through V, |.|^2.4 by pow) to 1e-5,
+    and its choice of scale per tau, and of tau, is the reference's."""
+    attn, cands = _search_inputs(bits)
     values = torch.randn(3, 20, 5, generator=torch.Generator().manual_seed(4))
     obs = AGQObserver(bits, taus=taus, grid=12)
     obs.update(attn, values)
-
-    amax = attn.max()
-    lo = torch.minimum(0.01 * amax, torch.full_like(amax, 0.1))
-    cands = lo + (amax - lo) * torch.linspace(0.0, 1.0, 12)
-    log2_a, is_zero = _safe_log2(attn)
-    reference = torch.stack([torch.stack([
-        ((_log_dequantize(log2_a, is_zero, torch.log2(c), tau, 2**bits, torch.round) - attn) @ values)
-        .abs().pow(2.4).sum() for c in cands]) for tau in obs.taus]) / (3 * 12 * 5)
+    reference = torch.stack([torch.stack([(err @ values).abs().pow(2.4).sum()
+                                          for err in _reference_candidate_errors(attn, bits, tau, cands)])
+                             for tau in taus]) / (3 * 12 * 5)
     best_err, best_idx = reference.min(dim=1)
-    assert torch.equal(obs.total_error, best_err)
+    torch.testing.assert_close(obs.total_error, best_err, rtol=1e-5, atol=0.0)
     assert torch.equal(obs.best_scales[0], cands[best_idx])
+    assert obs.best()[0] == taus[int(best_err.argmin())]
 
 
 def test_observe_without_values_raises():

