@@ -59,6 +59,14 @@ def _linear_bin_counts(flat: torch.Tensor, bins: int, lo: torch.Tensor, hi: torc
     """``torch.histc(flat, bins, lo, hi)`` for values inside [lo, hi], the same counts: histc's CPU kernel
     bins each element as int((x - lo) * bins / (hi - lo)) in float32, the last edge into the last bin,
     one element at a time; the same arithmetic as tensor ops and a bincount of int32 indices is about 1.4-1.7x
-    faster on activations of 4-16M elements."""
-    index = (flat - lo).mul_(bins).div_(hi - lo).to(torch.int32).clamp_(0, bins - 1)
-    return torch.bincount(index, minlength=bins).to(flat.dtype)
+    faster on activations of 4-16M elements. For a power-of-two ``bins`` (the default 2048) the product and
+    quotient are one division by (hi - lo) / bins (scaling by a power of two is exact, so both round the same
+    real number), and elements on the last edge are counted in an extra bin added to the last one instead
+    of clamping every index."""
+    width = (hi - lo) / bins
+    if bins & (bins - 1) or width < torch.finfo(flat.dtype).tiny:  # not a power of two, or a subnormal width
+        index = (flat - lo).mul_(bins).div_(hi - lo).to(torch.int32).clamp_(0, bins - 1)
+        return torch.bincount(index, minlength=bins).to(flat.dtype)
+    counts = torch.bincount(torch.sub(flat, lo).div_(width).to(torch.int32), minlength=bins + 1)
+    counts[bins - 1] += counts[bins]
+    return counts[:bins].to(flat.dtype)
