@@ -82,3 +82,23 @@ def test_bench_recon_step_times_every_unit_type_eager_and_compiled(tmp_path):
     assert all(len(r["ms_per_step"]["eager"]) == len(r["ms_per_step"]["compiled"]) == 1 and r["speedup"] > 0
                for r in rows)
     assert deployment_check(loaded)[1] == []  # every unit finalised: nothing dropping, nothing soft
+
+
+def test_bench_agq_search_ways_choose_alike():
+    """experiments/bench_agq_search.py's three ways of the AGQ search on a small map: the 7-pass error equals
+    the 12-pass one bit for bit, and the exp2 form of |.|^p picks the same scale for every tau."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("bench_agq_search", ROOT / "experiments" / "bench_agq_search.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    g = torch.Generator().manual_seed(0)
+    a = (torch.randn(4, 7, 64, generator=g) * 4).softmax(dim=-1)
+    v = torch.randn(4, 64, 8, generator=g)
+    sums = {way: bench.search(a, v, way) for way in ("general", "pow2", "pow2_exp2")}
+    assert sums["general"].shape == (3, bench.GRID)
+    assert torch.equal(sums["pow2"], sums["general"])
+    assert torch.equal(sums["pow2_exp2"].argmin(dim=1), sums["general"].argmin(dim=1))
+    torch.testing.assert_close(sums["pow2_exp2"], sums["general"], rtol=1e-5, atol=0.0)
