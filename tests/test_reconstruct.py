@@ -231,6 +231,35 @@ def test_fp_targets_of_chained_units_are_the_next_units_captured_inputs(items, m
     assert computed == [u.name for u in units if u not in chained]
 
 
+def test_targets_are_computed_for_the_drawn_items_only(items, monkeypatch, tmp_path):
+    """A unit trains on ``iters`` items drawn with replacement; the items it never draws get no FP target
+    (at 20 steps over 32 images about half of them), the drawn ones the FP outputs, and the draws are
+    those of the unit's seeded sampler, in its order."""
+    import saq.ptq.reconstruct as recon
+    from torch.utils.data import RandomSampler
+
+    assert recon.unit_draws(32, 20, 7) == list(RandomSampler(range(32), replacement=True, num_samples=20,
+                                                             generator=torch.Generator().manual_seed(7)))
+    model = calibrated_tiny(items)
+    seen = []
+    real_unit_data = recon._unit_data
+
+    def unit_data(unit, next_unit, chain, head, draws):
+        data = real_unit_data(unit, next_unit, chain, head, draws)
+        seen.append((unit, draws, data))
+        return data
+
+    monkeypatch.setattr(recon, "_unit_data", unit_data)
+    reconstruct_(model, items, {**RECON, "iters": 2, "decoder_loss": "clm"}, tmp_path, RunLogger(tmp_path),
+                 show_progress=False)
+    computed = [(u, d, data) for u, d, data in seen if u.kind in ("decoder_layer", "final_attn")]
+    assert computed, "the tiny model has decoder units whose targets are computed, not chained"
+    for unit, draws, data in computed:
+        assert len(draws) == 2 and len(data.targets) == len(items)
+        assert {i for i, t in enumerate(data.targets) if t is not None} == set(draws), unit.name
+    assert any(len(set(d)) < len(items) for _, d, _ in computed)  # some items were left out
+
+
 def test_the_neck_and_the_decoder_take_their_quantized_inputs_from_the_chain(items, monkeypatch, tmp_path):
     """The last encoder unit hands its output to the neck through the encoder's reshape, and the final
     neck hands the quantized image embeddings to the decoder units: the same tensors a quantized

@@ -191,25 +191,36 @@ class UnitData:
     head_targets: list | None = None
 
 
-def _unit_data(unit: ReconUnit, next_unit: ReconUnit | None, chain: _ChainInputs, head: Any) -> UnitData:
+def _unit_data(unit: ReconUnit, next_unit: ReconUnit | None, chain: _ChainInputs, head: Any,
+               draws: list[int]) -> UnitData:
     """The quantized inputs and targets of a training unit; the PAR head only for a stage whose output
-    the neck accepts."""
+    the neck accepts. Targets are computed for the items in ``draws`` alone (the others stay None): at a
+    short schedule a unit never sees about half of the calibration items."""
     q_inputs = chain.quantized(unit)
+    drawn = sorted(set(draws))
     targets = chain.chained_fp_targets(unit, next_unit)
     if targets is None:
         target_inputs = q_inputs if unit.target_inputs == "quantized" else chain.fp(unit)
         with quant_mode(chain.model, QuantMode.OFF):
-            targets = chain.outputs(unit, target_inputs)
+            targets = _scatter(drawn, chain.outputs(unit, [target_inputs[i] for i in drawn]), len(q_inputs))
     if head is None or unit.kind != "stage":
         return UnitData(q_inputs, targets)
-    if not head.accepts(targets[0]):
+    if not head.accepts(targets[drawn[0]]):
         log.info("PAR: the output of %s %s cannot feed the neck (layer skipping undefined); this stage uses the "
-                 "plain stage-output MSE", unit.name, tuple(targets[0].shape))
+                 "plain stage-output MSE", unit.name, tuple(targets[drawn[0]].shape))
         return UnitData(q_inputs, targets)
     with torch.no_grad(), quant_mode(chain.model, QuantMode.OFF):
-        head_targets = [_detach(head(to_device(t, chain.device), i), chain.cache_device, chain.cache_dtype)
-                        for i, t in enumerate(targets)]
+        head_targets = _scatter(drawn, [_detach(head(to_device(targets[i], chain.device), i), chain.cache_device,
+                                                chain.cache_dtype) for i in drawn], len(q_inputs))
     return UnitData(q_inputs, targets, head, head_targets)
+
+
+def _scatter(indices: list[int], values: list, length: int) -> list:
+    """A list of ``length`` with ``values`` at ``indices`` and None elsewhere."""
+    out: list = [None] * length
+    for i, v in zip(indices, values):
+        out[i] = v
+    return out
 
 
 def cache_placement(cfg: Mapping[str, Any]) -> tuple[torch.device, torch.dtype | None]:
@@ -241,18 +252,18 @@ def _unit_settings(settings: ReconSettings, unit: ReconUnit) -> ReconSettings:
     return settings
 
 
-def _unit_loader(batches: UnitBatches, iters: int, seed: int) -> DataLoader:
-    """``iters`` items drawn with replacement (one image and its prompts per step), seeded per unit."""
-    sampler = RandomSampler(batches, replacement=True, num_samples=iters,
+def unit_draws(num_items: int, iters: int, seed: int) -> list[int]:
+    """The items a unit trains on, in order: ``iters`` draws with replacement (one image and its prompts
+    per step), seeded per unit. Known before the unit starts, so only drawn items get targets."""
+    sampler = RandomSampler(range(num_items), replacement=True, num_samples=iters,
                             generator=torch.Generator().manual_seed(seed))
-    return DataLoader(batches, batch_size=None, sampler=sampler)
+    return list(sampler)
 
 
-def _fit(trainer: Any, module: UnitReconstruction, data: UnitData, fp_inputs: list | None, iters: int,
-         seed: int) -> None:
-    """The unit's optimisation loop; the batches and the trainer live only as long as it."""
+def _fit(trainer: Any, module: UnitReconstruction, data: UnitData, fp_inputs: list | None, draws: list[int]) -> None:
+    """The unit's optimisation loop over ``draws``; the batches and the trainer live only as long as it."""
     batches = UnitBatches(data.q_inputs, fp_inputs, data.targets, data.head_targets)
-    fit_quietly(trainer, module, _unit_loader(batches, iters, seed))
+    fit_quietly(trainer, module, DataLoader(batches, batch_size=None, sampler=draws))
 
 
 def reconstruct_(model: nn.Module, items: list[CalibrationItem], cfg: Mapping[str, Any], run_dir: Path,
@@ -294,7 +305,8 @@ def reconstruct_(model: nn.Module, items: list[CalibrationItem], cfg: Mapping[st
             torch.cuda.reset_peak_memory_stats(device)
         unit_settings = _unit_settings(settings, unit)
         later = todo[position + 1:]
-        data = _unit_data(unit, later[0] if later else None, chain, head) if unit_settings.iters > 0 else None
+        draws = unit_draws(len(items), unit_settings.iters, unit_seed) if unit_settings.iters > 0 else []
+        data = _unit_data(unit, later[0] if later else None, chain, head, draws) if draws else None
         module = UnitReconstruction(model, unit, unit_settings, data.head if data else None)
         iters = unit_settings.iters if module.has_parameters else 0
         windows = LossWindows(unit_settings, iters, global_step)
@@ -319,7 +331,7 @@ def reconstruct_(model: nn.Module, items: list[CalibrationItem], cfg: Mapping[st
             fit_start = time.perf_counter()
             _fit(unit_trainer(unit.name, device, precision, run_dir, logger, global_step, iters,
                               [windows, UnitCheckpoint(save_unit)], show_progress),
-                 module, data, chain.fp(unit) if module.mixes_input else None, iters, unit_seed)
+                 module, data, chain.fp(unit) if module.mixes_input else None, draws)
         else:  # nothing to optimise (no parameters or iters=0): the calibrated values, frozen
             module.finalize()
             save_unit()
