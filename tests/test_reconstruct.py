@@ -111,19 +111,26 @@ def test_soft_rounding_is_refused_by_the_gate(items):
         assert_deployable(model)
 
 
-def test_killed_run_resumes_identically(items, tmp_path):
-    cfg = {**RECON, "iters": 20}
+@pytest.mark.parametrize("decoder_loss, killed_after", [("mse", 2), ("clm", None)])
+def test_killed_run_resumes_identically(items, tmp_path, decoder_loss, killed_after):
+    """Killed after a unit, resumed in a new process: the same model bit for bit. With CLM the kill falls
+    after the first decoder layer, whose successors take their inputs (and targets) from it."""
+    cfg = {**RECON, "iters": 20, "decoder_loss": decoder_loss}
+    if killed_after is None:
+        names = [u.name for u in reconstruction_units(calibrated_tiny(items[:2]), "block", decoder_loss="clm")]
+        killed_after = names.index("mask_decoder.transformer.layers.0") + 1
     full = calibrated_tiny(items[:2])
     reconstruct_(full, items[:2], cfg, tmp_path / "full", RunLogger(tmp_path / "full"), seed=5, show_progress=False)
 
     killed = calibrated_tiny(items[:2])
     reconstruct_(killed, items[:2], cfg, tmp_path / "resumed", RunLogger(tmp_path / "resumed"), seed=5,
-                 show_progress=False, stop_after=2)
+                 show_progress=False, stop_after=killed_after)
     assert (tmp_path / "resumed" / STATE_FILE).is_file()
     resumed = calibrated_tiny(items[:2])  # a new process: calibration again, then the checkpoint
     stats = reconstruct_(resumed, items[:2], cfg, tmp_path / "resumed", RunLogger(tmp_path / "resumed"), seed=5,
                          show_progress=False)
-    assert len(stats) == len([u for u in reconstruction_units(full, "block")])
+    assert len(stats) == len([u for u in reconstruction_units(full, "block", decoder_loss=decoder_loss)
+                              if unit_quantizers(full, u)])
     a, b = full.state_dict(), resumed.state_dict()
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -172,30 +179,81 @@ def test_loss_curve_has_a_point_per_step_on_short_runs(items, tmp_path):
 
 
 def test_clm_units_give_local_outputs_and_the_final_tokens_with_later_layers_fp(items):
-    """SAQ-SAM's decoder unit i returns (queries_i, keys_i, final queries) with layers after i in FP."""
+    """SAQ-SAM's decoder unit i returns (queries_i, keys_i, final queries) with layers after i in FP. It
+    starts from layer i's own input (no rerun of the frozen layers before it); its targets start from the
+    first layer's input and equal the FP transformer's."""
     from saq.models.units import decoder_clm_units
 
     model = calibrated_tiny(items[:2])
     transformer = model.mask_decoder.transformer
     units = decoder_clm_units(model)
+    assert len(transformer.layers) >= 2, "the tiny model has two two-way layers"
     assert [u.kind for u in units] == ["decoder_layer"] * len(transformer.layers) + ["final_attn"]
     assert all(u.loss_weights == (0.01, 1.0, 1.0) and u.target_inputs == "quantized" for u in units[:-1])
-    args, kwargs = capture_inputs(model, [units[0].entry], items[:1], torch.device("cpu"))[units[0].entry][0]
+    assert [u.entry for u in units[:-1]] == [f"mask_decoder.transformer.layers.{i}" for i in range(len(units) - 1)]
+    assert units[1].target_entry == units[0].entry and units[0].target_entry is None
+    entries = ["mask_decoder.transformer", units[0].entry, units[1].entry]
+    captured = capture_inputs(model, entries, items[:1], torch.device("cpu"))
+    (t_args, t_kwargs), first, second = (captured[e][0] for e in entries)
     with torch.no_grad():
+        seen = {}
+        hooks = [layer.register_forward_hook(lambda m, i, out, k=k: seen.update({k: out}))
+                 for k, layer in enumerate(transformer.layers[:2])]
         with quant_mode(model, QuantMode.OFF):  # FP: the third output is the FP transformer's queries
-            seen = {}
-            hook = transformer.layers[0].register_forward_hook(lambda m, i, out: seen.update(local=out))
-            fp_final = transformer(*args, **kwargs)[0]
-            hook.remove()
-            queries, keys, final = units[0].run(model, args, kwargs)
+            fp_final = transformer(*t_args, **t_kwargs)[0]
+            fp_local = dict(seen)
+            queries, keys, final = units[0].run(model, *first)
             torch.testing.assert_close(final, fp_final)
-            torch.testing.assert_close((queries, keys), tuple(seen["local"]))
+            torch.testing.assert_close((queries, keys), tuple(fp_local[0]))
+            # unit 1's targets: the FP transformer from the first layer's input, layer 1's outputs captured
+            t_queries, t_keys, t_final = units[1].target_run(model, *first)
+            assert torch.equal(t_final, fp_final) and torch.equal(t_keys, fp_local[1][1])
         only_layer_0 = "mask_decoder.transformer.layers.0."
         with quant_mode(model, QuantMode.OFF, where=lambda name, q: not name.startswith(only_layer_0)):
-            expected = transformer(*args, **kwargs)[0]
-        _, _, final_q = units[0].run(model, args, kwargs)
+            expected = transformer(*t_args, **t_kwargs)[0]
+        _, _, final_q = units[0].run(model, *first)
         torch.testing.assert_close(final_q, expected)
-        assert not torch.allclose(final_q, transformer(*args, **kwargs)[0])  # all layers quantized differs
+        quantized_final = transformer(*t_args, **t_kwargs)[0]
+        assert not torch.allclose(final_q, quantized_final)  # all layers quantized differs
+        # unit 1 from layer 1's quantized input: layer 0 quantized (given), layer 1 quantized, the rest FP
+        later = "mask_decoder.transformer.final_attn"
+        with quant_mode(model, QuantMode.OFF, where=lambda name, q: name.startswith(later)):
+            expected_1 = transformer(*t_args, **t_kwargs)[0]
+        assert torch.equal(units[1].run(model, *second)[2], expected_1)
+        # the last layer hands the final attention its call, as the transformer builds it
+        fa_input = capture_inputs(model, [units[-1].entry], items[:1], torch.device("cpu"))[units[-1].entry][0]
+        handed = units[-2].next_input(model, *second)
+        assert all(torch.equal(handed[1][k], fa_input[1][k]) for k in ("q", "k", "v"))
+
+
+def test_clm_steps_do_not_rerun_the_frozen_decoder_layers_before_them(items, monkeypatch, tmp_path):
+    """A CLM layer's steps start at its own input: the first layer, final once its unit is done, runs in
+    the first unit's steps only, never in the steps of the units after it."""
+    import saq.ptq.reconstruct as recon
+
+    model = calibrated_tiny(items[:2])
+    training = {}
+    real_fit = recon._fit
+
+    def fit(trainer, module, *args, **kwargs):
+        training["unit"] = module.unit.name
+        try:
+            return real_fit(trainer, module, *args, **kwargs)
+        finally:
+            training.pop("unit")
+
+    monkeypatch.setattr(recon, "_fit", fit)
+    runs_in = []
+    hook = model.mask_decoder.transformer.layers[0].register_forward_hook(
+        lambda *_: runs_in.append(training.get("unit")))
+    try:
+        reconstruct_(model, items[:2], {**RECON, "iters": 3, "decoder_loss": "clm"}, tmp_path, RunLogger(tmp_path),
+                     show_progress=False)
+    finally:
+        hook.remove()
+    assert runs_in.count("mask_decoder.transformer.layers.0") == 3 * 2  # 3 steps, dropping and undropped passes
+    assert {"mask_decoder.transformer.layers.1", "mask_decoder.transformer.final_attn_token_to_image"} \
+        .isdisjoint(runs_in)
 
 
 def test_fp_targets_of_chained_units_are_the_next_units_captured_inputs(items, monkeypatch, tmp_path):
@@ -208,10 +266,10 @@ def test_fp_targets_of_chained_units_are_the_next_units_captured_inputs(items, m
     computed = []  # units whose outputs were computed with every quantizer off: an FP target pass
     real_outputs = recon._ChainInputs.outputs
 
-    def outputs(chain, unit, inputs):
+    def outputs(chain, unit, inputs, run=None):
         if all(q.mode is QuantMode.OFF for _, q in iter_quantizers(chain.model)):
             computed.append(unit.name)
-        return real_outputs(chain, unit, inputs)
+        return real_outputs(chain, unit, inputs, run)
 
     monkeypatch.setattr(recon._ChainInputs, "outputs", outputs)
     chain = recon._ChainInputs(model, items[:2], ImageSource(model), units, torch.device("cpu"), torch.device("cpu"),

@@ -42,6 +42,13 @@ class ReconUnit:
     # What the model does between this unit's output and the input of ``feeds`` when they differ in shape
     # (the last encoder stage's tokens -> the neck's B x C x H x W input); None: the output is the input.
     to_next: Callable[[nn.Module, torch.Tensor], torch.Tensor | None] | None = None
+    # The call of ``feeds`` from this unit's call (args, kwargs), the unit final, where it needs more than
+    # the output (a two-way layer's new tokens with the positional encodings it was given).
+    next_input: Callable[[nn.Module, tuple, dict], tuple[tuple, dict]] | None = None
+    # Targets from another entry's quantized input with another run (``target_run``, quantizers off): a CLM
+    # layer trains from its own input, but its target is the FP transformer from the first layer on.
+    target_entry: str | None = None
+    target_run: Run | None = None
 
 
 def as_neck_input(model: nn.Module, stage_output: torch.Tensor) -> torch.Tensor | None:
@@ -209,34 +216,75 @@ def decoder_subblock_units(model: nn.Module) -> list[ReconUnit]:
     return units + [_final_attention_unit()]
 
 
+def _two_way_tail(model: nn.Module, first: int, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor,
+                  key_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """TwoWayTransformer's forward from layer ``first`` on, given that layer's inputs: the remaining layers,
+    then the final token-to-image attention and norm, in segment-anything's order of operations."""
+    transformer = model.mask_decoder.transformer
+    for layer in transformer.layers[first:]:
+        queries, keys = layer(queries=queries, keys=keys, query_pe=query_pe, key_pe=key_pe)
+    attn_out = transformer.final_attn_token_to_image(q=queries + query_pe, k=keys + key_pe, v=keys)
+    return transformer.norm_final_attn(queries + attn_out), keys
+
+
+def _next_layer_input(i: int) -> Callable[[nn.Module, tuple, dict], tuple[tuple, dict]]:
+    """Two-way layer i's call -> layer i + 1's: its new queries and keys, the same positional encodings."""
+    def next_input(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        queries, keys = model.mask_decoder.transformer.layers[i](*args, **kwargs)
+        return (), {"queries": queries, "keys": keys, "query_pe": kwargs["query_pe"], "key_pe": kwargs["key_pe"]}
+
+    return next_input
+
+
+def _final_attention_input(i: int) -> Callable[[nn.Module, tuple, dict], tuple[tuple, dict]]:
+    """The last two-way layer's call -> the final token-to-image attention's (as TwoWayTransformer builds it)."""
+    def next_input(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        queries, keys = model.mask_decoder.transformer.layers[i](*args, **kwargs)
+        return (), {"q": queries + kwargs["query_pe"], "k": keys + kwargs["key_pe"], "v": keys}
+
+    return next_input
+
+
 def decoder_clm_units(model: nn.Module, local_q: float = 0.01, local_k: float = 1.0, final: float = 1.0
                       ) -> list[ReconUnit]:
     """SAQ-SAM's decoder units: each two-way layer is learned against (its own queries and keys, and the
     whole transformer's final tokens), with earlier layers quantized and later ones FP; both paths see
-    the quantized image embedding. Then the final token-to-image attention with plain MSE."""
+    the quantized image embedding. Then the final token-to-image attention with plain MSE.
+
+    Unit i starts at layer i's own input: the quantized, frozen layers before it are not run again at every
+    step; the unit before hands over its output (``next_input``)."""
     from saq.quant.quantizer import QuantMode, quant_mode
 
     transformer = "mask_decoder.transformer"
     n_layers = len(model.mask_decoder.transformer.layers)
+    final_attn = f"{transformer}.final_attn_token_to_image"
     units = []
     for i in range(n_layers):
         name = f"{transformer}.layers.{i}"
         later = tuple(f"{transformer}.layers.{j}." for j in range(i + 1, n_layers)) + (f"{transformer}.final_attn",)
 
         def run(model, args, kwargs, i=i, later=later):
-            captured = {}
             layer = model.mask_decoder.transformer.layers[i]
-            handle = layer.register_forward_hook(lambda module, inputs, output: captured.update(out=output))
-            try:
-                with quant_mode(model, QuantMode.OFF, where=lambda qname, q: qname.startswith(later)):
-                    queries, _ = model.mask_decoder.transformer(*args, **kwargs)
-            finally:
-                handle.remove()
-            return captured["out"][0], captured["out"][1], queries
+            queries, keys = layer(*args, **kwargs)
+            with quant_mode(model, QuantMode.OFF, where=lambda qname, q: qname.startswith(later)):
+                final_queries, _ = _two_way_tail(model, i + 1, queries, keys, kwargs["query_pe"], kwargs["key_pe"])
+            return queries, keys, final_queries
 
-        units.append(ReconUnit(name, transformer, (name,), run, "decoder", target_inputs="quantized",
+        def from_first_layer(model, args, kwargs, i=i):
+            """The same outputs from the first layer's input (the targets: run with quantizers off)."""
+            queries, keys = kwargs["queries"], kwargs["keys"]
+            for layer in model.mask_decoder.transformer.layers[:i + 1]:
+                queries, keys = layer(queries=queries, keys=keys, query_pe=kwargs["query_pe"], key_pe=kwargs["key_pe"])
+            final_queries, _ = _two_way_tail(model, i + 1, queries, keys, kwargs["query_pe"], kwargs["key_pe"])
+            return queries, keys, final_queries
+
+        last = i == n_layers - 1
+        units.append(ReconUnit(name, name, (name,), run, "decoder", target_inputs="quantized",
                                loss_weights=(local_q, local_k, final), kind="decoder_layer", qdrop_input=False,
-                               undropped_outputs=(2,)))
+                               undropped_outputs=(2,), feeds=final_attn if last else f"{transformer}.layers.{i + 1}",
+                               next_input=(_final_attention_input if last else _next_layer_input)(i),
+                               target_entry=f"{transformer}.layers.0" if i else None,
+                               target_run=from_first_layer if i else None))
     # the final attention too learns on, and against, the quantized image embedding's path
     return units + [_final_attention_unit(target_inputs="quantized")]
 

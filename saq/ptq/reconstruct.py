@@ -26,7 +26,7 @@ from saq.config.schema import CacheDtype, EncoderLoss
 from saq.engine.callbacks import LossWindows, UnitCheckpoint
 from saq.engine.reconstruction import ReconSettings, UnitBatches, UnitReconstruction, unit_quantizers
 from saq.engine.trainer import fit_quietly, unit_trainer
-from saq.models.units import ReconUnit, reconstruction_units
+from saq.models.units import ReconUnit, Run, reconstruction_units
 from saq.models.image_source import ImageSource
 from saq.models.predictor import encoded_image
 from saq.ptq.capture import KeptInputs, _detach, capture_inputs, encode_items, to_device
@@ -116,18 +116,30 @@ class _ChainInputs:
                 self.fp_inputs = capture_inputs(model, entries, items, cache_device, cache_dtype, images=images)
         self.q_cache: dict[str, list] = {}  # quantized inputs known without a forward pass (chained units)
         self.encoded = None  # quantized image embeddings, once the encoder is final
+        self.kept_for_targets: dict[str, list] = {}  # quantized inputs that later units' targets start from
 
     def quantized(self, unit: ReconUnit) -> list:
         """The quantized model's inputs of ``unit`` (every unit before it final)."""
         if unit.entry in self.q_cache:
             return self.q_cache[unit.entry]
-        if unit.part == "decoder" and self.encoded is None:
-            with torch.no_grad():
-                self.encoded = encode_items(self.model, self.items, self.images)  # the encoder units came first
-        q_inputs = capture_inputs(self.model, [unit.entry], self.items, self.cache_device, self.cache_dtype,
-                                  self.encoded if unit.part == "decoder" else None, self.images)[unit.entry]
+        q_inputs = self._capture(unit.entry, unit.part)
         self.q_cache = {unit.entry: q_inputs}
         return q_inputs
+
+    def _capture(self, entry: str, part: str) -> list:
+        """The quantized model's inputs of ``entry``, from a pass over the calibration items."""
+        if part == "decoder" and self.encoded is None:
+            with torch.no_grad():
+                self.encoded = encode_items(self.model, self.items, self.images)  # the encoder units came first
+        return capture_inputs(self.model, [entry], self.items, self.cache_device, self.cache_dtype,
+                              self.encoded if part == "decoder" else None, self.images)[entry]
+
+    def target_sources(self, unit: ReconUnit) -> list:
+        """The quantized inputs of ``unit.target_entry``: kept from the unit that started there, or captured
+        (a run resumed after that unit)."""
+        if unit.target_entry not in self.kept_for_targets:
+            self.kept_for_targets[unit.target_entry] = self._capture(unit.target_entry, unit.part)
+        return self.kept_for_targets[unit.target_entry]
 
     def fp(self, unit: ReconUnit) -> list:
         """The FP model's inputs of ``unit``: from the encoder capture, or for a decoder unit captured now
@@ -146,15 +158,22 @@ class _ChainInputs:
         feeds the next one as it is (no reshape between them) is that unit's captured FP input (no second
         FP pass over the calibration set)."""
         if unit.target_inputs != "fp" or next_unit is None or unit.feeds != next_unit.entry \
-                or unit.to_next is not None or next_unit.entry not in self.fp_inputs:
+                or unit.to_next is not None or unit.next_input is not None or next_unit.entry not in self.fp_inputs:
             return None
         return [args[0] for args, _ in self.fp_inputs[next_unit.entry]]
 
-    def outputs(self, unit: ReconUnit, inputs: list) -> list:
-        """``unit``'s outputs on each cached input, the quantizers as they are."""
+    def outputs(self, unit: ReconUnit, inputs: list, run: Run | None = None) -> list:
+        """``unit``'s outputs (or ``run``'s) on each cached input, the quantizers as they are."""
+        run = run or unit.run
         with torch.no_grad():
-            return [_detach(unit.run(self.model, *to_device(inp, self.device)), self.cache_device, self.cache_dtype)
+            return [_detach(run(self.model, *to_device(inp, self.device)), self.cache_device, self.cache_dtype)
                     for inp in inputs]
+
+    def _next_input(self, unit: ReconUnit, inputs: tuple) -> tuple:
+        """The next unit's cached input from ``unit``'s input (computed on the model's device, stored like
+        a capture)."""
+        return _detach(unit.next_input(self.model, *to_device(inputs, self.device)), self.cache_device,
+                       self.cache_dtype)
 
     def finished(self, unit: ReconUnit, q_inputs: list | None, later: list[ReconUnit]) -> None:
         """``unit`` is final: drop what no later unit reads, and hand its quantized output to the next unit
@@ -162,9 +181,15 @@ class _ChainInputs:
         image embeddings, to the decoder units): no quantized encoder pass over the calibration set."""
         if all(u.entry != unit.entry for u in later):  # sub-blocks share their block's input
             self.fp_inputs.pop(unit.entry, None)  # the previous unit took its targets already
+        if q_inputs is not None and any(u.target_entry == unit.entry for u in later):
+            self.kept_for_targets[unit.entry] = q_inputs
+        self.kept_for_targets = {e: v for e, v in self.kept_for_targets.items() if any(u.target_entry == e for u in later)}
         if q_inputs is None or not later:
             return
-        if unit.feeds == later[0].entry:
+        if unit.feeds == later[0].entry and unit.next_input is not None:
+            with torch.no_grad():
+                self.q_cache = {later[0].entry: [self._next_input(unit, inp) for inp in q_inputs]}
+        elif unit.feeds == later[0].entry:
             outputs = self.outputs(unit, q_inputs)
             if unit.to_next is not None:
                 outputs = [unit.to_next(self.model, out) for out in outputs]
@@ -200,9 +225,13 @@ def _unit_data(unit: ReconUnit, next_unit: ReconUnit | None, chain: _ChainInputs
     drawn = sorted(set(draws))
     targets = chain.chained_fp_targets(unit, next_unit)
     if targets is None:
-        target_inputs = q_inputs if unit.target_inputs == "quantized" else chain.fp(unit)
+        if unit.target_entry is not None:
+            target_inputs = chain.target_sources(unit)
+        else:
+            target_inputs = q_inputs if unit.target_inputs == "quantized" else chain.fp(unit)
         with quant_mode(chain.model, QuantMode.OFF):
-            targets = _scatter(drawn, chain.outputs(unit, [target_inputs[i] for i in drawn]), len(q_inputs))
+            targets = _scatter(drawn, chain.outputs(unit, [target_inputs[i] for i in drawn], unit.target_run),
+                               len(q_inputs))
     if head is None or unit.kind != "stage":
         return UnitData(q_inputs, targets)
     if not head.accepts(targets[drawn[0]]):
