@@ -3,7 +3,8 @@
 A unit names the module whose *input* it starts from (``entry``, captured with a forward-pre hook),
 the modules whose quantizers it trains (``trains``), and a ``run`` callable that maps the captured
 (args, kwargs) to the unit's output using the model's own submodules. Targets are the same ``run`` with
-quantizers off, so no unit needs an output hook and the FP model is never copied.
+quantizers off (or ``target_run`` from ``target_entry``'s input, where the target starts earlier than the
+unit), so no unit needs an output hook and the FP model is never copied.
 """
 
 from __future__ import annotations
