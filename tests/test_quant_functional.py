@@ -362,3 +362,29 @@ def test_a_kernel_that_fails_to_compile_runs_eagerly_with_one_warning(caplog):
         first, second = kernel(x, s, z, 0, 15), kernel(x, s, z, 0, 15)
     assert torch.equal(first, fake_quantize(x, s, z, 0, 15)) and torch.equal(second, first)
     assert len(calls) == 1 and sum("running it eagerly" in r.message for r in caplog.records) == 1
+
+
+def test_views_of_many_layouts_share_one_compiled_kernel():
+    """Per-tensor inputs reach the kernel as (1, N) rows of their storage; which view (a permuted token
+    map, a channel slice) they came from must not compile the kernel anew each time: dynamo would guard
+    on each base's layout and, past its recompile limit, run the arithmetic uncompiled."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from saq.quant.fused import EagerFallback
+    from saq.quant.functional import _fake_quantize_values, fused_fake_quantize
+
+    torch._dynamo.reset()
+    kernel = EagerFallback(fused_fake_quantize(), _fake_quantize_values, "test kernel")
+    scale, zero = torch.tensor(0.05), torch.tensor(8.0)
+    before = counters["stats"]["unique_graphs"]
+    g = torch.Generator().manual_seed(0)
+    views = [torch.randn(5, 7, generator=g), torch.randn(3, 5, 7, generator=g), torch.randn(2, 3, 5, 7, generator=g),
+             torch.randn(3, 7, 5, generator=g).permute(0, 2, 1), torch.randn(7, 5, 3, generator=g).permute(2, 1, 0),
+             torch.randn(2, 7, 5, 3, generator=g).permute(0, 3, 2, 1),
+             torch.randn(2, 3, 7, 5, generator=g).transpose(-1, -2),
+             torch.randn(4, 6, 9, 2, generator=g).permute(0, 2, 1, 3), torch.randn(6, 4, 2, generator=g).permute(1, 0, 2),
+             torch.randn(3, 4, 5, 6, 2, generator=g).permute(0, 4, 1, 3, 2)]  # ten bases of five ranks
+    for x in views:
+        assert torch.equal(fake_quantize(x, scale, zero, 0, 15, kernel), fake_quantize(x, scale, zero, 0, 15))
+    assert counters["stats"]["unique_graphs"] - before <= 2  # was one per base, up to the recompile limit

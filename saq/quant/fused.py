@@ -14,9 +14,11 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
+import torch
 from torch import nn
 
-from saq.quant.functional import _fake_quantize_values, _ste_backward_values, fused_fake_quantize, fused_ste_backward
+from saq.quant.functional import (_fake_quantize_values, _not_a_view, _ste_backward_values, fused_fake_quantize,
+                                  fused_ste_backward)
 from saq.quant.log_quantizer import LogSoftmaxQuantizer, _log_fake_quantize_values, fused_log_fake_quantize
 from saq.quant.quantizer import FakeQuantizer, iter_quantizers
 
@@ -25,7 +27,11 @@ log = logging.getLogger(__name__)
 
 class EagerFallback:
     """A compiled kernel that falls back to its eager function, with one warning, when compiling fails
-    (e.g. no C++ compiler for inductor on this machine): the run goes on with the same values."""
+    (e.g. no C++ compiler for inductor on this machine): the run goes on with the same values.
+
+    Views are passed as tensors of their own on the same memory: dynamo guards a view on its base's
+    layout too, and the many bases of one (rows, N) layout would each compile anew until its recompile
+    limit, after which it runs the function uncompiled."""
 
     def __init__(self, compiled: Callable, eager: Callable, name: str) -> None:
         self.compiled, self.eager, self.name = compiled, eager, name
@@ -34,7 +40,7 @@ class EagerFallback:
     def __call__(self, *args):
         if not self.failed:
             try:
-                return self.compiled(*args)
+                return self.compiled(*(_not_a_view(a) if isinstance(a, torch.Tensor) else a for a in args))
             except Exception as exc:  # inductor/dynamo raise many types; any of them means "run eager"
                 self.failed = True
                 log.warning("runtime.compile: compiling %s failed (%s: %s); running it eagerly (same values)",
