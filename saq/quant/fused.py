@@ -31,7 +31,8 @@ class EagerFallback:
 
     Views are passed as tensors of their own on the same memory: dynamo guards a view on its base's
     layout too, and the many bases of one (rows, N) layout would each compile anew until its recompile
-    limit, after which it runs the function uncompiled."""
+    limit, after which it runs the function uncompiled. (Every call is outside autograd: inference, or inside
+    a custom Function's forward or backward, so the alias drops no gradient link.)"""
 
     def __init__(self, compiled: Callable, eager: Callable, name: str) -> None:
         self.compiled, self.eager, self.name = compiled, eager, name
