@@ -3,6 +3,7 @@ import torch
 
 from saq.quant import FakeQuantizer, PerChannel, QuantMode, QuantSpec, compute_qparams, fake_quantize
 from saq.quant.functional import int_range
+from saq.quant.qdrop import keep_fp_mask
 from saq.quant.quantizer import Role, quant_mode, set_quant_mode
 
 
@@ -161,8 +162,8 @@ def test_fake_quantize_gradients_are_lsq(per_channel):
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_qdrop_inside_the_straight_through_node_equals_where_over_it(per_channel):
     """QDrop in one autograd node gives the values and gradients (x and step) of the composition it
-    replaces, torch.where(keep, x, fake_quantize(x)), exactly; and a quantizer draws its mask from the
-    same random stream as before (one rand_like per call)."""
+    replaces, torch.where(keep, x, fake_quantize(x)), exactly; and a quantizer draws its mask with
+    keep_fp_mask (``uniform``: the stream of runs made before ``bits``, one rand_like per call)."""
     torch.manual_seed(0)
     shape = (6, 1) if per_channel else ()
     x = (torch.randn(6, 40) * 3).requires_grad_()
@@ -189,11 +190,17 @@ def test_qdrop_inside_the_straight_through_node_equals_where_over_it(per_channel
     q.set_mode(QuantMode.QUANTIZE)
     q.drop_prob = 0.5
     q.train()
+    for draws in ("bits", "uniform"):
+        q.drop_draws = draws
+        torch.manual_seed(1)
+        y = q(x.detach())
+        torch.manual_seed(1)
+        mask = keep_fp_mask(x, 0.5, draws)
+        assert torch.equal(y, torch.where(mask, x.detach(), fake_quantize(x.detach(), q.scale, q.zero_point, 0, 15)))
     torch.manual_seed(1)
-    y = q(x.detach())
+    uniform = keep_fp_mask(x, 0.5, "uniform")
     torch.manual_seed(1)
-    mask = torch.rand_like(x) < 0.5
-    assert torch.equal(y, torch.where(mask, x.detach(), fake_quantize(x.detach(), q.scale, q.zero_point, 0, 15)))
+    assert torch.equal(uniform, torch.rand_like(x) < 0.5)
 
 
 def test_modes_and_context_manager():

@@ -99,6 +99,11 @@ class DecoderLoss(Choice):
     clm = "clm"
 
 
+class QDropDraws(Choice):
+    bits = "bits"  # one random bit per element (p = 0.5; other p: uniform)
+    uniform = "uniform"  # one float per element: the draws of runs made before bits existed
+
+
 class CacheDtype(Choice):
     float32 = "float32"
     float16 = "float16"
@@ -180,6 +185,7 @@ class ReconConfig:
     w_lr: float = 1e-3
     a_lr: float = 4e-5
     qdrop_prob: float = 0.0
+    qdrop_draws: QDropDraws = QDropDraws.bits
     reg_weight: float = 0.01
     beta_start: float = 20.0
     beta_end: float = 2.0

@@ -19,11 +19,13 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from saq.config.schema import ActivationStep, Choice, DecoderLoss, EncoderLoss, ReconConfig, WeightRounding
+from saq.config.schema import (ActivationStep, Choice, DecoderLoss, EncoderLoss, QDropDraws, ReconConfig,
+                              WeightRounding)
 from saq.engine.losses import lp_loss
 from saq.models.units import ReconUnit
 from saq.nn.modules import QuantizedModule
 from saq.quant.adaround import BetaSchedule, rounding_regularizer
+from saq.quant.qdrop import keep_fp_mask
 from saq.quant.quantizer import FakeQuantizer, Role
 
 
@@ -38,6 +40,7 @@ class ReconSettings:
     w_lr: float = ReconConfig.w_lr
     a_lr: float = ReconConfig.a_lr
     qdrop_prob: float = ReconConfig.qdrop_prob
+    qdrop_draws: QDropDraws = ReconConfig.qdrop_draws
     reg_weight: float = ReconConfig.reg_weight
     beta_start: float = ReconConfig.beta_start
     beta_end: float = ReconConfig.beta_end
@@ -85,14 +88,14 @@ def unit_weight_modules(model: nn.Module, unit: ReconUnit) -> list[tuple[str, Qu
             and getattr(m, "weight_quantizer", None) is not None]
 
 
-def _mix(quantized: Any, fp: Any, prob: float) -> Any:
+def _mix(quantized: Any, fp: Any, prob: float, draws: str) -> Any:
     """QDrop input mixing: each element comes from the FP input with probability ``prob``."""
     if isinstance(quantized, torch.Tensor) and quantized.is_floating_point():
-        return torch.where(torch.rand_like(quantized) < prob, fp, quantized)
+        return torch.where(keep_fp_mask(quantized, prob, draws), fp, quantized)
     if isinstance(quantized, (tuple, list)):
-        return type(quantized)(_mix(q, f, prob) for q, f in zip(quantized, fp))
+        return type(quantized)(_mix(q, f, prob, draws) for q, f in zip(quantized, fp))
     if isinstance(quantized, dict):
-        return {k: _mix(v, fp[k], prob) for k, v in quantized.items()}
+        return {k: _mix(v, fp[k], prob, draws) for k, v in quantized.items()}
     return quantized
 
 
@@ -144,6 +147,7 @@ class UnitReconstruction(L.LightningModule):
                 if settings.activations is ActivationStep.lsq:
                     scales.append(q.make_scale_learnable())
                 q.drop_prob = settings.qdrop_prob
+                q.drop_draws = settings.qdrop_draws.value
                 q.train()  # in-quantizer QDrop only acts in training mode
         self.alphas = nn.ParameterList(alphas)
         self.scales = nn.ParameterList(scales)
@@ -183,8 +187,9 @@ class UnitReconstruction(L.LightningModule):
         q_args, q_kwargs = _as_float32(batch["q"])
         if self.mixes_input:
             fp_args, fp_kwargs = _as_float32(batch["fp"])
-            q_args = _mix(q_args, fp_args, self.settings.qdrop_prob)
-            q_kwargs = _mix(q_kwargs, fp_kwargs, self.settings.qdrop_prob)
+            draws = self.settings.qdrop_draws.value
+            q_args = _mix(q_args, fp_args, self.settings.qdrop_prob, draws)
+            q_kwargs = _mix(q_kwargs, fp_kwargs, self.settings.qdrop_prob, draws)
         out = self.run_unit(q_args, q_kwargs)
         if self.unit.undropped_outputs and self.settings.qdrop_prob > 0:
             with self.dropping_off():

@@ -20,6 +20,7 @@ import torch
 from saq.quant.functional import round_ste
 from saq.quant.granularity import PerTensor
 from saq.quant.observers import CalibrationDataError, Observer, all_finite
+from saq.quant.qdrop import keep_fp_mask
 from saq.quant.quantizer import FakeQuantizer, QuantMode, QuantSpec, Role, tensor_kwargs
 
 DEFAULT_TAUS = (1.0, 2.0, 4.0)
@@ -313,7 +314,7 @@ class LogSoftmaxQuantizer(FakeQuantizer):
         log2_a, is_zero = _safe_log2(xf)
         xq = _log_dequantize(log2_a, is_zero, torch.log2(self.scale), self.tau, self.n_levels, round_ste).to(x.dtype)
         if self.drop_prob > 0.0 and self.training:
-            keep_fp = torch.rand_like(x) < self.drop_prob
+            keep_fp = keep_fp_mask(x, self.drop_prob, self.drop_draws)
             xq = torch.where(keep_fp, x, xq)
         return xq
 

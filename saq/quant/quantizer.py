@@ -18,6 +18,7 @@ from saq.quant import adaround
 from saq.quant.functional import compute_qparams, fake_quantize, int_range, quantize_to_int
 from saq.quant.granularity import granularity_from_str
 from saq.quant.observers import Observer, build_observer
+from saq.quant.qdrop import keep_fp_mask
 
 
 def tensor_kwargs(like: torch.Tensor | None) -> dict[str, Any]:
@@ -81,6 +82,7 @@ class FakeQuantizer(nn.Module):
         # Probability of passing the FP value through (QDrop). Only reconstruction may set it > 0;
         # deployment checks require 0.
         self.drop_prob = 0.0
+        self.drop_draws = "bits"  # how the dropped elements are drawn (saq.quant.qdrop.keep_fp_mask)
         # Learned rounding (AdaRound, weights only): alpha exists only while rounding is soft.
         self.alpha: nn.Parameter | None = None
         # Fixed learned rounding (0/1 per weight) after a unit is done, until weights are hardened.
@@ -190,7 +192,8 @@ class FakeQuantizer(nn.Module):
             return x
         if not self.is_calibrated:
             raise RuntimeError(f"quantizer {self.extra_repr()} is in QUANTIZE mode but was never calibrated")
-        keep_fp = torch.rand_like(x) < self.drop_prob if self.drop_prob > 0.0 and self.training else None  # QDrop
+        keep_fp = (keep_fp_mask(x, self.drop_prob, self.drop_draws)  # QDrop
+                   if self.drop_prob > 0.0 and self.training else None)
         if self.alpha is not None:
             xq = adaround.soft_quantize(x, self.alpha, self.scale.detach(), self.zero_point, self.qmin, self.qmax)
         elif self.rounding is not None:
