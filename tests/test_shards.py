@@ -56,30 +56,3 @@ def test_incomplete_or_bad_shards_are_refused(checkpoint, tmp_path):
     proc = run("-m", "saq.eval", f"ckpt_path={checkpoint}", "logger=none", "eval.num_shards=2", "eval.shard=2",
                f"hydra.run.dir={tmp_path / 'bad'}", check=False)
     assert proc.returncode != 0 and "eval.shard=2" in proc.stderr.strip().splitlines()[-1]
-
-
-def test_evaluation_in_processes_equals_one_process_of_their_threads(checkpoint):
-    """eval.processes: 2 one-thread processes give the records, IoUs and metrics of one one-thread process."""
-    import torch
-
-    from saq.data.sources import dataset_from_config, prompts_from_config
-    from saq.eval import evaluate
-    from saq.eval.processes import evaluate_in_processes
-    from saq.export.checkpoint import load_quantized
-
-    model, payload = load_quantized(checkpoint)
-    config = payload["config"]
-    dataset = dataset_from_config(config["data"])
-    prompts = prompts_from_config(config["prompts"], dataset, model, False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        one = evaluate(model, dataset, prompts, show_progress=False)
-    finally:
-        torch.set_num_threads(threads)
-    many = evaluate_in_processes(checkpoint, dataset, prompts, 2, {"num_threads": 2, "keep_freed_memory": False})
-    assert len({r["image_id"] for r in one.records}) > 2  # both processes had images
-    assert many.records == one.records  # every prompt's mask (RLE), score and IoUs, in the same order
-    assert many.gt_ious == one.gt_ious
-    assert many.metrics == one.metrics
-    assert many.timing["processes"] == 2

@@ -239,7 +239,6 @@ class CalibConfig:
 class EvalConfig:
     prompt_batch: int = 16
     num_workers: int = 0  # processes decoding images ahead of the model (0: in the main process)
-    processes: int = 1  # saq.ptq on CPU: evaluate the quantized model in this many processes (saq.eval.processes)
     cache_fp: bool = True
     fp_cache_dir: str = MISSING
     save_checkpoint: bool = True

@@ -67,7 +67,7 @@ def validate_ptq_config(cfg: DictConfig) -> None:
                 "eval.side_by_side", "eval.num_workers"):
         _check_range(cfg, key, 0, float("inf"))
     for key in ("ptq.recon.best_window", "ptq.agq_max_maps", "ptq.pcc.passes", "ptq.pcc.num_images", "calib.num_images",
-                "calib.max_prompts_per_image", "eval.prompt_batch", "eval.processes"):
+                "calib.max_prompts_per_image", "eval.prompt_batch"):
         _check_range(cfg, key, 1, float("inf"))
     for i, p in enumerate(cfg.ptq.pcc.percentiles or []):
         _check(0.5 < p <= 1.0, f"ptq.pcc.percentiles[{i}]", p, "clip percentiles must lie in (0.5, 1]")

@@ -111,6 +111,7 @@ def _evaluate(encode: Callable[[np.ndarray], Any], decode: Callable[[Any, torch.
     t_encoder = t_decoder = 0.0
     n_images = 0
     prompted = [img for img in dataset.images if prompts.get(img.id)]
+    skipped = len(dataset.images) - len(prompted)
     images = decoded_images(prompted, num_workers)
     for img, image in tqdm(zip(prompted, images), total=len(prompted), desc=desc, disable=not show_progress,
                            leave=False):
@@ -140,23 +141,17 @@ def _evaluate(encode: Callable[[np.ndarray], Any], decode: Callable[[Any, torch.
         if all(p.ann_id is None for p in boxes):
             ious.extend(_best_gt_iou(image_rles, [gt_rle(g, img.height, img.width) for g in gts.values()
                                                   if not g.get("iscrowd", 0)]))
-    timing = {"encoder_s_per_image": t_encoder / max(n_images, 1), "decoder_s_per_image": t_decoder / max(n_images, 1),
-              "decoder_s_per_prompt": t_decoder / max(len(records), 1)}
-    return evaluation_result(dataset, records, ious, n_images, timing, desc)
-
-
-def evaluation_result(dataset: CocoInstances, records: list[dict[str, Any]], gt_ious: list[float], num_images: int,
-                      timing: dict[str, float], desc: str = "eval") -> EvalResult:
-    """The EvalResult of per-prompt ``records`` (in image order) and the values mIoU averages."""
-    skipped = len(dataset.images) - num_images
     if not records:
         raise ValueError(f"{desc}: no image has a prompt ({skipped} images without prompts); check prompts=")
-    metrics = coco_mask_ap(dataset.to_coco_dict(), detections(EvalResult(records, {})))
-    metrics["mIoU"] = float(np.mean(gt_ious)) if gt_ious else float("nan")
-    metrics["num_images"] = num_images
+    result = EvalResult(records, {})
+    metrics = coco_mask_ap(dataset.to_coco_dict(), detections(result))
+    metrics["mIoU"] = float(np.mean(ious)) if ious else float("nan")
+    metrics["num_images"] = n_images
     metrics["num_prompts"] = len(records)
     metrics["images_without_prompts"] = skipped
-    return EvalResult(records, metrics, timing, gt_ious)
+    timing = {"encoder_s_per_image": t_encoder / max(n_images, 1), "decoder_s_per_image": t_decoder / max(n_images, 1),
+              "decoder_s_per_prompt": t_decoder / max(len(records), 1)}
+    return EvalResult(records, metrics, timing, ious)
 
 
 def detections(result: EvalResult) -> list[dict[str, Any]]:

@@ -37,7 +37,7 @@ def save_shard(run_dir: Path, shard: int, num_shards: int, checkpoint: str, gt: 
                result: EvalResult, fp: EvalResult | None, header: dict[str, Any]) -> Path:
     """Write ``run_dir/shard.json.gz``; ``fp`` (same prompts) only when FP masks are the ground truth."""
     # gt_ious were appended image by image in the order of gt["images"]; recover the split by counts
-    counts = gt_iou_counts(gt, result)
+    counts = _gt_iou_counts(gt, result)
     values = iter(result.gt_ious)
     gt_ious = [[next(values) for _ in range(counts[img["id"]])] for img in gt["images"]]
     payload = {
@@ -59,7 +59,7 @@ def _text(value: Any) -> str:
     raise TypeError(f"cannot store {type(value).__name__} in a shard file")
 
 
-def gt_iou_counts(gt: dict[str, Any], result: EvalResult) -> dict[int, int]:
+def _gt_iou_counts(gt: dict[str, Any], result: EvalResult) -> dict[int, int]:
     """How many mIoU values each image contributed: one per labelled prompt, or (detector prompts) one
     per non-crowd ground-truth instance."""
     counts = {img["id"]: 0 for img in gt["images"]}

@@ -6,7 +6,6 @@ Every input is explicit: the resolved config and the run directory. Nothing is g
 from __future__ import annotations
 
 import contextlib
-import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,6 @@ from saq.eval.evaluate import detections, save_examples
 from saq.eval.metrics import coco_mask_ap, fidelity
 from saq.eval.pseudo_gt import pseudo_ground_truth
 from saq.eval.cache import cached_evaluation, fp_cache_key
-from saq.eval.processes import evaluate_in_processes
 from saq.export import save_quantized
 from saq.models import build_model
 from saq.nn import QuantLinear, assert_deployable, harden_weights_, quantize_
@@ -35,8 +33,6 @@ from saq.quant.fused import use_fused_kernels_
 from saq.utils.cpu_runtime import apply_cpu_runtime
 from saq.utils.loggers import RunLogger
 from saq.utils.run_files import result_rows, write_json
-
-log = logging.getLogger(__name__)
 
 METRIC_KEYS = ("mask_AP", "mask_AP50", "mask_AP75", "mask_APs", "mask_APm", "mask_APl", "mIoU")
 
@@ -75,14 +71,6 @@ def reference_protocol(model, drop_prob: float):
 
 def _metric_block(result_metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(result_metrics[k]) for k in METRIC_KEYS}
-
-
-def eval_processes(processes: int, device: torch.device) -> int:
-    """``eval.processes`` where it applies: CPU evaluation (one process drives a GPU best)."""
-    if processes > 1 and device.type != "cpu":
-        log.warning("eval.processes=%d applies to CPU evaluation; evaluating on %s in this process", processes, device)
-        return 1
-    return processes
 
 
 def refuse_undeployable(model: torch.nn.Module, run_dir: Path, config: dict[str, Any], fp: EvalResult) -> None:
@@ -143,18 +131,7 @@ def run_ptq(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict[str, Any]
         set_quant_mode(model, QuantMode.QUANTIZE)
         model.eval()
         refuse_undeployable(model, run_dir, config, fp)  # no number is reported for a model not really quantized
-        config["calib"]["selected"] = [str(item.image.path) for item in calib_items]  # lets saq.eval rebuild the split
-        processes = eval_processes(int(cfg.eval.processes), device)
-        if processes > 1:  # the processes load the checkpoint: write it first (the same state as at the end)
-            early = run_dir / ("quantized.pt" if cfg.eval.save_checkpoint else "eval_model.pt")
-            save_quantized(early, model, layout, config)
-            quantized = evaluate_in_processes(early, eval_set, eval_prompts, processes, config["runtime"],
-                                              "eval quantized", int(cfg.eval.prompt_batch))
-            if not cfg.eval.save_checkpoint:
-                early.unlink()
-        else:
-            quantized = evaluate(model, eval_set, eval_prompts, "eval quantized", int(cfg.eval.prompt_batch), progress,
-                                 workers)
+        quantized = evaluate(model, eval_set, eval_prompts, "eval quantized", int(cfg.eval.prompt_batch), progress, workers)
         if cfg.eval.reference_protocol:
             with reference_protocol(model, float(cfg.eval.reference_drop_prob)):
                 reference = evaluate(model, eval_set, eval_prompts, "eval reference protocol",
