@@ -83,6 +83,18 @@ def test_bench_recon_step_times_every_unit_type_eager_and_compiled(tmp_path):
                for r in rows)
     assert deployment_check(loaded)[1] == []  # every unit finalised: nothing dropping, nothing soft
 
+    sys.path.insert(0, str(ROOT / "experiments"))  # bench_qdrop_draws imports bench_recon_step's batches
+    try:
+        spec = importlib.util.spec_from_file_location("bench_qdrop_draws", ROOT / "experiments" / "bench_qdrop_draws.py")
+        draws = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(draws)
+    finally:
+        sys.path.remove(str(ROOT / "experiments"))
+    unit, batch = batches[1]
+    times = draws.time_unit(loaded, unit, batch, rounds=1)
+    assert sorted(times) == ["bits", "uniform"] and all(len(t) == 1 and t[0] > 0 for t in times.values())
+    assert deployment_check(loaded)[1] == []
+
 
 def test_bench_agq_search_ways_choose_alike():
     """experiments/bench_agq_search.py's three ways of the AGQ search on a small map: the 7-pass error equals
