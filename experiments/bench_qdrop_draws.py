@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from bench_recon_step import unit_batches
+from bench_recon_step import train_step, unit_batches
 from saq.config.schema import QDropDraws
 from saq.engine.reconstruction import ReconSettings, UnitReconstruction
 from saq.export.checkpoint import load_quantized
@@ -41,13 +41,7 @@ def time_unit(model: torch.nn.Module, unit, batch: dict, rounds: int) -> dict[st
             q.drop_draws = draws  # the quantizers' own dropping
 
     def step() -> None:
-        loss = module.reconstruction_loss(batch)
-        for optimizer in optimizers:
-            optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        for optimizer in optimizers:
-            optimizer.step()
-        module.keep_steps_positive_()
+        train_step(module, optimizers, batch)
 
     times: dict[str, list[float]] = {d: [] for d in DRAWS}
     use_fused_kernels_(model, True)

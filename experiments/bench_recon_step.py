@@ -115,6 +115,17 @@ def steps_agree(model: torch.nn.Module, unit: ReconUnit, batch: dict, steps: int
             "parameters": len(params)}
 
 
+def train_step(module: UnitReconstruction, optimizers: list, batch: dict) -> None:
+    """One training step as the run takes it: loss, backward, every optimizer, steps kept positive."""
+    loss = module.reconstruction_loss(batch)
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    for optimizer in optimizers:
+        optimizer.step()
+    module.keep_steps_positive_()
+
+
 def time_unit(model: torch.nn.Module, unit: ReconUnit, batch: dict, rounds: int, steps: int) -> dict[str, Any]:
     """ms per step, eager and compiled alternating (which goes first alternates too, so neither always
     runs on caches the other warmed); the unit's quantizers are finalized afterwards, whatever happens."""
@@ -123,13 +134,7 @@ def time_unit(model: torch.nn.Module, unit: ReconUnit, batch: dict, rounds: int,
     optimizers, _ = module.configure_optimizers()  # the run's optimizers: rounding and steps, own rates
 
     def step() -> None:
-        loss = module.reconstruction_loss(batch)
-        for optimizer in optimizers:
-            optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        for optimizer in optimizers:
-            optimizer.step()
-        module.keep_steps_positive_()
+        train_step(module, optimizers, batch)
 
     times: dict[str, list[float]] = {"eager": [], "compiled": []}
     try:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-DRAWS = ("bits", "uniform")
+from saq.config.schema import QDropDraws
+
+DRAWS = tuple(d.value for d in QDropDraws)  # the choices of ptq.recon.qdrop_draws
 _BITS_PER_DRAW = 16  # random_(0, 2^16): 16 unbiased bits from each 32-bit draw of the generator
 
 
