@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--configs", nargs="+", default=[c for c in CONFIGS if CONFIGS[c][1] != OWN_INT8_DIR],
                         choices=list(CONFIGS), help="default: all but the runtime's own int8 layout (*_own_int8)")
-    parser.add_argument("--weight-layout", default="symmetric", help="export layout when the export is missing")
+    parser.add_argument("--weight-layout", default="auto", help="export layout when the export is missing (see conf/export.yaml)")
     parser.add_argument("--no-accuracy", action="store_true", help="latency and sizes only")
     parser.add_argument("--out", type=Path, default=None, help="default: <run>/bench_deploy")
     args = parser.parse_args(argv)

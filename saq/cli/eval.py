@@ -113,7 +113,11 @@ def run_eval_deployed(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict
                "ground_truth": "labels" if fp is None else "fp_masks",
                "export": {"files": manifest["files"], "quantization_points": manifest["quantization_points_summary"],
                           "kept_fp": [p["name"] for p in manifest["quantization_points"] if p["exported_as"] == "fp"]},
-               "wall_time_s": time.perf_counter() - start, "timing": result.timing}
+               "wall_time_s": time.perf_counter() - start, "timing": result.timing,
+               # False: this CPU's int8 kernels may saturate on this export (the numbers are the runtime's, not the model's)
+               "int8_exact_on_this_cpu": predictor.int8_warning is None}
+    if predictor.int8_warning:
+        metrics["int8_warning"] = predictor.int8_warning
     if cfg.eval.compare_fake_quant and manifest["export_format"] == "onnx":
         model, _ = load_quantized(manifest["checkpoint"])
         fake = evaluate(model, dataset, prompts, "eval fake-quant", int(cfg.eval.prompt_batch),
@@ -127,6 +131,8 @@ def run_eval_deployed(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict
     if "fake_quant" in metrics:
         print(f"fake-quant mask AP {metrics['fake_quant']['mask_AP']:.2f}, deployed {deployed['mask_AP']:.2f}; "
               f"mask IoU deployed vs fake-quant {metrics['deployed_vs_fake_quant_mIoU']:.4f}")
+    if predictor.int8_warning:
+        print(f"warning: {predictor.int8_warning}")
     print(f"\nmetrics: {run_dir / 'metrics.json'}")
     return metrics
 

@@ -19,6 +19,13 @@ def print_export_summary(result) -> None:
     summary = manifest["quantization_points_summary"]
     if summary:
         print("  quantization points: " + ", ".join(f"{k} {v}" for k, v in sorted(summary.items())))
+    if manifest["export_format"] == "onnx":
+        print(f"  weight layout: {manifest['weight_layout']} (asked: {manifest['weight_layout_requested']})")
+    from saq.deploy.int8_exactness import saturation_warning
+
+    warning = saturation_warning(manifest)
+    if warning:
+        print(f"  warning: {warning}")
     kept = result.kept_fp
     if kept:
         print(f"  kept in floating point ({len(kept)}, listed in export.json):")

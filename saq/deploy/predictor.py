@@ -7,6 +7,7 @@ the low-resolution logits, crop, resize to the original size), written with the 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from segment_anything.utils.transforms import ResizeLongestSide
 
+from saq.deploy.int8_exactness import saturation_warning
 from saq.deploy.runtime import load_graph
 from saq.export.onnx import read_manifest
 
@@ -40,6 +42,10 @@ class Predictor:
         self.onnx_dir = Path(onnx_dir).expanduser()
         self.manifest = read_manifest(self.onnx_dir)
         self.backend, self.precision = backend, precision
+        # None where the runtime computes this export's integer products exactly on this CPU
+        self.int8_warning = saturation_warning(self.manifest)
+        if self.int8_warning:
+            warnings.warn(self.int8_warning, RuntimeWarning, stacklevel=2)
         pre = self.manifest["preprocessing"]
         self.image_size = int(pre["image_size"])
         self.pixel_mean = torch.tensor(pre["pixel_mean"]).view(-1, 1, 1)

@@ -8,6 +8,7 @@ fake-quant op into QuantizeLinear / DequantizeLinear and keeps custom Dequantize
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 from collections import Counter
@@ -22,7 +23,7 @@ from segment_anything.modeling import Sam
 from saq.export.checkpoint import load_quantized, package_versions
 from saq.export.graphs import DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS, DecoderGraph, EncoderGraph
 from saq.export.int4 import pack_4bit_weights
-from saq.export.qdq import PACKED_4BIT_SUFFIX, ExportError, PointReport, strip_quantizers_, to_qdq_
+from saq.export.qdq import PACKED_4BIT_SUFFIX, WEIGHT_LAYOUTS, ExportError, PointReport, strip_quantizers_, to_qdq_
 from saq.nn.deploy import assert_deployable
 from saq.utils.hashing import file_hexdigest
 
@@ -99,17 +100,39 @@ def default_out_dir(ckpt_path: Path, fmt: str) -> Path:
     return ckpt_path.parent / fmt
 
 
+def qdq_with_exact_layout_(model: torch.nn.Module, weight_layout: str, exact_cpu: bool | None = None
+                           ) -> tuple[torch.nn.Module, list[PointReport], str]:
+    """``to_qdq_`` with ``weight_layout``, where ``auto`` means: ``symmetric`` (zero-point-free int8 weights,
+    OpenVINO's fast path) unless this CPU's int8 kernels would saturate on some of its layers (x86 without
+    VNNI, e.g. 8-bit weights times 8-bit activations), then ``uint8`` (exact on every CPU).
+    Returns (the converted model, its reports, the layout used)."""
+    if weight_layout != "auto":
+        return model, to_qdq_(model, weight_layout=weight_layout), weight_layout
+    from saq.deploy.int8_exactness import cpu_has_exact_int8_dot_product, saturating_layers  # (imports this module)
+
+    exact = cpu_has_exact_int8_dot_product() if exact_cpu is None else exact_cpu
+    candidate = model if exact else copy.deepcopy(model)
+    reports = to_qdq_(candidate, weight_layout="symmetric")
+    if exact or not saturating_layers({"quantization_points": [r.to_dict() for r in reports]}):
+        return candidate, reports, "symmetric"
+    return model, to_qdq_(model, weight_layout="uint8"), "uint8"
+
+
 def export_checkpoint(ckpt_path: str | Path, fmt: str = "onnx", out_dir: str | Path | None = None,
-                      opset: int = DEFAULT_OPSET, weight_layout: str = "symmetric") -> ExportResult:
-    """Export a saq.ptq checkpoint: ``onnx`` = QDQ with its own qparams, ``onnx_fp`` = the FP model it came from."""
+                      opset: int = DEFAULT_OPSET, weight_layout: str = "auto") -> ExportResult:
+    """Export a saq.ptq checkpoint: ``onnx`` = QDQ with its own qparams, ``onnx_fp`` = the FP model it came from.
+    ``weight_layout``: see :func:`qdq_with_exact_layout_` and ``saq.export.qdq``."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    if weight_layout not in (*WEIGHT_LAYOUTS, "auto"):
+        raise ValueError(f"unknown weight_layout {weight_layout!r}: choose one of auto, {', '.join(WEIGHT_LAYOUTS)}")
+    requested_layout = weight_layout
     ckpt_path = Path(ckpt_path).expanduser()
     model, payload = load_quantized(ckpt_path)
     reports: list[PointReport] = []
     if fmt == "onnx":
         assert_deployable(model, require_quantizers=bool(payload["layout"]))
-        reports = to_qdq_(model, weight_layout=weight_layout)
+        model, reports, weight_layout = qdq_with_exact_layout_(model, weight_layout)
     else:
         model = strip_quantizers_(_fp_model(payload))
     out = Path(out_dir).expanduser() if out_dir else default_out_dir(ckpt_path, fmt)
@@ -121,6 +144,7 @@ def export_checkpoint(ckpt_path: str | Path, fmt: str = "onnx", out_dir: str | P
         "quant": payload["config"]["quant"].get("name") if fmt == "onnx" else "fp32",
         "recipe": payload["config"]["ptq"].get("name") if fmt == "onnx" else "fp",
         "weight_layout": weight_layout if fmt == "onnx" else "fp32",
+        "weight_layout_requested": requested_layout if fmt == "onnx" else "fp32",
         "preprocessing": _preprocessing(model),
         "files": {k: {"path": p.name, "bytes": p.stat().st_size, "sha256": file_hexdigest(p)} for k, p in files.items()},
         "quantization_points_summary": dict(counts),

@@ -34,6 +34,7 @@ class PointReport:
     bits: int
     exported_as: str  # qdq_uint8 | qdq_int8 | fp
     note: str = ""
+    max_abs_code: int | None = None  # int8-stored weights: the largest |code| (what int8 kernels multiply)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -133,6 +134,7 @@ class _QDQWeighted(nn.Module):
         self.register_buffer("zero_point", zero_point.to(torch.int16).to(dtype).reshape(shape))
         self.axis = axis
         self.exported_as = f"qdq_{'uint8' if dtype == torch.uint8 else 'int8'}" + ("_zero_point_folded" if fold else "")
+        self.max_abs_code = int(codes.abs().max()) if dtype == torch.int8 else None
 
     def dequantized_weight(self) -> torch.Tensor:
         codes = self._buffers.get("codes", self._buffers.get(PACKED_4BIT_SUFFIX))
@@ -233,13 +235,13 @@ def qdq_expressible(q: FakeQuantizer) -> tuple[bool, str]:
     return True, ""
 
 
-def _report(name: str, q: FakeQuantizer, exported_as: str | None = None) -> PointReport:
+def _report(name: str, q: FakeQuantizer, exported_as: str | None = None, max_abs_code: int | None = None) -> PointReport:
     ok, why = qdq_expressible(q)
     if exported_as is None:
         exported_as = ("qdq_uint8" if q.qmin >= 0 else "qdq_int8") if ok else "fp"
     note = why if not ok else (f"{q.spec.bits}-bit codes in an 8-bit type, range clipped to "
                                f"[{q.qmin}, {q.qmax}]" if q.spec.bits < 8 else "")
-    return PointReport(name, q.role.value, q.spec.bits, exported_as, note)
+    return PointReport(name, q.role.value, q.spec.bits, exported_as, note, max_abs_code)
 
 
 def _check_ready(model: nn.Module) -> None:
@@ -276,7 +278,7 @@ def to_qdq_(model: nn.Module, weight_layout: str = "symmetric", pack_4bit: bool 
             new = QDQLinear(module, name, weight_layout, pack_4bit)
         else:
             new = QDQConv2d(module, name, weight_layout)
-        reports.append(_report(f"{name}.weight_quantizer", module.weight_quantizer, new.exported_as))
+        reports.append(_report(f"{name}.weight_quantizer", module.weight_quantizer, new.exported_as, new.max_abs_code))
         if module.input_quantizer is not None:
             reports.append(_report(f"{name}.input_quantizer", module.input_quantizer))
         _set_submodule(model, name, new)
