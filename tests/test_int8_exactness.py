@@ -28,6 +28,10 @@ def test_a_layer_saturates_when_two_products_can_pass_int16():
     assert saturating_layers(_manifest("qdq_int8", 128, 6, a_as="qdq_int8")) == ["enc.fc"]  # signed: the whole byte
     assert saturating_layers(_manifest("qdq_uint8", None, 8)) == []  # uint8 weights: widened, exact
     assert saturating_layers(_manifest("qdq_int8", None, 8)) == ["enc.fc"]  # older manifest: the type's bound
+    assert saturating_layers(_manifest("qdq_int8", 128, 16, a_as="fp")) == []  # float input: no int8 GEMM
+    weight_only = _manifest("qdq_int8", 128, 8)
+    weight_only["quantization_points"].pop()  # W8A16: no input quantizer at all
+    assert saturating_layers(weight_only) == []
 
 
 def test_warning_names_the_fix_only_on_a_saturating_cpu():

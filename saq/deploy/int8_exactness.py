@@ -34,10 +34,10 @@ def cpu_has_exact_int8_dot_product(cpuinfo: str | None = None, machine: str | No
     return any(flag in flags for flag in VNNI_FLAGS)
 
 
-def _max_activation_code(point: dict[str, Any] | None) -> int:
+def _max_activation_code(point: dict[str, Any]) -> int:
     """The largest uint8 code the runtime multiplies for this input: a b-bit unsigned grid stays below
-    2^b (the export clips it); anything else may use the whole byte."""
-    if point is not None and point["exported_as"] == "qdq_uint8":
+    2^b (the export clips it); a signed one may use the whole byte once shifted to uint8."""
+    if point["exported_as"] == "qdq_uint8":
         return 2 ** int(point["bits"]) - 1
     return 255
 
@@ -60,6 +60,8 @@ def saturating_layers(manifest: dict[str, Any]) -> list[str]:
             continue
         layer = name.removesuffix(".weight_quantizer")
         activation = points.get(f"{layer}.input_quantizer")
+        if activation is None or activation["exported_as"] == "fp":
+            continue  # a float input: the runtime dequantizes the weight and multiplies in float
         if 2 * _max_activation_code(activation) * _max_weight_code(point) > INT16_MAX:
             layers.append(layer)
     return layers
