@@ -117,6 +117,10 @@ def runtime_own_int8(run: Path, count: int = OWN_INT8_IMAGES) -> Path:
         def get_next(self):
             return next(self.feeds, None)
 
+    from saq.deploy.int8_exactness import cpu_has_exact_int8_dot_product
+
+    # onnxruntime's advice for CPUs whose u8 x s8 kernels saturate (no VNNI): 7-bit weights
+    reduce_range = not cpu_has_exact_int8_dot_product()
     source, target = run / "onnx_fp", run / OWN_INT8_DIR
     target.mkdir(parents=True, exist_ok=True)
     manifest = json.loads((source / "export.json").read_text())
@@ -124,11 +128,12 @@ def runtime_own_int8(run: Path, count: int = OWN_INT8_IMAGES) -> Path:
         path = manifest["files"][name]["path"]
         quantize_static(str(source / path), str(target / path), Feeds(feeds), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=list(OWN_INT8_OPS))
+                        calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=list(OWN_INT8_OPS),
+                        reduce_range=reduce_range)
         manifest["files"][name].update(bytes=(target / path).stat().st_size, sha256=file_hexdigest(target / path))
     manifest["note"] = (f"onnx_fp quantized by onnxruntime.quantization.quantize_static (QDQ, {'/'.join(OWN_INT8_OPS)}, "
-                        f"MinMax over {count} "
-                        "calibration images of the run): the runtime's own layout, not the run's quantization")
+                        f"MinMax over {count} calibration images of the run{', 7-bit weights' if reduce_range else ''}): "
+                        "the runtime's own layout, not the run's quantization")
     (target / "export.json").write_text(json.dumps(manifest, indent=2))
     return target
 
