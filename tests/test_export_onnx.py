@@ -402,11 +402,15 @@ def test_auto_layout_follows_the_cpus_int8_arithmetic(w8a8, tmp_path, monkeypatc
 
     ckpt, _ = w8a8
     w4a4 = _quantized_tiny(tmp_path / "w4a4.pt", w_bits=4, a_bits=4)  # 2 x 15 x 128 fits 16 bits
+    signed = _quantized_tiny(tmp_path / "signed.pt", symmetric_weights=True)  # int8 codes: shifted into uint8
     monkeypatch.setattr(exactness, "cpu_has_exact_int8_dot_product", lambda: False)  # (with it: always symmetric)
-    for checkpoint, expected in ((ckpt, "uint8"), (w4a4, "symmetric")):
-        manifest = export_checkpoint(checkpoint, "onnx", tmp_path / checkpoint.stem).manifest
+    for checkpoint, expected in ((ckpt, "uint8"), (w4a4, "symmetric"), (signed, "uint8")):
+        result = export_checkpoint(checkpoint, "onnx", tmp_path / checkpoint.stem)
+        manifest = result.manifest
         assert (manifest["weight_layout"], manifest["weight_layout_requested"]) == (expected, "auto")
         assert saturating_layers(manifest) == [] and saturation_warning(manifest) is None
+    assert {p["exported_as"] for p in manifest["quantization_points"] if p["role"] == "weight"} == {"qdq_uint8"}
+    assert agreement(signed, result.out_dir)["mask_iou_mean"] >= 0.99  # the +128 shift keeps every weight
     with pytest.raises(ValueError, match="unknown weight_layout 'int4': choose one of auto, symmetric"):
         export_checkpoint(ckpt, "onnx", tmp_path / "bad", weight_layout="int4")
 

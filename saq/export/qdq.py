@@ -101,7 +101,7 @@ class _QDQWeighted(nn.Module):
       points; this keeps the recipe's asymmetric grid and still gets them. The input sums come from an
       int8 MatMul with all-ones weights. Conv weights: as ``int8``.
     - ``int8``: codes and zero points shifted by -128 (int8 with per-channel zero points).
-    - ``uint8``: codes and zero points as stored.
+    - ``uint8``: codes and zero points as stored (a signed b-bit grid shifted by 2^(b-1)).
     """
 
     def _init_weight(self, module: nn.Module, name: str, layout: str, axis: int, transpose: bool) -> None:
@@ -120,6 +120,8 @@ class _QDQWeighted(nn.Module):
         fold = layout == "symmetric" and bool((zero_point != 0).any())
         if low == 0 and layout != "uint8":  # unsigned grid: shift into int8
             shift = -(2 ** (q.spec.bits - 1)) if layout == "symmetric" else -128
+        elif low < 0 and layout == "uint8":  # signed grid: shift into uint8 (u8 x u8 kernels are exact everywhere)
+            shift = 2 ** (q.spec.bits - 1)
         codes, zero_point = codes + shift, zero_point + shift
         # Folded zero points: W = s (codes - zp) = s codes + s (-zp), the second part as a correction term.
         self.register_buffer("zero_point_offset", (-zero_point * scale) if fold else None)
