@@ -103,24 +103,3 @@ def test_quantized_forward_changes_output(image):
         set_quant_mode(model, QuantMode.QUANTIZE)
         q = encode_image(model, image).embedding
     assert not torch.equal(fp, q)
-
-
-def test_quantizing_conv_runs_channels_last_with_the_same_values():
-    torch.manual_seed(0)
-    for groups, kernel in ((1, 1), (8, 3)):
-        conv = QuantConv2d.from_float(torch.nn.Conv2d(8, 8, kernel, padding=kernel // 2, groups=groups), W8, A8)
-        x = torch.randn(2, 8, 12, 12)
-        set_quant_mode(conv, QuantMode.OBSERVE)
-        conv(x)
-        for q in conv.quantizers().values():
-            q.finalize_observer()
-        set_quant_mode(conv, QuantMode.QUANTIZE)
-        with torch.no_grad():
-            y = conv(x)
-            nchw = torch.nn.functional.conv2d(conv.input_quantizer(x), conv.weight_quantizer(conv.weight), conv.bias,
-                                              padding=kernel // 2, groups=groups)
-        assert y.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous(
-            memory_format=torch.channels_last)
-        torch.testing.assert_close(y, nchw, rtol=1e-5, atol=1e-5)
-        set_quant_mode(conv, QuantMode.OFF)  # the FP path keeps the caller's layout
-        assert conv(x).is_contiguous()

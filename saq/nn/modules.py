@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from saq.quant.quantizer import FakeQuantizer, QuantMode, QuantSpec, Role
+from saq.quant.quantizer import FakeQuantizer, QuantSpec, Role
 
 
 def _adopt(cls: type[nn.Module], module: nn.Module) -> nn.Module:
@@ -68,13 +68,4 @@ class QuantConv2d(_WeightedQuantModule, nn.Conv2d):
     float_cls = nn.Conv2d
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and x.dim() == 4 and self._quantizing():
-            # oneDNN's CPU depthwise and 1x1 convolutions are faster channels-last (TinyViT's stage 0: encoder
-            # 1.1x, its reconstruction step 1.2x); outputs stay channels-last, so this copies once per chain of
-            # convolutions, a no-op after that. The sums run in another order, so only while quantizing:
-            # with its quantizers off the model stays the FP model bit for bit.
-            x = x.contiguous(memory_format=torch.channels_last)
         return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
-
-    def _quantizing(self) -> bool:
-        return any(q is not None and q.mode is QuantMode.QUANTIZE for q in (self.input_quantizer, self.weight_quantizer))
