@@ -5,7 +5,7 @@
 
 Times (a) the fake-quantized encoder on the first benchmark image and (b) one reconstruction step of
 TinyViT's first stage (MBConv blocks: depthwise and 1x1 convolutions; QDrop 0.5, compiled kernels, random
-image: cost only), each with every ``QuantConv2d`` input made channels-last first and as it comes. The
+image: cost only; compiled kernels unless ``--eager``), each with every ``QuantConv2d`` input made channels-last first and as it comes. The
 kernels of oneDNN's depthwise and 1x1 convolutions differ between the two layouts; this says whether that
 pays for a whole forward and a training step.
 """
@@ -72,11 +72,13 @@ def main() -> None:
                         help="an RGB image, or a folder whose first .jpg is used")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--eager", action="store_true", help="eager quantizers (default: the compiled kernels, "
+                        "as runs with runtime.compile=true)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, payload = load_quantized(args.checkpoint)
-    use_fused_kernels_(model, True)
+    use_fused_kernels_(model, not args.eager)
     image_path = args.image if args.image.is_file() else sorted(args.image.glob("*.jpg"))[0]
     image = load_image(image_path)
 
@@ -85,7 +87,7 @@ def main() -> None:
             encode_image(model, image)
 
     result = {"checkpoint": str(args.checkpoint), "model": payload["model_name"], "image": image_path.name,
-              "threads": torch.get_num_threads(), "rounds": args.rounds,
+              "threads": torch.get_num_threads(), "rounds": args.rounds, "compiled": not args.eager,
               "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
               "encoder": summary(interleaved(model, encode, args.rounds))}
     unit, batch = next((u, b) for u, b in unit_batches(model, 16, torch.Generator().manual_seed(0))

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from saq.models import build_model
 from saq.models.build import RANDOM_WEIGHTS
 
@@ -34,11 +36,9 @@ def test_bench_writes_json_and_markdown(tmp_path):
     assert "random weights, not for accuracy" in (out / "bench.md").read_text()
 
 
-def test_bench_recon_step_times_every_unit_type_eager_and_compiled(tmp_path):
-    """experiments/bench_recon_step.py on a tiny quantized checkpoint: the CLM decoder layer and every
-    encoder stage timed in both modes, the quantizers left final (no QDrop, no soft rounding)."""
-    import importlib.util
-
+@pytest.fixture(scope="module")
+def tiny_w4a4_checkpoint(tmp_path_factory):
+    """A tiny W4A4 checkpoint (weights hardened, activations calibrated on one box) for the benchmarks."""
     import numpy as np
     import torch
 
@@ -46,7 +46,6 @@ def test_bench_recon_step_times_every_unit_type_eager_and_compiled(tmp_path):
     from saq.models import build_tiny_sam
     from saq.models.predictor import decode_boxes, encode_image
     from saq.nn import QuantRule, harden_weights_, quantize_
-    from saq.nn.deploy import deployment_check
     from saq.ptq.calibrate import calibrate_weights_, is_activation
     from saq.quant import QuantMode, QuantSpec, iter_quantizers, quant_mode, set_quant_mode
 
@@ -63,9 +62,21 @@ def test_bench_recon_step_times_every_unit_type_eager_and_compiled(tmp_path):
                 q.finalize_observer()
     set_quant_mode(model, QuantMode.QUANTIZE)
     harden_weights_(model)
-    ckpt = save_quantized(tmp_path / "quantized.pt", model, layout, {
+    return save_quantized(tmp_path_factory.mktemp("tiny_w4a4") / "quantized.pt", model, layout, {
         "model": {"name": "tiny", "init_seed": 0, "checkpoint": None}, "quant": {"name": "w4a4"},
         "ptq": {"name": "minmax"}})
+
+
+def test_bench_recon_step_times_every_unit_type_eager_and_compiled(tiny_w4a4_checkpoint):
+    """experiments/bench_recon_step.py on a tiny quantized checkpoint: the CLM decoder layer and every
+    encoder stage timed in both modes, the quantizers left final (no QDrop, no soft rounding)."""
+    import importlib.util
+
+    import torch
+
+    from saq.nn.deploy import deployment_check
+
+    ckpt = tiny_w4a4_checkpoint
 
     spec = importlib.util.spec_from_file_location("bench_recon_step", ROOT / "experiments" / "bench_recon_step.py")
     bench = importlib.util.module_from_spec(spec)
@@ -114,3 +125,23 @@ def test_bench_agq_search_ways_choose_alike():
     assert torch.equal(sums["pow2"], sums["general"])
     assert torch.equal(sums["pow2_exp2"].argmin(dim=1), sums["general"].argmin(dim=1))
     torch.testing.assert_close(sums["pow2_exp2"], sums["general"], rtol=1e-5, atol=0.0)
+
+
+def test_bench_conv_layout_times_both_layouts(tiny_w4a4_checkpoint, tmp_path):
+    """experiments/bench_conv_layout.py end to end on the tiny checkpoint: both layouts timed for the encoder
+    and a stage step, written to JSON."""
+    from PIL import Image
+    import numpy as np
+
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(image)
+    out = tmp_path / "layout.json"
+    proc = subprocess.run([sys.executable, "experiments/bench_conv_layout.py", str(tiny_w4a4_checkpoint), "--image",
+                           str(image), "--rounds", "1", "--eager", "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    parts = [k for k in result if k == "encoder" or k.endswith(" step")]
+    assert len(parts) == 2
+    for part in parts:
+        times = result[part]["s"]
+        assert len(times["as_given"]) == len(times["channels_last"]) == 1 and result[part]["speedup"] > 0
