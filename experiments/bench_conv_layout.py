@@ -1,19 +1,19 @@
-"""Quantized convolutions fed channels-last against the caller's layout, interleaved in one process. Writes JSON.
+"""Quantized convolutions fed channels-last against the caller's layout, interleaved in one process.
+Writes JSON.
 
     python experiments/bench_conv_layout.py outputs/vit_t_coco/w4a4_saq_base_i20_s0/quantized.pt \
         --threads 2 --rounds 4 --out results/bench/conv_layout_vit_t_w4a4_saq_base_2threads_epyc.json
 
 Times (a) the fake-quantized encoder on the first benchmark image and (b) one reconstruction step of
-TinyViT's first stage (MBConv blocks: depthwise and 1x1 convolutions; QDrop 0.5, compiled kernels, random
-image: cost only; compiled kernels unless ``--eager``), each with every ``QuantConv2d`` input made channels-last first and as it comes. The
-kernels of oneDNN's depthwise and 1x1 convolutions differ between the two layouts; this says whether that
-pays for a whole forward and a training step.
+TinyViT's first stage (MBConv blocks: depthwise and 1x1 convolutions; QDrop 0.5, random image: cost only),
+each with every ``QuantConv2d`` input made channels-last first and as it comes; the quantizers run their
+compiled kernels unless ``--eager``. The kernels of oneDNN's depthwise and 1x1 convolutions differ between
+the two layouts; this says whether that pays for a whole forward and a training step.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -32,6 +32,7 @@ from saq.export.checkpoint import load_quantized  # noqa: E402
 from saq.models.predictor import encode_image  # noqa: E402
 from saq.nn import QuantConv2d  # noqa: E402
 from saq.quant.fused import use_fused_kernels_  # noqa: E402
+from saq.utils.run_files import write_json  # noqa: E402
 
 
 def _channels_last_hooks(model: torch.nn.Module) -> list:
@@ -53,7 +54,8 @@ def interleaved(model: torch.nn.Module, work: Callable[[], None], rounds: int) -
             for hook in hooks:
                 hook.remove()
 
-    timed("as_given"), timed("channels_last")  # warm-up: compiled kernels, allocator
+    for layout in times:  # warm-up: compiled kernels, allocator
+        timed(layout)
     for index in range(rounds):
         for layout in (("as_given", "channels_last") if index % 2 == 0 else ("channels_last", "as_given")):
             times[layout].append(timed(layout))
@@ -105,8 +107,7 @@ def main() -> None:
         print(f"{part}: as given {r['as_given_median_s']:.3f} s, channels-last {r['channels_last_median_s']:.3f} s, "
               f"speedup {r['speedup']:.2f}x")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
+        write_json(args.out, result)
         print(f"wrote {args.out}")
 
 

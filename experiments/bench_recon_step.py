@@ -17,7 +17,6 @@ Writes JSON (per unit: ms per step of each mode, median, speedup, agreement) and
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -32,6 +31,7 @@ from saq.models.units import ReconUnit, decoder_clm_units, encoder_units
 from saq.ptq.capture import _detach
 from saq.quant.fused import use_fused_kernels_
 from saq.quant.quantizer import QuantMode, quant_mode
+from saq.utils.run_files import write_json
 
 CPU = torch.device("cpu")
 
@@ -188,8 +188,7 @@ def main() -> None:
         print(f"| {r['unit']} | {r['kind']} | {r['eager_median_ms']:.0f} | {r['compiled_median_ms']:.0f} | "
               f"{r['speedup']:.2f}x | {same} |")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
+        write_json(args.out, result)
         print(f"wrote {args.out}")
 
 

@@ -137,7 +137,8 @@ def test_bench_conv_layout_times_both_layouts(tiny_w4a4_checkpoint, tmp_path):
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(image)
     out = tmp_path / "layout.json"
     proc = subprocess.run([sys.executable, "experiments/bench_conv_layout.py", str(tiny_w4a4_checkpoint), "--image",
-                           str(image), "--rounds", "1", "--eager", "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
+                           str(image), "--rounds", "1", "--eager", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     parts = [k for k in result if k == "encoder" or k.endswith(" step")]
