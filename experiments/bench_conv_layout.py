@@ -92,8 +92,7 @@ def main() -> None:
               "threads": torch.get_num_threads(), "rounds": args.rounds, "compiled": not args.eager,
               "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
               "encoder": summary(interleaved(model, encode, args.rounds))}
-    unit, batch = next((u, b) for u, b in unit_batches(model, 16, torch.Generator().manual_seed(0))
-                       if u.kind == "stage")
+    [(unit, batch)] = unit_batches(model, 16, torch.Generator().manual_seed(0), decoder=False, stages=1)
     module = UnitReconstruction(model, unit, ReconSettings(iters=4 * args.rounds + 4, qdrop_prob=0.5,
                                                            reg_weight=0.0, a_lr=2e-3))
     optimizers, _ = module.configure_optimizers()

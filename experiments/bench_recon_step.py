@@ -50,8 +50,10 @@ def captured_input(model: torch.nn.Module, entry: str, forward: Callable[[], Any
     return seen["input"]
 
 
-def unit_batches(model: torch.nn.Module, prompts: int, generator: torch.Generator) -> list[tuple[ReconUnit, dict]]:
-    """A step's batch for the first CLM decoder layer and for every encoder stage."""
+def unit_batches(model: torch.nn.Module, prompts: int, generator: torch.Generator, *, decoder: bool = True,
+                 stages: int | None = None) -> list[tuple[ReconUnit, dict]]:
+    """A step's batch for the first CLM decoder layer (unless ``decoder=False``) and for the first ``stages``
+    encoder stages (all when None). The generator draws the same numbers whichever are built."""
     encoder = model.image_encoder
     image = torch.randn(1, 3, encoder.img_size, encoder.img_size, generator=generator)
     embed = torch.randn(1, model.prompt_encoder.embed_dim, *model.prompt_encoder.image_embedding_size,
@@ -65,12 +67,14 @@ def unit_batches(model: torch.nn.Module, prompts: int, generator: torch.Generato
                            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False)
 
     batches = []
-    decoder_unit = decoder_clm_units(model)[0]
-    args, kwargs = captured_input(model, decoder_unit.entry, decode)
-    with torch.no_grad():  # CLM targets: the FP later layers on the quantized embedding's path
-        target = decoder_unit.run(model, args, kwargs)
-    batches.append((decoder_unit, {"index": 0, "q": (args, kwargs), "fp": None, "target": target, "head_target": None}))
-    for unit in (u for u in encoder_units(model, "stage") if u.kind == "stage"):
+    if decoder:
+        decoder_unit = decoder_clm_units(model)[0]
+        args, kwargs = captured_input(model, decoder_unit.entry, decode)
+        with torch.no_grad():  # CLM targets: the FP later layers on the quantized embedding's path
+            target = decoder_unit.run(model, args, kwargs)
+        batches.append((decoder_unit, {"index": 0, "q": (args, kwargs), "fp": None, "target": target,
+                                       "head_target": None}))
+    for unit in [u for u in encoder_units(model, "stage") if u.kind == "stage"][:stages]:
         args, kwargs = captured_input(model, unit.entry, lambda: encoder(image))
         with torch.no_grad(), quant_mode(model, QuantMode.OFF):
             target = unit.run(model, args, kwargs)

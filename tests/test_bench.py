@@ -83,6 +83,10 @@ def test_bench_recon_step_times_every_unit_type_eager_and_compiled(tiny_w4a4_che
     spec.loader.exec_module(bench)
     loaded, _ = bench.load_quantized(ckpt)
     batches = bench.unit_batches(loaded, prompts=3, generator=torch.Generator().manual_seed(0))
+    [(first_stage, first_batch)] = bench.unit_batches(loaded, prompts=3, generator=torch.Generator().manual_seed(0),
+                                                      decoder=False, stages=1)
+    assert first_stage.name == batches[1][0].name  # the same draws, fewer batches built
+    assert torch.equal(first_batch["q"][0][0], batches[1][1]["q"][0][0])
     rows = [bench.time_unit(loaded, unit, batch, rounds=1, steps=1) for unit, batch in batches]
     for unit, batch in batches:  # the compiled steps learn what the eager ones learn, bit for bit
         agreement = bench.steps_agree(loaded, unit, batch, steps=2)
