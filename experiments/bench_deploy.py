@@ -4,8 +4,8 @@ and the accuracy of each against the FP masks and the ground truth.
     python experiments/bench_deploy.py --run outputs/vit_t_w8a8_minmax --threads 1 --rounds 5
 
 Configurations (each a row): PyTorch FP eager, PyTorch fake-quant (the framework's own numbers),
-onnxruntime FP32 and int8 (the run's QDQ export), OpenVINO FP32, int8 (the same QDQ file) and bf16
-(the FP file with a bf16 inference precision hint); on request (``--configs ... onnxruntime_own_int8
+onnxruntime FP32 and int8 (the run's QDQ export), OpenVINO FP32, int8 (the same QDQ file), int8 with bf16
+for the layers left floating point, and bf16 (the FP file with a bf16 inference precision hint); on request (``--configs ... onnxruntime_own_int8
 openvino_own_int8``) the runtime's own int8 layout: the FP file quantized by onnxruntime's static
 quantizer with its own MinMax calibration, to compare with the recipe's layout. Timing is interleaved: every round times every
 configuration once on the same image (encoder) and the same single-box prompt (decoder), so drift of
@@ -36,6 +36,10 @@ CONFIGS = {  # name -> (kind, export dir, backend, precision)
     "openvino_fp32": ("runtime", "onnx_fp", "openvino", "fp32"),
     "openvino_int8": ("runtime", "onnx", "openvino", "fp32"),
     "openvino_bf16": ("runtime", "onnx_fp", "openvino", "bf16"),
+    # The QDQ file with bf16 for what stays floating point (LayerNorm, softmax, GELU, residual adds, the
+    # unquantized layers): the int8 layers are the run's, the rest rounds to bf16 (saq.eval
+    # eval.runtime_precision=bf16).
+    "openvino_int8_bf16": ("runtime", "onnx", "openvino", "bf16"),
     # The runtime's own int8 layout: the FP file quantized by onnxruntime's static quantizer (its MinMax
     # calibration, its quantization points), for comparison with the recipe's layout; not the run's numbers.
     "onnxruntime_own_int8": ("runtime", "onnx_own_int8", "onnxruntime", "fp32"),

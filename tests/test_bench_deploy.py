@@ -24,7 +24,7 @@ def test_bench_deploy_writes_every_configuration(tmp_path, coco8):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((run / "bench_deploy" / "bench_deploy.json").read_text())
     assert set(result["configs"]) == {"pytorch_fp", "pytorch_fake_quant", "onnxruntime_fp32", "onnxruntime_int8",
-                                      "openvino_fp32", "openvino_int8", "openvino_bf16"}
+                                      "openvino_fp32", "openvino_int8", "openvino_int8_bf16", "openvino_bf16"}
     for name, row in result["configs"].items():
         assert len(row["raw_s"]["encoder"]) == 2 and 0 < row["encoder"]["min_s"] <= row["encoder"]["median_s"]
         assert row["decoder"]["min_s"] > 0
