@@ -464,3 +464,19 @@ def test_openvino_profile_names_the_int8_kernels(w8a8, tmp_path):
     missing = subprocess.run([sys.executable, "experiments/profile_openvino.py", str(tmp_path / "nowhere.onnx")],
                              cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
     assert missing.returncode != 0 and "ONNX file not found" in missing.stderr
+
+
+def test_bf16_rest_warns_on_folded_zero_points_only(w8a8, tmp_path):
+    """Folded zero points need fp32 for their correction terms: bf16 warns (vit_t: 58.2 -> 51.6 AP measured)."""
+    from saq.deploy.predictor import bf16_warning
+
+    ckpt, folded = w8a8
+    assert any(p["exported_as"].endswith("_zero_point_folded") for p in folded.manifest["quantization_points"])
+    assert "quant.weight.symmetric=true" in bf16_warning(folded.manifest, "bf16")
+    assert bf16_warning(folded.manifest, "fp32") is None
+    plain = export_checkpoint(_quantized_tiny(tmp_path / "quantized.pt", symmetric_weights=True), "onnx",
+                              weight_layout="symmetric")
+    assert bf16_warning(plain.manifest, "bf16") is None
+    pytest.importorskip("openvino", reason='the deploy extra: pip install -e ".[deploy]"')
+    with pytest.warns(RuntimeWarning, match="folded weight zero points"):
+        assert Predictor(folded.out_dir, "openvino", precision="bf16").precision_warning

@@ -118,6 +118,8 @@ def run_eval_deployed(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict
                "int8_exact_on_this_cpu": predictor.int8_warning is None}
     if predictor.int8_warning:
         metrics["int8_warning"] = predictor.int8_warning
+    if predictor.precision_warning:
+        metrics["precision_warning"] = predictor.precision_warning
     if cfg.eval.compare_fake_quant and manifest["export_format"] == "onnx":
         model, _ = load_quantized(manifest["checkpoint"])
         fake = evaluate(model, dataset, prompts, "eval fake-quant", int(cfg.eval.prompt_batch),
@@ -133,6 +135,8 @@ def run_eval_deployed(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict
               f"mask IoU deployed vs fake-quant {metrics['deployed_vs_fake_quant_mIoU']:.4f}")
     if predictor.int8_warning:
         print(f"warning: {predictor.int8_warning}")
+    if predictor.precision_warning:
+        print(f"warning: {predictor.precision_warning}")
     print(f"\nmetrics: {run_dir / 'metrics.json'}")
     return metrics
 
