@@ -30,7 +30,22 @@ def _preempt_after_first_unit(run_dir, sweep: subprocess.Popen) -> None:
         assert time.monotonic() < deadline, "no reconstruction checkpoint within 300 s"
         time.sleep(0.01)
     pid = json.loads((run_dir / "status.json").read_text())["pid"]
+    # Signal only a process of this sweep: SIGUSR2 ends any process without a handler for it.
+    assert _descends_from(pid, sweep.pid), f"status.json names pid {pid}, which is not a process of this sweep"
     os.kill(pid, signal.SIGUSR2)
+
+
+def _descends_from(pid: int, ancestor: int) -> bool:
+    """Whether ``pid`` is ``ancestor`` or one of its descendants (parent links read from /proc)."""
+    while pid > 1:
+        if pid == ancestor:
+            return True
+        try:
+            stat = open(f"/proc/{pid}/stat").read()
+        except OSError:
+            return False
+        pid = int(stat.rsplit(")", 1)[1].split()[1])  # the field after the state: the parent pid
+    return False
 
 
 def _submitit_logs(sweep_dir) -> str:
@@ -84,3 +99,17 @@ def test_preempted_job_is_requeued_and_resumes_then_shards_merge(tmp_path):
     sharded = json.loads((merged / "metrics.json").read_text())["quantized"]
     for key in ("mask_AP", "mask_AP50", "mask_AP75", "mIoU", "fidelity_mIoU"):
         assert sharded[key] == whole[key], key
+
+
+def test_sweep_over_recipes_with_a_recon_override(tmp_path):
+    """Hydra composes a multirun's base config with the default recipe: the override must fit it too.
+
+    In this file (one xdist worker runs a file's tests one after the other) so that it never runs beside the
+    preemption test above: on a 2-core AVX-512 host the worker running this sweep died twice while that test
+    ran on the other worker (cause not found; the SIGUSR2 now goes only to a process of its own sweep)."""
+    proc = subprocess.run([sys.executable, "-m", "saq.ptq", "-m", "debug=fast", "ptq=fp,minmax",
+                           "ptq.recon.iters=5", "eval.side_by_side=0", f"paths.cache_dir={tmp_path / 'cache'}",
+                           f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+                          capture_output=True, text=True, cwd=ROOT, env=env())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "2/2 jobs completed" in proc.stdout
