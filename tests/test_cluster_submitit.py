@@ -15,7 +15,14 @@ import pytest
 
 from recon_cli import RECON_RUN, ROOT, checkpoint_tensors, comparable_metrics, env, predictions, tensor_differences
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    # Run alone (pytest tests/test_cluster_submitit.py): in the 2-worker suite on a 2-core AVX-512 host, the other
+    # xdist worker died three times ("node down: Not properly terminated") while these submitit sweeps ran
+    # beside its own subprocess runs; the cause was not found.
+    pytest.mark.skipif(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") != "1",
+                       reason="submitit sweeps run only without parallel workers: pytest tests/test_cluster_submitit.py"),
+]
 
 STATE_FILE = "recon_state.pt"
 # 30 iterations per unit: long enough that the signal lands before the last unit ends
