@@ -19,15 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-from saq.deploy.runtime import PRECISIONS, require_backend
+from saq.deploy.runtime import PRECISIONS, openvino_config, require_backend
 
 
 def profile(path: Path, precision: str, threads: int, runs: int, top: int) -> dict:
     require_backend("openvino")
     import openvino as ov
 
-    config = {"PERF_COUNT": "YES", "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads,
-              "INFERENCE_PRECISION_HINT": "f32" if precision == "fp32" else "bf16"}
+    config = {**openvino_config(threads, precision), "PERF_COUNT": "YES"}  # as saq runs it, plus the counters
     compiled = ov.Core().compile_model(str(path), "CPU", config)
     request = compiled.create_infer_request()
     inputs = {}

@@ -107,16 +107,3 @@ def test_preempted_job_is_requeued_and_resumes_then_shards_merge(tmp_path):
     for key in ("mask_AP", "mask_AP50", "mask_AP75", "mIoU", "fidelity_mIoU"):
         assert sharded[key] == whole[key], key
 
-
-def test_sweep_over_recipes_with_a_recon_override(tmp_path):
-    """Hydra composes a multirun's base config with the default recipe: the override must fit it too.
-
-    In this file (one xdist worker runs a file's tests one after the other) so that it never runs beside the
-    preemption test above: on a 2-core AVX-512 host the worker running this sweep died twice while that test
-    ran on the other worker (cause not found; the SIGUSR2 now goes only to a process of its own sweep)."""
-    proc = subprocess.run([sys.executable, "-m", "saq.ptq", "-m", "debug=fast", "ptq=fp,minmax",
-                           "ptq.recon.iters=5", "eval.side_by_side=0", f"paths.cache_dir={tmp_path / 'cache'}",
-                           f"hydra.sweep.dir={tmp_path / 'sweep'}"],
-                          capture_output=True, text=True, cwd=ROOT, env=env())
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "2/2 jobs completed" in proc.stdout

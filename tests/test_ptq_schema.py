@@ -22,3 +22,15 @@ def test_every_recipe_has_the_recon_and_pcc_keys():
     assert len(set(map(str, keys.values()))) == 1  # the same keys everywhere
     recon_keys = next(iter(keys.values()))[0]
     assert set(ReconSettings.__dataclass_fields__) <= recon_keys  # every engine setting is configurable
+
+
+def test_sweep_over_recipes_with_a_recon_override(tmp_path):
+    """Hydra composes a multirun's base config with the default recipe: the override must fit it too."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "saq.ptq", "-m", "debug=fast", "ptq=fp,minmax",
+                           "ptq.recon.iters=5", "eval.side_by_side=0", f"hydra.sweep.dir={tmp_path}"],
+                          capture_output=True, text=True, cwd=Path(config_dir()).parent)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "2/2 jobs completed" in proc.stdout

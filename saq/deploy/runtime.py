@@ -6,7 +6,7 @@ The runtimes are optional dependencies (``pip install -e ".[deploy]"``), importe
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -56,15 +56,20 @@ def _onnxruntime_graph(path: Path, num_threads: int | None, precision: str) -> G
     return lambda inputs: session.run(None, inputs)
 
 
-def _openvino_graph(path: Path, num_threads: int | None, precision: str) -> Graph:
-    ov = _import("openvino")
+def openvino_config(num_threads: int | None, precision: str) -> dict[str, Any]:
+    """OpenVINO CPU settings of every saq run: latency, ``precision`` for what is not int8."""
     # No dynamic int8 quantization of activations in front of compressed (4-bit) weights: the numbers
     # stay the exported model's.
-    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32" if precision == "fp32" else "bf16",
-              "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0}
+    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0,
+                              "INFERENCE_PRECISION_HINT": "f32" if precision == "fp32" else "bf16"}
     if num_threads:
         config["INFERENCE_NUM_THREADS"] = num_threads
-    compiled = ov.Core().compile_model(str(path), "CPU", config)
+    return config
+
+
+def _openvino_graph(path: Path, num_threads: int | None, precision: str) -> Graph:
+    ov = _import("openvino")
+    compiled = ov.Core().compile_model(str(path), "CPU", openvino_config(num_threads, precision))
     request = compiled.create_infer_request()
     outputs = compiled.outputs
 
