@@ -388,12 +388,13 @@ def test_vit_t_w8a8_minmax_deployed_matches_fake_quant(tmp_path, vit_t_checkpoin
         # measured: within 0.6 AP; the fake-quant model against itself with torch's fused rounding moves AP by 0.3
         assert abs(metrics["quantized"]["mask_AP"] - fake_quant_ap) <= 1.0, (backend, metrics["quantized"], fake_quant_ap)
         assert metrics["quantized"]["fidelity_mIoU"] >= 0.92, metrics["quantized"]
-    # measured 0.970: the floor set by rounding alone (fake quant with 1/scale vs / scale) is 0.975
-    assert metrics_ort_fidelity(tmp_path / "onnxruntime") >= 0.95
-
-
-def metrics_ort_fidelity(eval_dir) -> float:
-    return json.loads((eval_dir / "metrics.json").read_text())["deployed_vs_fake_quant_mIoU"]
+    # Prompt by prompt the export agrees with the fake-quant model as closely as float summation order
+    # allows: the fake-quant model differs from itself as much under a one-ulp input change
+    # (saq.deploy.agreement; on vit_t_coco 0.969 deployed against 0.97x for that). Given the same image
+    # embedding, the exported decoder gives the fake-quant masks.
+    measured = json.loads((tmp_path / "onnxruntime" / "metrics.json").read_text())
+    assert measured["deployed_decoder_vs_fake_quant_mIoU"] >= 0.99, measured
+    assert measured["deployed_vs_fake_quant_mIoU"] >= measured["fake_quant_float_order_mIoU"] - 0.03, measured
 
 
 def test_auto_layout_follows_the_cpus_int8_arithmetic(w8a8, tmp_path, monkeypatch):

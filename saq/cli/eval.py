@@ -77,10 +77,27 @@ def _fp_reference(cfg: DictConfig, trained: dict[str, Any], data_cfg: dict[str, 
     return fp
 
 
+def _agreement_references(cfg: DictConfig, model, predictor, dataset, prompts, fake) -> dict[str, float]:
+    """What the deployed-vs-fake-quant mask IoU is read against (saq.deploy.agreement): the fake-quant
+    model against itself with a one-ulp input change, and the runtime's decoder on fake-quant embeddings."""
+    from saq.deploy.agreement import FakeQuantEmbeddings, one_ulp_input
+    from saq.eval import evaluate, evaluate_runtime
+    from saq.eval.metrics import fidelity
+
+    batch, progress, workers = int(cfg.eval.prompt_batch), bool(cfg.runtime.progress), int(cfg.eval.num_workers)
+    with one_ulp_input(model):
+        moved = evaluate(model, dataset, prompts, "eval fake-quant, input one ulp up", batch, progress, workers)
+    decoder = evaluate_runtime(FakeQuantEmbeddings(predictor, model), dataset, prompts,
+                               "eval runtime decoder on fake-quant embeddings", batch, progress, workers)
+    return {"fake_quant_float_order_mIoU": fidelity(fake.masks(), moved.masks()),
+            "deployed_decoder_vs_fake_quant_mIoU": fidelity(fake.masks(), decoder.masks())}
+
+
 def run_eval_deployed(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict[str, Any]:
     """``eval.backend=onnxruntime|openvino``: the exported files of ``ckpt_path`` (an export dir) on that
     runtime, on the data and prompts of the run that wrote the checkpoint; IoU against the FP masks, and
-    (``eval.compare_fake_quant``) against the fake-quantized PyTorch model of the same checkpoint."""
+    (``eval.compare_fake_quant``) against the fake-quantized PyTorch model of the same checkpoint, with the
+    two references that agreement is read against (:func:`_agreement_references`)."""
     import torch
 
     from saq.deploy import Predictor
@@ -127,12 +144,15 @@ def run_eval_deployed(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict
         metrics["fake_quant"] = {k: float(fake.metrics[k]) for k in METRIC_KEYS}
         metrics["deployed_vs_fake_quant_mIoU"] = fidelity(fake.masks(), result.masks())
         metrics["mask_AP_deployed_minus_fake_quant"] = deployed["mask_AP"] - metrics["fake_quant"]["mask_AP"]
+        metrics.update(_agreement_references(cfg, model, predictor, dataset, prompts, fake))
     write_json(run_dir / "metrics.json", metrics)
     logger.log_metrics({f"eval/{k}": v for k, v in metrics["quantized"].items()})
     print("\n" + format_table([{**metrics, **metrics["quantized"]}]))
     if "fake_quant" in metrics:
         print(f"fake-quant mask AP {metrics['fake_quant']['mask_AP']:.2f}, deployed {deployed['mask_AP']:.2f}; "
-              f"mask IoU deployed vs fake-quant {metrics['deployed_vs_fake_quant_mIoU']:.4f}")
+              f"mask IoU deployed vs fake-quant {metrics['deployed_vs_fake_quant_mIoU']:.4f} (float order alone: "
+              f"{metrics['fake_quant_float_order_mIoU']:.4f}; the runtime's decoder on fake-quant embeddings: "
+              f"{metrics['deployed_decoder_vs_fake_quant_mIoU']:.4f})")
     if predictor.int8_warning:
         print(f"warning: {predictor.int8_warning}")
     if predictor.precision_warning:
