@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -51,12 +53,23 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / a.norm().clamp_min(1e-30))
 
 
-def divergence(ckpt: Path, image: np.ndarray, depth: int) -> list[dict[str, float | str]]:
-    """Per module: the one-ulp run's difference, and for scale the quantization error (against the same
-    model with every quantizer off)."""
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def divergence(ckpt: Path, image: np.ndarray, depth: int, perturbation: str = "ulp") -> list[dict[str, float | str]]:
+    """Per module: the difference of the second run (``ulp``: input one ulp up; ``threads``: one torch
+    thread, so other summation orders in the kernels), and for scale the quantization error (against the
+    same model with every quantizer off)."""
     model, _ = load_quantized(ckpt)
     plain = module_outputs(model, image, depth)
-    with one_ulp_input(model):
+    with one_ulp_input(model) if perturbation == "ulp" else torch_threads(1):
         moved = module_outputs(model, image, depth)
     with quant_mode(model, QuantMode.OFF):
         fp = module_outputs(model, image, depth)
@@ -76,7 +89,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(rows)), 4))
     x = range(len(rows))
-    ax.semilogy(x, [max(r["relative_l2"], 1e-9) for r in rows], marker="o", label="one-ulp input change")
+    ax.semilogy(x, [max(r["relative_l2"], 1e-9) for r in rows], marker="o", label="second run (see title)")
     ax.semilogy(x, [max(r["quantization_relative_l2"], 1e-9) for r in rows], marker=".", ls="--",
                 label="quantization error (vs quantizers off)")
     ax.legend(fontsize=8)
@@ -96,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="an RGB image (default: the first COCO val2017 image of the shared assets)")
     parser.add_argument("--assets", type=Path, default=ROOT.parent / "shared" / "assets")
     parser.add_argument("--depth", type=int, default=3, help="module name depth (layers.2.blocks.0 is 3)")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads of the reference run")
+    parser.add_argument("--perturbation", choices=("ulp", "threads"), default="ulp",
+                        help="the second run: input one ulp up (ulp), or the same input on one thread (threads)")
     parser.add_argument("--out", type=Path, required=True, help="directory for divergence.json and divergence.png")
     args = parser.parse_args(argv)
     from PIL import Image
@@ -109,12 +124,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     image = np.asarray(Image.open(image_path).convert("RGB"))
-    rows = divergence(args.ckpt, image, args.depth)
+    if args.perturbation == "threads" and torch.get_num_threads() == 1:
+        parser.error("--perturbation threads compares against one thread: give the reference --threads 2 or more")
+    rows = divergence(args.ckpt, image, args.depth, args.perturbation)
     args.out.mkdir(parents=True, exist_ok=True)
-    result = {"checkpoint": str(args.ckpt), "image": str(image_path), "perturbation": "encoder input + 1 ulp",
+    result = {"checkpoint": str(args.ckpt), "image": str(image_path), "perturbation": {"ulp": "encoder input + 1 ulp",
+                                                                 "threads": f"1 torch thread against {torch.get_num_threads()}"}[args.perturbation],
               "modules": rows}
     (args.out / "divergence.json").write_text(json.dumps(result, indent=1) + "\n")
-    plot(rows, args.out / "divergence.png", f"{args.ckpt.parent.name}: one-ulp input change, {Path(image_path).name}")
+    plot(rows, args.out / "divergence.png", f"{args.ckpt.parent.name}: {result['perturbation']}, {Path(image_path).name}")
     for row in rows:
         print(f"{row['module']:40s} {row['relative_l2']:.2e}  changed {row['changed_fraction']:.2e}  "
               f"quantization error {row['quantization_relative_l2']:.2e}")
