@@ -113,3 +113,7 @@ def test_float_order_divergence_experiment(exported, tmp_path):
     missing = subprocess.run([*script, "--ckpt", str(tmp_path / "none.pt"), "--out", str(out)], cwd=ROOT,
                              capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and "checkpoint not found" in missing.stderr
+    one_thread = subprocess.run([*script, "--ckpt", str(exported[0]), "--image", str(image), "--threads", "1",
+                                 "--perturbation", "threads", "--out", str(out)], cwd=ROOT, capture_output=True,
+                                text=True, timeout=300)
+    assert one_thread.returncode == 2 and "--threads 2 or more" in one_thread.stderr
