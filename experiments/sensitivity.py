@@ -1,0 +1,122 @@
+"""Sensitivity of a quantized SAM to each quantizer group (``saq.eval.sensitivity.SAM_GROUPS``).
+
+The model is calibrated once with the recipe's statistics stages (default ``ptq=ptq4sam_s``, W4A4), with
+the parts the paper rules keep FP quantized too (so that their cost can be measured; they stay off in
+every other row). Then, on a fixed subset of the evaluation set:
+  only <group>: that group quantized, everything else FP;
+  all but <group>: every group of the protocol quantized except that one.
+Each row is appended to the JSON as it finishes; a rerun with the same --out skips the rows it holds.
+
+    python experiments/sensitivity.py --out results/vit_t_coco/sensitivity.json \
+        experiment=vit_t_coco quant=w4a4 ptq=ptq4sam_s seed=0 data.max_images=32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from saq.cli.task import config_dir, register_resolvers
+from saq.data import select_calibration
+from saq.data.sources import dataset_from_config, prompts_from_config
+from saq.eval import evaluate
+from saq.eval.metrics import fidelity
+from saq.eval.sensitivity import SAM_GROUPS, check_partition, set_groups_quantized
+from saq.models import build_model
+from saq.nn import quantize_
+from saq.nn.quantize import QuantRule
+from saq.ptq.recipe import rules_from_config
+from saq.ptq.stages import StageContext, run_stages
+from saq.utils.cpu_runtime import apply_cpu_runtime
+from saq.utils.loggers import RunLogger
+
+# Kept FP by the paper's protocol; quantized here only for their own rows.
+PROTOCOL_FP_GROUPS = {"enc_patch_embed", "dec_heads"}
+EXTRA_PATTERNS = ("image_encoder.patch_embed*", "mask_decoder.output_hypernetworks_mlps*",
+                  "mask_decoder.iou_prediction_head*")
+
+
+def sensitivity_rules(config: dict) -> list[QuantRule]:
+    """The recipe's rules, with the protocol's FP parts given the encoder's (patch embed) or decoder's bits."""
+    rules = rules_from_config(config["quant"], config["ptq"])
+    enc = next(r for r in rules if r.pattern == "image_encoder*")
+    dec = next(r for r in rules if r.pattern == "mask_decoder*")
+    extra = [QuantRule(p, enc.weight, enc.act, enc.softmax) if p.startswith("image_encoder")
+             else QuantRule(p, dec.weight, dec.act, dec.softmax) for p in EXTRA_PATTERNS]
+    return extra + [r for r in rules if r.pattern not in EXTRA_PATTERNS]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="JSON file (rows are appended; reruns resume)")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/ptq.yaml")
+    args = parser.parse_args()
+
+    register_resolvers()
+    with initialize_config_dir(config_dir(), version_base="1.3"):
+        cfg = compose("ptq", overrides=[*args.overrides, "logger=none"])
+    config = OmegaConf.to_container(cfg, resolve=True)
+    torch.manual_seed(int(cfg.seed))
+    apply_cpu_runtime(cfg.runtime)
+    out = args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = json.loads(out.read_text()) if out.is_file() else {}
+    if record and record.get("overrides") != args.overrides:
+        raise SystemExit(f"{out} holds rows of other overrides ({record.get('overrides')}): pass another --out")
+    record.update(overrides=args.overrides, rows=record.get("rows", {}))
+
+    eval_set = dataset_from_config(config["data"])
+    calib_set = dataset_from_config(config["calib"]["data"])
+    model = build_model(config["model"])
+    eval_prompts = prompts_from_config(config["prompts"], eval_set, model, False)
+    calib_prompts = prompts_from_config(config["calib"]["prompts"], calib_set, model, False)
+    calib_items = select_calibration(calib_set, calib_prompts, int(cfg.calib.num_images), str(cfg.calib.strategy),
+                                     int(cfg.calib.seed))
+
+    def run_eval(label: str):
+        start = time.perf_counter()
+        result = evaluate(model, eval_set, eval_prompts, label, int(cfg.eval.prompt_batch), True, 0)
+        return result, time.perf_counter() - start
+
+    fp, _ = run_eval("eval fp")
+    record["fp"] = {"mask_AP": fp.metrics["mask_AP"], "mIoU": fp.metrics["mIoU"]}
+    record["eval_images"] = len(eval_set.images)
+
+    quantize_(model, sensitivity_rules(config))
+    start = time.perf_counter()
+    with torch.no_grad(), tempfile.TemporaryDirectory() as stage_dir:  # the stages' own files are not kept
+        run_stages(StageContext(model, calib_items, calib_items, config, Path(stage_dir), RunLogger(Path(stage_dir)),
+                                True))
+    record["calibration_s"] = round(time.perf_counter() - start, 1)
+    members = check_partition(model)
+    record["groups"] = {g.name: {"description": g.description, "quantizers": len(members[g.name])}
+                        for g in SAM_GROUPS if members[g.name]}
+    present = [g for g in record["groups"] if g != "other"]
+    protocol = {g for g in present if g not in PROTOCOL_FP_GROUPS}
+    model.eval()
+
+    plan = [("all (protocol)", protocol)]
+    plan += [(f"only {g}", {g}) for g in present]
+    plan += [(f"all but {g}", protocol - {g}) for g in sorted(protocol)]
+    for label, groups in plan:
+        if label in record["rows"]:
+            continue
+        set_groups_quantized(model, groups)
+        result, seconds = run_eval(label)
+        record["rows"][label] = {"groups": sorted(groups), "mask_AP": result.metrics["mask_AP"],
+                                 "mIoU": result.metrics["mIoU"],
+                                 "fidelity_mIoU": fidelity(result.masks(), fp.masks()), "eval_s": round(seconds, 1)}
+        out.write_text(json.dumps(record, indent=1))
+        print(f"{label:32s} AP {result.metrics['mask_AP']:6.2f}  mIoU {result.metrics['mIoU']:.3f}", flush=True)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
