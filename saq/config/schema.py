@@ -51,6 +51,8 @@ class Stage(Choice):
     calibrate = "calibrate"
     pcc = "pcc"
     reconstruct = "reconstruct"
+    reparam = "reparam"
+    compensate = "compensate"
 
 
 class ObserverName(Choice):
@@ -209,6 +211,25 @@ class PCCConfig:
 
 
 @dataclass
+class ReparamConfig:
+    """Channel reparameterization of post-LayerNorm activations (stage ``reparam``, saq.ptq.reparam)."""
+
+    strength: float = 1.0  # 1: every channel gets the same range; 0: nothing changes
+    shift: bool = True  # also align the channels' offsets (left out by itself where padding forbids it)
+    num_images: Optional[int] = None  # calibration images for the channel ranges (null: all)
+
+
+@dataclass
+class CompensateConfig:
+    """Closed-form error compensation of Linear / 1x1 conv weights (stage ``compensate``, saq.ptq.compensate)."""
+
+    ridge: float = 0.01  # ridge strength, relative to the mean input energy
+    gptq: bool = True  # round the re-fitted weights with error feedback (False: nearest rounding)
+    parts: List[Part] = field(default_factory=lambda: [Part.encoder, Part.decoder])
+    num_images: Optional[int] = 8  # calibration images the moments are gathered on (null: all)
+
+
+@dataclass
 class RecipeConfig:
     name: str = MISSING
     quantize: bool = True
@@ -221,6 +242,8 @@ class RecipeConfig:
     agq_max_maps: Optional[int] = None
     recon: ReconConfig = field(default_factory=ReconConfig)
     pcc: PCCConfig = field(default_factory=PCCConfig)
+    reparam: ReparamConfig = field(default_factory=ReparamConfig)
+    compensate: CompensateConfig = field(default_factory=CompensateConfig)
 
 
 @dataclass

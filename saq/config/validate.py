@@ -78,9 +78,31 @@ def validate_ptq_config(cfg: DictConfig) -> None:
            "python -m saq.export, then python -m saq.eval ckpt_path=<run>/onnx eval.backend=...")
     if cfg.ptq.quantize:
         _check(len(cfg.ptq.stages) > 0, "ptq.stages", list(cfg.ptq.stages), "a quantizing recipe needs stages")
+        _check_stage_order([str(s) for s in cfg.ptq.stages])
+    _check_range(cfg, "ptq.reparam.strength", 0.0, 1.0)
+    _check_range(cfg, "ptq.compensate.ridge", 0.0, float("inf"))
+    for key in ("ptq.reparam.num_images", "ptq.compensate.num_images"):
+        _check_range(cfg, key, 1, float("inf"))
     _check(cfg.eval.num_shards == 1, "eval.num_shards", cfg.eval.num_shards,
            "python -m saq.ptq evaluates every image; shard the evaluation of its quantized.pt with "
            "python -m saq.eval ckpt_path=<run>/quantized.pt eval.num_shards=N eval.shard=i")
+
+
+def _check_stage_order(stages: list[str]) -> None:
+    """reparam changes the FP weights every range is measured on: before pcc and calibrate. compensate
+    replaces weights (and the FP targets reconstruction would compute from them): after calibrate and
+    after reconstruct."""
+    def before(a: str, b: str, why: str) -> None:
+        if a in stages and b in stages:
+            _check(stages.index(a) < stages.index(b), "ptq.stages", stages, f"{a} must come before {b}: {why}")
+
+    _check(len(set(stages)) == len(stages), "ptq.stages", stages, "a stage may appear once")
+    before("reparam", "pcc", "it rescales the weights PCC's ranges are searched on")
+    before("reparam", "calibrate", "it rescales the weights and activations the observers measure")
+    before("calibrate", "compensate", "compensation needs the calibrated activation ranges")
+    before("reconstruct", "compensate", "reconstruction's FP targets come from the weights compensation replaces")
+    if "compensate" in stages:
+        _check("calibrate" in stages, "ptq.stages", stages, "compensate needs calibrate before it")
 
 
 def validate_shard(num_shards: Any, shard: Any) -> None:

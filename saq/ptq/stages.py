@@ -82,6 +82,25 @@ def pcc_stage(ctx: StageContext) -> Any:
     return {"records": len(result.records), "dir": str(ctx.run_dir / "pcc")}
 
 
+def reparam_stage(ctx: StageContext) -> Any:
+    from saq.ptq.reparam import reparam_
+
+    cfg = ctx.config["ptq"]["reparam"]
+    count = cfg.get("num_images")
+    items = ctx.calib_items[: int(count)] if count else ctx.calib_items
+    return reparam_(ctx.model, items, strength=float(cfg["strength"]), shift=bool(cfg["shift"]), images=ctx.images)
+
+
+def compensate_stage(ctx: StageContext) -> Any:
+    from saq.ptq.compensate import compensate_
+
+    cfg = ctx.config["ptq"]["compensate"]
+    count = cfg.get("num_images")
+    items = ctx.recon_items[: int(count)] if count else ctx.recon_items  # at most max_prompts_per_image boxes
+    return compensate_(ctx.model, items, ridge=float(cfg["ridge"]), gptq=bool(cfg["gptq"]),
+                       parts=tuple(str(p) for p in cfg["parts"]), images=ctx.images, show_progress=ctx.progress)
+
+
 def calibrate_stage(ctx: StageContext) -> Any:
     from saq.ptq.calibrate import calibrate_
 
@@ -125,9 +144,11 @@ def reconstruct_stage(ctx: StageContext) -> Any:
 
 STAGES: dict[Stage, Callable[[StageContext], Any]] = {
     Stage.bimodal: bimodal_stage,
+    Stage.reparam: reparam_stage,
     Stage.pcc: pcc_stage,
     Stage.calibrate: calibrate_stage,
     Stage.reconstruct: reconstruct_stage,
+    Stage.compensate: compensate_stage,
 }
 
 
