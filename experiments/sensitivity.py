@@ -53,11 +53,41 @@ def sensitivity_rules(config: dict) -> list[QuantRule]:
     return extra + [r for r in rules if r.pattern not in EXTRA_PATTERNS]
 
 
+def plot(record: dict, path: Path) -> Path:
+    """Two bar charts per group: AP lost when only it is quantized, AP regained when only it is FP."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, fp_ap = record["rows"], record["fp"]["mask_AP"]
+    all_ap = rows["all (protocol)"]["mask_AP"]
+    groups = [g for g in record["groups"] if f"only {g}" in rows]
+    lost = [fp_ap - rows[f"only {g}"]["mask_AP"] for g in groups]
+    regained = [rows[f"all but {g}"]["mask_AP"] - all_ap if f"all but {g}" in rows else float("nan") for g in groups]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.32 * len(groups) + 1.5), sharey=True)
+    axes[0].barh(groups, lost, color="tab:red")
+    axes[0].set_xlabel("AP lost: only this group quantized")
+    axes[1].barh(groups, regained, color="tab:green")
+    axes[1].set_xlabel("AP regained: only this group FP")
+    axes[0].invert_yaxis()
+    fig.suptitle(f"{record['eval_images']} images: FP {fp_ap:.1f} AP, all quantized {all_ap:.1f} AP "
+                 f"({' '.join(record['overrides'])})", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="JSON file (rows are appended; reruns resume)")
+    parser.add_argument("--plot-only", action="store_true", help="redraw <out>.png from the JSON and stop")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/ptq.yaml")
     args = parser.parse_args()
+    if args.plot_only:
+        print(f"wrote {plot(json.loads(args.out.read_text()), args.out.with_suffix('.png'))}")
+        return
 
     register_resolvers()
     with initialize_config_dir(config_dir(), version_base="1.3"):
@@ -82,7 +112,7 @@ def main() -> None:
 
     def run_eval(label: str):
         start = time.perf_counter()
-        result = evaluate(model, eval_set, eval_prompts, label, int(cfg.eval.prompt_batch), True, 0)
+        result = evaluate(model, eval_set, eval_prompts, label, int(cfg.eval.prompt_batch), bool(cfg.runtime.progress), 0)
         return result, time.perf_counter() - start
 
     fp, _ = run_eval("eval fp")
@@ -115,7 +145,7 @@ def main() -> None:
                                  "fidelity_mIoU": fidelity(result.masks(), fp.masks()), "eval_s": round(seconds, 1)}
         out.write_text(json.dumps(record, indent=1))
         print(f"{label:32s} AP {result.metrics['mask_AP']:6.2f}  mIoU {result.metrics['mIoU']:.3f}", flush=True)
-    print(f"wrote {out}")
+    print(f"wrote {out} and {plot(record, out.with_suffix('.png'))}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Guards of the method as METHOD.md specifies it (issue: SAQ-SAM as the paper specifies it).
+"""Guards of the method as docs/method.md specifies it (issue: SAQ-SAM as the paper specifies it).
 
 Each test pins one point where an implementation could depart from the reference recipe."""
 

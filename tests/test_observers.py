@@ -146,7 +146,7 @@ def test_zero_point_bisection_finds_the_brute_force_optimum(bits):
 
 
 def test_weight_mse_searches_every_zero_point_per_range():
-    """METHOD.md section 2: weights search ranges x zero points per channel. The 2-D grid contains the
+    """docs/method.md section 2: weights search ranges x zero points per channel. The 2-D grid contains the
     1-D shrink's candidates, so it is never worse; on skewed channels it is strictly better; and the
     returned range maps back to an on-grid (step, integer zero point) pair."""
     torch.manual_seed(0)

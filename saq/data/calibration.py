@@ -44,7 +44,7 @@ def select_calibration(dataset: CocoInstances, prompts: dict[int, list[Prompt]],
 def cap_prompts(items: list[CalibrationItem], max_prompts_per_image: int | None, seed: int = 0
                 ) -> list[CalibrationItem]:
     """The same images with at most ``max_prompts_per_image`` prompts each (a seeded sample): the
-    reconstruction batch (METHOD.md section 5); BIG, PCC and the observers see every prompt."""
+    reconstruction batch (docs/method.md section 5); BIG, PCC and the observers see every prompt."""
     if max_prompts_per_image is None:
         return list(items)
     rng = random.Random(seed)

@@ -3,7 +3,7 @@
 The key projection output of a token-to-image cross-attention can be bimodal as a tensor while each
 channel sits on one of the two peaks. Flipping the sign of those channels in BOTH q_proj and k_proj
 leaves every per-head q.k product unchanged (g^2 = 1) and turns k into a unimodal tensor that a
-per-tensor quantizer handles far better. Detection (METHOD.md section 3): a Gaussian KDE of k on one
+per-tensor quantizer handles far better. Detection (docs/method.md section 3): a Gaussian KDE of k on one
 the prompts of the first calibration image has exactly two peaks.
 """
 
@@ -37,7 +37,7 @@ def _kde_sample(x: torch.Tensor, max_points: int, seed: int) -> torch.Tensor:
 def kde_density(x: torch.Tensor, grid: int = 128, max_points: int = KDE_MAX_POINTS,
                 seed: int = KDE_SEED) -> tuple[torch.Tensor, torch.Tensor]:
     """(grid points between min and max of x, Gaussian KDE density there). The bandwidth follows
-    Scott's rule on the full tensor (its std and size, METHOD.md section 3); the density is summed over
+    Scott's rule on the full tensor (its std and size, docs/method.md section 3); the density is summed over
     a seeded subsample of at most ``max_points`` values for speed."""
     if x.numel() == 0:
         raise ValueError("kde of an empty tensor")
@@ -68,7 +68,7 @@ def _find_peaks(density: torch.Tensor, height: float, min_distance: int) -> list
 
 
 def kde_peaks(x: torch.Tensor, grid: int = 128, height_frac: float = 0.01, min_distance: int = 32) -> list[int]:
-    """Grid indices of the peaks of the Gaussian KDE of x's values (see METHOD.md section 3)."""
+    """Grid indices of the peaks of the Gaussian KDE of x's values (see docs/method.md section 3)."""
     if x.numel() > 0 and bool(x.min() == x.max()):  # constant input: one mode, the grid collapses
         return [0]
     _, density = kde_density(x, grid)

@@ -4,7 +4,7 @@ The decoder's attention inputs of SAM carry extreme outliers; error metrics such
 them enough. PCC instead picks, for the inputs and outputs of q_proj and k_proj of every decoder
 attention, the clipping percentile whose quantized attention map keeps the same *focus* as the FP
 map: focus mask M = 1[A > theta * rowmax(A)], loss = mean over (prompt, head) of 1 - IoU(M, M^)
-(METHOD.md section 4). The search is greedy (module by module, quantizer by quantizer, two passes),
+(docs/method.md section 4). The search is greedy (module by module, quantizer by quantizer, two passes),
 with every other quantizer OFF except the PCC quantizers already fixed, so the image encoder runs
 once per calibration image and each candidate recomputes only one side of one attention map.
 """
@@ -32,7 +32,7 @@ from saq.quant.stats import quantiles
 # The four searched quantizers of a decoder attention, relative to the module, in search order.
 PCC_POINTS: tuple[str, ...] = ("q_proj.input_quantizer", "k_proj.input_quantizer", "q_quantizer", "k_quantizer")
 
-# The 29 clip percentiles of the reference code (METHOD.md section 4 abbreviates the middle of this list
+# The 29 clip percentiles of the reference code (docs/method.md section 4 abbreviates the middle of this list
 # with "..."; it is not a 0.01 grid above 0.95), then p = 1 (no clipping) so that the search can never
 # do worse than min-max on its own metric.
 REFERENCE_PERCENTILES: tuple[float, ...] = (
@@ -374,7 +374,7 @@ def pcc_search_(model: nn.Module, items: list[CalibrationItem], theta: float = 0
     quantizers = _pcc_quantizers(model, modules)
     if not quantizers:
         raise ValueError(f"none of the decoder attentions has a quantizer at {PCC_POINTS}")
-    # PCC normally runs before the observers (METHOD.md section 4): an uncalibrated point has no range yet
+    # PCC normally runs before the observers (docs/method.md section 4): an uncalibrated point has no range yet
     initial = {key: quantizer_range(q) if q.is_calibrated else None for key, q in quantizers.items()}
     num_items = len(items)
     result = PCCResult(theta=theta, passes=passes, num_items=num_items)

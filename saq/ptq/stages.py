@@ -1,6 +1,6 @@
 """The stages a recipe lists (``ptq.stages``), one function each, in one typed registry.
 
-Reference order (METHOD.md sections 3-5): bimodal fold -> PCC -> observers of everything else ->
+Reference order (docs/method.md sections 3-5): bimodal fold -> PCC -> observers of everything else ->
 reconstruction. PCC after the observers also runs (its searched points then start from their
 calibrated range): the order is the recipe's.
 

@@ -4,7 +4,7 @@ Codes: q = round(-tau * log2(a / s)), clamped below at 0 (a > s saturates to s);
 "exactly zero". Values: a^ = s * 2^(-q / tau). The representable set is therefore {0} plus 2^b
 powers of 2^(1/tau) below s (2^b + 1 values, as in PTQ4SAM).
 
-Calibration (METHOD.md section 2): for every observed forward and every tau, the scale s is searched
+Calibration (docs/method.md section 2): for every observed forward and every tau, the scale s is searched
 on a grid in [min(0.1, 0.01 max a), max a] minimising mean |(A^ - A) V|^p, the error AFTER the map is
 applied to V (``max_maps``: estimated on a seeded sample of at most that many maps of the forward). Errors of each tau's best s are summed over forwards; the tau with the lowest total wins
 and its per-forward best scales are averaged.
