@@ -18,6 +18,8 @@ FAST_RECON = ["ptq.recon.iters=4", "ptq.recon.best_window=2"]
     ("ptq4sam_l", FAST_RECON),
     ("saq_star", ["ptq.pcc.passes=1", "ptq.pcc.percentiles=[0.9,0.99,1.0]"]),
     ("saq_sam", FAST_RECON + ["ptq.recon.final_attn_iters=4", "ptq.pcc.passes=1", "ptq.pcc.percentiles=[0.9,1.0]"]),
+    ("saq_rc", ["ptq.recon.iters=0"]),  # calibration and closed-form steps only
+    ("saq_rc", FAST_RECON + ["ptq.recon.final_attn_iters=4", "ptq.compensate.num_images=1"]),
 ])
 def test_recipe_runs_and_deploys(recipe, extra, tmp_path):
     run_dir = tmp_path / recipe
@@ -32,6 +34,11 @@ def test_recipe_runs_and_deploys(recipe, extra, tmp_path):
         assert (run_dir / "recon_state.pt").is_file() and (run_dir / "recon_curves.png").is_file()
     if "pcc" in stages:
         assert (run_dir / "pcc" / "search.json").is_file() and list((run_dir / "pcc").glob("*.png"))
+    if "compensate" in stages:  # the refitted layers track the FP model better than nearest rounding
+        comp = stages["compensate"]
+        assert comp["layers"] > 0
+        assert comp["mean_relative_output_error_after"] < comp["mean_relative_output_error_before"]
+        assert stages["reparam"]["pairs"] == 4 and stages["reparam"]["fp_embedding_relative_error"] < 1e-4
     if recipe == "qdrop":
         ref = metrics["reference_protocol"]
         assert set(ref) >= {"mask_AP", "mIoU"} and "QDrop" in ref["note"]
