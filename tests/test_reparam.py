@@ -120,3 +120,18 @@ def test_real_vit_t_fp_embedding_unchanged(vit_t_checkpoint, coco8):
     items = select_calibration(dataset, gt_prompts(dataset), 2, "first")
     info = reparam_(model, items)
     assert info["pairs"] == 20 and info["fp_embedding_relative_error"] < 1e-5
+
+
+def test_decoder_attention_balance_keeps_fp_and_equalizes(random_calibration_items):
+    from saq.ptq.reparam import decoder_attentions, projection_ranges
+
+    model = build_tiny_sam(seed=3).eval()
+    attentions = decoder_attentions(model)
+    assert len(attentions) == 7  # 2 layers x 3 attentions + the final token-to-image attention
+    info = reparam_(model, random_calibration_items, attention=True)
+    assert info["fp_mask_logits_relative_error"] < 1e-5 and set(info["attentions"]) == set(attentions)
+    peaks = projection_ranges(model, attentions, random_calibration_items)
+    for name in attentions:  # after the fold: q and k share each channel's range, v's channels one range
+        assert torch.allclose(peaks[f"{name}.q_proj"], peaks[f"{name}.k_proj"], rtol=1e-3)
+        v = peaks[f"{name}.v_proj"]
+        assert torch.allclose(v, v.mean().expand_as(v), rtol=1e-3)

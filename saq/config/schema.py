@@ -217,6 +217,7 @@ class ReparamConfig:
     strength: float = 1.0  # 1: every channel gets the same range; 0: nothing changes
     shift: bool = True  # also align the channels' offsets (left out by itself where padding forbids it)
     num_images: Optional[int] = None  # calibration images for the channel ranges (null: all)
+    attention: bool = False  # also balance q/k and v/out channels of the decoder's attentions
 
 
 @dataclass

@@ -116,14 +116,65 @@ def fold_pair_(norm: nn.LayerNorm, linear: nn.Linear, r: torch.Tensor, o: torch.
     norm.bias.sub_(o).div_(r)
 
 
+def decoder_attentions(model: nn.Module) -> list[str]:
+    """The mask decoder's attentions with q/k/v/out projections (segment-anything's two-way ``Attention``)."""
+    return [name for name, m in model.named_modules() if name.startswith("mask_decoder.")
+            and all(isinstance(getattr(m, p, None), nn.Linear) for p in ("q_proj", "k_proj", "v_proj", "out_proj"))]
+
+
+@torch.no_grad()
+def projection_ranges(model: nn.Module, attentions: list[str], items: list[CalibrationItem],
+                      images: ImageSource | None = None) -> dict[str, torch.Tensor]:
+    """Per-channel max |output| of every q/k/v projection of ``attentions`` over the items (FP model)."""
+    from saq.ptq.capture import run_items
+
+    peaks: dict[str, torch.Tensor] = {}
+
+    def record(name):
+        def hook(_module, _args, out):
+            peak = out.detach().abs().reshape(-1, out.shape[-1]).amax(0).float()
+            peaks[name] = torch.maximum(peaks[name], peak) if name in peaks else peak
+        return hook
+
+    names = [f"{a}.{p}" for a in attentions for p in ("q_proj", "k_proj", "v_proj")]
+    handles = [model.get_submodule(n).register_forward_hook(record(n)) for n in names]
+    try:
+        with quant_mode(model, QuantMode.OFF):
+            run_items(model, items, images=images)
+    finally:
+        for h in handles:
+            h.remove()
+    return peaks
+
+
+@torch.no_grad()
+def balance_attention_(attention: nn.Module, q_peak: torch.Tensor, k_peak: torch.Tensor, v_peak: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold per-channel factors that leave the attention's output unchanged:
+    q_c / a_c and k_c * a_c with a_c = sqrt(max|q_c| / max|k_c|) (QK^T is a sum of q_c k_c, so each channel
+    of q and k ends with the range sqrt(max|q_c| max|k_c|)); v_c / b_c and the out projection's input column c
+    times b_c with b_c = max|v_c| / mean max|v| (the attention map mixes tokens, not channels)."""
+    eps = 1e-8
+    a = (q_peak.clamp_min(eps) / k_peak.clamp_min(eps)).sqrt().clamp(1e-3, 1e3)
+    b = (v_peak.clamp_min(eps) / v_peak.clamp_min(eps).mean()).clamp(1e-3, 1e3)
+    for proj, factor in ((attention.q_proj, 1.0 / a), (attention.k_proj, a), (attention.v_proj, 1.0 / b)):
+        factor = factor.to(proj.weight)
+        proj.weight.mul_(factor[:, None])
+        if proj.bias is not None:
+            proj.bias.mul_(factor)
+    attention.out_proj.weight.mul_(b.to(attention.out_proj.weight)[None, :])
+    return a, b
+
+
 def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
 @torch.no_grad()
 def reparam_(model: nn.Module, items: list[CalibrationItem], strength: float = 1.0, shift: bool = True,
-             images: ImageSource | None = None, tolerance: float = 1e-3) -> dict:
-    """Reparameterize every LayerNorm -> Linear pair of the encoder; returns what was folded.
+             images: ImageSource | None = None, tolerance: float = 1e-3, attention: bool = False) -> dict:
+    """Reparameterize every LayerNorm -> Linear pair of the encoder (and, with ``attention``, balance the
+    q/k and v/out channels of the decoder's attentions); returns what was folded.
 
     Checks on the first calibration image that the FP image embedding did not change (relative error
     below ``tolerance``, float32 rounding only) and raises otherwise: a fold that changes the FP model
@@ -133,12 +184,15 @@ def reparam_(model: nn.Module, items: list[CalibrationItem], strength: float = 1
         raise ValueError(f"ptq.reparam.strength={strength}: use a value in [0, 1] (1 = equal channel ranges)")
     images = images or ImageSource(model)
     pairs = norm_linear_pairs(model)
-    if not pairs:
+    attentions = decoder_attentions(model) if attention else []
+    if not pairs and not attentions:
         log.warning("channel reparameterization: no LayerNorm -> Linear pair in the image encoder; nothing folded")
         return {"pairs": 0}
-    probe = images.image(items[0].image.path)
+    probe_item = items[0]
+    probe = images.image(probe_item.image.path)
     with quant_mode(model, QuantMode.OFF):
         before = encode_image(model, probe).embedding.clone()
+        before_masks = _decoder_logits(model, probe_item, images) if attentions else None
     ranges = channel_ranges(model, [p.norm for p in pairs], items, images)
     spreads = []
     for pair in pairs:
@@ -147,12 +201,40 @@ def reparam_(model: nn.Module, items: list[CalibrationItem], strength: float = 1
         fold_pair_(model.get_submodule(pair.norm), model.get_submodule(pair.linear), r, o)
         width = hi - lo
         spreads.append(float(width.max() / width.clamp_min(1e-8).median()))
+    balanced = {}
+    if attentions:
+        peaks = projection_ranges(model, attentions, items, images)
+        for name in attentions:
+            a, b = balance_attention_(model.get_submodule(name), peaks[f"{name}.q_proj"], peaks[f"{name}.k_proj"],
+                                      peaks[f"{name}.v_proj"])
+            balanced[name] = {"qk_factor_range": [round(float(a.min()), 3), round(float(a.max()), 3)],
+                              "v_factor_range": [round(float(b.min()), 3), round(float(b.max()), 3)]}
     with quant_mode(model, QuantMode.OFF):
         after = encode_image(model, probe).embedding
+        after_masks = _decoder_logits(model, probe_item, images) if attentions else None
     error = _relative_error(after, before)
     if error > tolerance:
         raise RuntimeError(f"channel reparameterization changed the FP image embedding by {error:.2e} (relative); "
                            "a LayerNorm -> Linear pair is not what saq.ptq.reparam assumes")
+    info = {"pairs": len(pairs), "strength": strength, "shift": shift, "fp_embedding_relative_error": error,
+            "max_over_median_channel_width": round(max(spreads), 2) if spreads else None}
+    if attentions:
+        logit_error = _relative_error(after_masks, before_masks)
+        if logit_error > tolerance:
+            raise RuntimeError(f"balancing the decoder attentions changed the FP mask logits by {logit_error:.2e} "
+                               "(relative); an attention is not what saq.ptq.reparam assumes")
+        info.update(attentions=balanced, fp_mask_logits_relative_error=logit_error)
     images.forget_embeddings()  # cached FP embeddings were computed before the fold (same values, new weights)
-    return {"pairs": len(pairs), "strength": strength, "shift": shift, "fp_embedding_relative_error": error,
-            "max_over_median_channel_width": round(max(spreads), 2)}
+    return info
+
+
+def _decoder_logits(model: nn.Module, item: CalibrationItem, images: ImageSource) -> torch.Tensor:
+    """The low-resolution mask logits and IoU predictions of the item's boxes, flattened."""
+    from saq.models.predictor import decoder_batches
+
+    encoded = encode_image(model, images.image(item.image.path))
+    outputs = []
+    for inputs in decoder_batches(model, encoded, torch.tensor([p.box_xyxy for p in item.prompts])):
+        low_res, iou = model.mask_decoder(**inputs)
+        outputs += [low_res.flatten(), iou.flatten()]
+    return torch.cat(outputs)

@@ -88,7 +88,8 @@ def reparam_stage(ctx: StageContext) -> Any:
     cfg = ctx.config["ptq"]["reparam"]
     count = cfg.get("num_images")
     items = ctx.calib_items[: int(count)] if count else ctx.calib_items
-    return reparam_(ctx.model, items, strength=float(cfg["strength"]), shift=bool(cfg["shift"]), images=ctx.images)
+    return reparam_(ctx.model, items, strength=float(cfg["strength"]), shift=bool(cfg["shift"]), images=ctx.images,
+                    attention=bool(cfg.get("attention", False)))
 
 
 def compensate_stage(ctx: StageContext) -> Any:
