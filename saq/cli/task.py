@@ -218,12 +218,14 @@ def user_input_errors() -> tuple[type[BaseException], ...]:
     """Errors raised for a wrong path, file, data set or setting, each with a message naming the fix."""
     from saq.config.validate import ConfigError
     from saq.data.coco import DatasetError
+    from saq.eval.metrics import MetricOutOfRangeError
     from saq.models.checkpoints import CheckpointError
     from saq.models.minisam_convert import WeightsUnavailableError
     from saq.ptq.preflight import PreflightError
     from saq.quant.observers import CalibrationDataError
 
-    return (CheckpointError, ConfigError, DatasetError, PreflightError, CalibrationDataError, WeightsUnavailableError)
+    return (CheckpointError, ConfigError, DatasetError, PreflightError, CalibrationDataError, WeightsUnavailableError,
+            MetricOutOfRangeError)
 
 
 # --- the task --------------------------------------------------------------------------------------

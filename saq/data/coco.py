@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -121,6 +122,26 @@ def _matches(image: Mapping[str, Any], where: Mapping[str, Any] | None) -> bool:
     return not where or all(image.get(k) == v for k, v in where.items())
 
 
+def _refuse_duplicate_ids(records: list[dict], kind: str, ann_path: Path) -> None:
+    """Two records with one id make every per-image result ambiguous (COCOeval then scores garbage)."""
+    seen: set = set()
+    duplicates = sorted({r["id"] for r in records if "id" in r and (r["id"] in seen or seen.add(r["id"]))})
+    if duplicates:
+        raise DatasetError(f"{ann_path}: duplicate {kind} ids {duplicates[:5]}{' ...' if len(duplicates) > 5 else ''} "
+                           f"({len(duplicates)} in all); every {kind} needs its own id")
+
+
+def _check_box(ann: dict, ann_path: Path) -> None:
+    """A box prompt needs four finite numbers with positive width and height."""
+    box = ann["bbox"]
+    ok = isinstance(box, (list, tuple)) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)
+    if ok:
+        ok = all(math.isfinite(v) for v in box) and box[2] > 0 and box[3] > 0
+    if not ok:
+        raise DatasetError(f"{ann_path}: annotation {ann.get('id')} (image {ann.get('image_id')}) has the box {box}; "
+                           "a box is [x, y, width, height] with finite values and width, height > 0")
+
+
 def load_coco_set(name: str, images: str | Path, annotations: str | Path, where: Mapping[str, Any] | None = None,
                   max_images: int | None = None) -> tuple[list[dict], list[dict], list[dict], Path]:
     """Read one annotation file; ``where`` keeps images whose fields equal the given values and
@@ -133,6 +154,10 @@ def load_coco_set(name: str, images: str | Path, annotations: str | Path, where:
         missing = [k for k in ("image_id", "category_id", "bbox", "segmentation") if k not in ann]
         if missing:
             raise DatasetError(f"{ann_path}: annotation #{i} lacks {missing}")
+    _refuse_duplicate_ids(data["images"], "image", ann_path)
+    _refuse_duplicate_ids(data["annotations"], "annotation", ann_path)
+    for ann in data["annotations"]:
+        _check_box(ann, ann_path)
     for img in data["images"]:
         _image_file(images_dir, str(img.get("file_name", "")), ann_path)
     imgs = [img for img in data["images"] if _matches(img, where)]

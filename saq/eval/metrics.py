@@ -68,3 +68,23 @@ def fidelity(fp_masks: list[dict[str, Any]], q_masks: list[dict[str, Any]]) -> f
     if not fp_masks:
         return float("nan")
     return float(np.mean([mask_iou(a, b) for a, b in zip(fp_masks, q_masks)]))
+
+
+class MetricOutOfRangeError(RuntimeError):
+    """A metric outside its possible range: the evaluation itself is broken, no number may be reported."""
+
+
+def check_metric_ranges(block: dict[str, Any], where: str) -> None:
+    """AP-type metrics lie in [0, 100] (or are -1, pycocotools' "no instance of this size"), IoUs in [0, 1]."""
+    for key, value in block.items():
+        if not isinstance(value, (int, float)):
+            continue
+        if key.startswith("mask_AP"):
+            ok = value == -1 or 0.0 <= value <= 100.0
+        elif "IoU" in key:
+            ok = 0.0 <= value <= 1.0
+        else:
+            continue
+        if not ok or value != value:
+            raise MetricOutOfRangeError(f"{where}.{key} = {value} cannot exist; the evaluation is broken "
+                                        "(duplicate ids or corrupt annotations?) and nothing is reported")

@@ -175,7 +175,11 @@ def run_ptq(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict[str, Any]
         metrics["reference_protocol"] = {**_metric_block(reference.metrics),
                                          "fidelity_mIoU": reference.metrics["fidelity_mIoU"],
                                          "note": "published evaluation defect: QDrop left on Linear inputs"}
+    from saq.eval.metrics import check_metric_ranges
     from saq.eval.predictions import save_predictions  # per-image results for paired comparisons
+
+    for block in ("fp", "quantized"):
+        check_metric_ranges(metrics[block], block)
 
     save_predictions(run_dir, eval_set, fp, quantized, calib_items)
     write_json(run_dir / "metrics.json", metrics)
