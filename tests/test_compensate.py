@@ -101,3 +101,25 @@ def test_compensate_stage_on_tiny_model(random_calibration_items):
     assert_deployable(model)  # every weight on its grid, every quantizer deterministic
     image = ImageSource(model).image(items[0].image.path)
     assert _embedding_error(model, fp_model, image) < _embedding_error(plain, fp_model, image)
+
+
+def test_compensated_checkpoint_round_trip(random_calibration_items, tmp_path):
+    """Layers without a bias (the neck's convs) keep none: the checkpoint loads strictly, same outputs."""
+    from saq.export import load_quantized, save_quantized
+    from saq.nn.quantize import plan_layout
+
+    items = random_calibration_items
+    model = build_tiny_sam(seed=2).eval()
+    layout = plan_layout(model, W4A4)
+    quantize_(model, W4A4)
+    calibrate_(model, items, show_progress=False)
+    assert model.image_encoder.neck[0].bias is None
+    compensate_(model, items, show_progress=False)
+    assert model.image_encoder.neck[0].bias is None
+    harden_weights_(model)
+    set_quant_mode(model, QuantMode.QUANTIZE)
+    path = save_quantized(tmp_path / "quantized.pt", model, layout, {"model": {"name": "tiny"}})
+    loaded, _ = load_quantized(path)
+    image = ImageSource(model).image(items[0].image.path)
+    with torch.no_grad():
+        assert torch.equal(encode_image(loaded, image).embedding, encode_image(model, image).embedding)

@@ -127,15 +127,15 @@ def _original_weights(modules: dict[str, nn.Module], original: dict[str, tuple[t
                 m.bias.data = current[n][1]
 
 
-def ridge_refit(weight: torch.Tensor, bias: torch.Tensor, xtx: torch.Tensor, xtx_fp: torch.Tensor, ridge: float
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def ridge_refit(weight: torch.Tensor, bias: torch.Tensor, xtx: torch.Tensor, xtx_fp: torch.Tensor, ridge: float,
+                with_bias: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """The ridge solution of step 1 from the augmented moments xtx = [X^ 1]^T [X^ 1] and
-    xtx_fp = [X^ 1]^T [X 1] (float64)."""
-    wb = torch.cat([weight.double(), bias.double()[:, None]], dim=1)  # out x (in + 1)
+    xtx_fp = [X^ 1]^T [X 1] (float64); ``with_bias=False``: plain moments X^T X^, X^T X and no bias."""
+    wb = torch.cat([weight.double(), bias.double()[:, None]], dim=1) if with_bias else weight.double()
     lam = ridge * xtx.diagonal().mean()
     eye = torch.eye(xtx.shape[0], dtype=xtx.dtype, device=xtx.device)
     solved = torch.linalg.solve(xtx + lam * eye, (xtx_fp + lam * eye) @ wb.T).T  # (X^T X + lam) W'^T = (X^T X_fp + lam) W^T
-    return solved[:, :-1], solved[:, -1]
+    return (solved[:, :-1], solved[:, -1]) if with_bias else (solved, bias.double())
 
 
 def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
@@ -244,7 +244,11 @@ def compensate_(model: nn.Module, items: list[CalibrationItem], ridge: float = 1
             nearest = fake_quantize(w_fp.double(), quantizer.scale.reshape(-1, 1).double(),
                                     quantizer.zero_point.reshape(-1, 1).double(), quantizer.qmin, quantizer.qmax)
             before.append(relative_output_error(w_fp, b_fp, nearest, b_fp, moments))
-            w_new, b_new = ridge_refit(w_fp, b_fp, xtx, xtx_fp, ridge)
+            if b0 is not None:
+                w_new, b_new = ridge_refit(w_fp, b_fp, xtx, xtx_fp, ridge)
+            else:  # a layer without a bias keeps none (checkpoints and exports keep their keys): no bias column
+                w_new, _ = ridge_refit(w_fp, b_fp, xtx[:-1, :-1], xtx_fp[:-1, :-1], ridge, with_bias=False)
+                b_new = b_fp
             quantizer.set_mode(QuantMode.OBSERVE)  # the range of the re-fitted weight
             quantizer.observer.update(w_new.to(module.weight.dtype).reshape(shape))
             quantizer.finalize_observer()
@@ -255,9 +259,8 @@ def compensate_(model: nn.Module, items: list[CalibrationItem], ridge: float = 1
                 w_q = fake_quantize(w_new, quantizer.scale.reshape(-1, 1).double(),
                                     quantizer.zero_point.reshape(-1, 1).double(), quantizer.qmin, quantizer.qmax)
             module.weight.copy_(w_q.reshape(shape).to(module.weight.dtype))
-            if module.bias is None:
-                module.bias = nn.Parameter(torch.zeros(shape[0], dtype=module.weight.dtype, device=device))
-            module.bias.copy_(b_new.to(module.bias.dtype))
+            if module.bias is not None:
+                module.bias.copy_(b_new.to(module.bias.dtype))
             after.append(relative_output_error(w_fp, b_fp, w_q, b_new, moments))
     finally:
         for qname, q in iter_quantizers(model):
