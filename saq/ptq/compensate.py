@@ -183,11 +183,13 @@ def _moments(fp_calls: list[tuple], q_calls: list[tuple], module: nn.Module, con
 @torch.no_grad()
 def compensate_(model: nn.Module, items: list[CalibrationItem], ridge: float = 1e-2, gptq: bool = True,
                 parts: tuple[str, ...] = ("encoder", "decoder"), images: ImageSource | None = None,
-                show_progress: bool = True) -> dict:
+                show_progress: bool = True, refit: bool = True, inputs: str = "own") -> dict:
     """Compensate every compensable quantized layer of ``parts``; returns counts and the mean relative
     output error of the layers before and after (on the calibration items)."""
     if ridge < 0:
         raise ValueError(f"ptq.compensate.ridge={ridge}: use a value >= 0")
+    if inputs not in ("own", "chain"):
+        raise ValueError(f"ptq.compensate.inputs={inputs}: use own or chain")
     images = images or ImageSource(model)
     prefixes = tuple({"encoder": ENCODER_PREFIX, "decoder": DECODER_PREFIX}[p] for p in parts)
     modules = {n: m for n, m in model.named_modules() if n.startswith(prefixes) and compensable(m)}
@@ -211,29 +213,30 @@ def compensate_(model: nn.Module, items: list[CalibrationItem], ridge: float = 1
             module = modules[name]
             on_decoder = name.startswith(DECODER_PREFIX)
             segment = next((seg for seg in segments if name.startswith(seg + ".")), None)
-            if on_decoder and encoded_q is None:  # the encoder is done: its embeddings are fixed from here on
+            if on_decoder and encoded_fp is None:  # the encoder is done: its embeddings are fixed from here on
                 cached.clear()
                 with _original_weights(modules, original), quant_mode(model, QuantMode.OFF):
                     encoded_fp = encode_items(model, items, images)
-                encoded_q = encode_items(model, items, images)
+                encoded_q = encode_items(model, items, images) if inputs == "chain" else None
             if segment is not None:
                 if segment not in cached:  # the earlier segments are final now
                     cached.clear()
                     with _original_weights(modules, original), quant_mode(model, QuantMode.OFF):
                         fp_in = capture_inputs(model, [segment], items, cpu, images=images)[segment]
-                    cached[segment] = (fp_in, capture_inputs(model, [segment], items, cpu, images=images)[segment])
+                    cached[segment] = (fp_in, capture_inputs(model, [segment], items, cpu, images=images)[segment]
+                                       if inputs == "chain" else None)
                 block = model.get_submodule(segment)
                 with _original_weights(modules, original), quant_mode(model, QuantMode.OFF):
                     fp_calls = _inputs_within(block, module, cached[segment][0], device)
-                q_calls = _inputs_within(block, module, cached[segment][1], device)
+                q_calls = _inputs_within(block, module, cached[segment][1], device) if inputs == "chain" else fp_calls
             else:
                 with _original_weights(modules, original), quant_mode(model, QuantMode.OFF):
                     fp_calls = capture_inputs(model, [name], items, cpu,
                                               encoded=encoded_fp if on_decoder else None, images=images)[name]
-                q_calls = capture_inputs(model, [name], items, cpu,
-                                         encoded=encoded_q if on_decoder else None, images=images)[name]
+                q_calls = capture_inputs(model, [name], items, cpu, encoded=encoded_q if on_decoder else None,
+                                         images=images)[name] if inputs == "chain" else fp_calls
             conv = isinstance(module, QuantConv2d)
-            moments = _moments(fp_calls, q_calls, module, conv, device)
+            moments = _moments(fp_calls, fp_calls if inputs == "own" else q_calls, module, conv, device)
             del fp_calls, q_calls
             xtx, xtx_fp, _ = moments
             w0, b0 = original[name]
@@ -244,7 +247,9 @@ def compensate_(model: nn.Module, items: list[CalibrationItem], ridge: float = 1
             nearest = fake_quantize(w_fp.double(), quantizer.scale.reshape(-1, 1).double(),
                                     quantizer.zero_point.reshape(-1, 1).double(), quantizer.qmin, quantizer.qmax)
             before.append(relative_output_error(w_fp, b_fp, nearest, b_fp, moments))
-            if b0 is not None:
+            if not refit:
+                w_new, b_new = w_fp.double(), b_fp.double()
+            elif b0 is not None:
                 w_new, b_new = ridge_refit(w_fp, b_fp, xtx, xtx_fp, ridge)
             else:  # a layer without a bias keeps none (checkpoints and exports keep their keys): no bias column
                 w_new, _ = ridge_refit(w_fp, b_fp, xtx[:-1, :-1], xtx_fp[:-1, :-1], ridge, with_bias=False)
@@ -266,7 +271,7 @@ def compensate_(model: nn.Module, items: list[CalibrationItem], ridge: float = 1
         for qname, q in iter_quantizers(model):
             q.mode = previous_modes.get(qname, q.mode)
     images.forget_embeddings()
-    return {"layers": len(order), "ridge": ridge, "gptq": gptq, "parts": list(parts), "images": len(items),
+    return {"layers": len(order), "ridge": ridge, "gptq": gptq, "refit": refit, "inputs": inputs, "parts": list(parts), "images": len(items),
             "mean_relative_output_error_before": float(sum(before) / len(before)),
             "mean_relative_output_error_after": float(sum(after) / len(after)),
             "seconds": round(time.perf_counter() - start, 1)}
