@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     variants = json.loads(args.variants)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
 
     register_resolvers()
     with initialize_config_dir(config_dir(), version_base="1.3"):
