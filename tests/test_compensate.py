@@ -92,7 +92,7 @@ def test_compensate_stage_on_tiny_model(random_calibration_items):
     plain = _calibrated(items)
     model = _calibrated(items)
     assert encoder_segments(model) == ["image_encoder.blocks.0", "image_encoder.blocks.1", "image_encoder.neck"]
-    info = compensate_(model, items, ridge=0.01, show_progress=False)
+    info = compensate_(model, items, ridge=0.01, refit=True, inputs="chain", show_progress=False)
     assert info["layers"] > 0
     assert info["mean_relative_output_error_after"] < info["mean_relative_output_error_before"]
     for m in (plain, model):
@@ -123,3 +123,20 @@ def test_compensated_checkpoint_round_trip(random_calibration_items, tmp_path):
     image = ImageSource(model).image(items[0].image.path)
     with torch.no_grad():
         assert torch.equal(encode_image(loaded, image).embedding, encode_image(model, image).embedding)
+
+
+def test_default_compensation_rounds_only(random_calibration_items):
+    """refit off (the default): biases stay, weights only take other grid values (GPTQ's rounding)."""
+    items = random_calibration_items
+    model = _calibrated(items)
+    qkv = model.image_encoder.blocks[0].attn.qkv
+    bias, weight = qkv.bias.detach().clone(), qkv.weight.detach().clone()
+    info = compensate_(model, items, show_progress=False)
+    assert info["refit"] is False and info["inputs"] == "own"
+    assert torch.equal(qkv.bias, bias)
+    q = qkv.weight_quantizer
+    with torch.no_grad():
+        assert torch.allclose(qkv.weight, fake_quantize(qkv.weight, q.scale, q.zero_point, q.qmin, q.qmax))
+    assert not torch.equal(qkv.weight, weight)
+    with pytest.raises(ValueError, match="inputs"):
+        compensate_(model, items, inputs="other", show_progress=False)

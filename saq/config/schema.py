@@ -220,10 +220,17 @@ class ReparamConfig:
     attention: bool = False  # also balance q/k and v/out channels of the decoder's attentions
 
 
+class CompensateInputs(Choice):
+    own = "own"  # the FP input through the layer's own activation quantizer (ERQ)
+    chain = "chain"  # the quantized model's input (all upstream error)
+
+
 @dataclass
 class CompensateConfig:
     """Closed-form error compensation of Linear / 1x1 conv weights (stage ``compensate``, saq.ptq.compensate)."""
 
+    refit: bool = False  # ridge re-fit of weights and biases (lowers layer MSE, cost AP on vit_t W4A4)
+    inputs: CompensateInputs = CompensateInputs.own
     ridge: float = 0.01  # ridge strength, relative to the mean input energy
     gptq: bool = True  # round the re-fitted weights with error feedback (False: nearest rounding)
     parts: List[Part] = field(default_factory=lambda: [Part.encoder, Part.decoder])

@@ -183,7 +183,7 @@ def _moments(fp_calls: list[tuple], q_calls: list[tuple], module: nn.Module, con
 @torch.no_grad()
 def compensate_(model: nn.Module, items: list[CalibrationItem], ridge: float = 1e-2, gptq: bool = True,
                 parts: tuple[str, ...] = ("encoder", "decoder"), images: ImageSource | None = None,
-                show_progress: bool = True, refit: bool = True, inputs: str = "own") -> dict:
+                show_progress: bool = True, refit: bool = False, inputs: str = "own") -> dict:
     """Compensate every compensable quantized layer of ``parts``; returns counts and the mean relative
     output error of the layers before and after (on the calibration items)."""
     if ridge < 0:

@@ -99,7 +99,8 @@ def compensate_stage(ctx: StageContext) -> Any:
     count = cfg.get("num_images")
     items = ctx.recon_items[: int(count)] if count else ctx.recon_items  # at most max_prompts_per_image boxes
     return compensate_(ctx.model, items, ridge=float(cfg["ridge"]), gptq=bool(cfg["gptq"]),
-                       parts=tuple(str(p) for p in cfg["parts"]), images=ctx.images, show_progress=ctx.progress)
+                       parts=tuple(str(p) for p in cfg["parts"]), images=ctx.images, show_progress=ctx.progress,
+                       refit=bool(cfg.get("refit", False)), inputs=str(cfg.get("inputs", "own")))
 
 
 def calibrate_stage(ctx: StageContext) -> Any:
