@@ -82,13 +82,17 @@ def pcc_stage(ctx: StageContext) -> Any:
     return {"records": len(result.records), "dir": str(ctx.run_dir / "pcc")}
 
 
+def _first(items: list[CalibrationItem], count: int | None) -> list[CalibrationItem]:
+    """The first ``count`` items (a ``num_images`` setting; null: all)."""
+    return items[: int(count)] if count else items
+
+
 def reparam_stage(ctx: StageContext) -> Any:
     from saq.ptq.reparam import reparam_
 
     cfg = ctx.config["ptq"]["reparam"]
-    count = cfg.get("num_images")
-    items = ctx.calib_items[: int(count)] if count else ctx.calib_items
-    return reparam_(ctx.model, items, strength=float(cfg["strength"]), shift=bool(cfg["shift"]), images=ctx.images,
+    return reparam_(ctx.model, _first(ctx.calib_items, cfg.get("num_images")), strength=float(cfg["strength"]),
+                    shift=bool(cfg["shift"]), images=ctx.images,
                     attention=bool(cfg.get("attention", False)))
 
 
@@ -96,9 +100,9 @@ def compensate_stage(ctx: StageContext) -> Any:
     from saq.ptq.compensate import compensate_
 
     cfg = ctx.config["ptq"]["compensate"]
-    count = cfg.get("num_images")
-    items = ctx.recon_items[: int(count)] if count else ctx.recon_items  # at most max_prompts_per_image boxes
-    return compensate_(ctx.model, items, ridge=float(cfg["ridge"]), gptq=bool(cfg["gptq"]),
+    # recon_items: at most calib.max_prompts_per_image boxes per image
+    return compensate_(ctx.model, _first(ctx.recon_items, cfg.get("num_images")), ridge=float(cfg["ridge"]),
+                       gptq=bool(cfg["gptq"]),
                        parts=tuple(str(p) for p in cfg["parts"]), images=ctx.images, show_progress=ctx.progress,
                        refit=bool(cfg.get("refit", False)), inputs=str(cfg.get("inputs", "own")))
 
