@@ -256,6 +256,28 @@ def test_sigterm_marks_the_run_interrupted_with_its_resume_command(tmp_path):
     assert "ptq.recon.iters=100000" in argv and argv[-2:] == [f"hydra.run.dir={run_dir}", "hydra.mode=RUN"]
 
 
+def test_sigterm_that_surfaces_as_another_error_still_marks_the_run_interrupted(tmp_path):
+    """A signal handler's exception raised inside a C extension's import comes out as ImportError
+    ("initialization failed"): the run still ends interrupted, with the SIGTERM exit code."""
+    from saq.cli.task import INTERRUPTED_EXIT_CODE, RunInterrupted, run_task
+
+    def job(cfg, run_dir, logger):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises here
+        except RunInterrupted:
+            raise ImportError("initialization failed") from None
+        return "not interrupted"
+
+    cfg = OmegaConf.create({"task_name": "ptq", "logger": {"name": "none"}})
+    with pytest.raises(SystemExit) as exit_info:
+        run_task(cfg, tmp_path, job, "t")
+    assert exit_info.value.code == INTERRUPTED_EXIT_CODE
+    status = read(tmp_path / "status.json")
+    assert status["state"] == "interrupted" and "SIGTERM" in status["error"] and "ImportError" in status["error"]
+    assert not (tmp_path / "run.lock").exists()
+
+
 def test_resume_needs_an_earlier_run_dir(tmp_path):
     with pytest.raises(SystemExit, match="overrides.yaml not found"):
         expand_resume(["saq.ptq", f"resume={tmp_path}"])

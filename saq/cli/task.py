@@ -18,7 +18,7 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NoReturn
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -173,13 +173,15 @@ def _restore_hydra_files(run_dir: Path, saved: dict[Path, bytes]) -> None:
 # --- SIGTERM and resuming ---------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def sigterm_raises() -> Iterator[None]:
+def sigterm_raises() -> Iterator[list[int]]:
     """Turn the first SIGTERM into RunInterrupted in the main thread (later ones are ignored while the
-    run writes its final status); the previous handler is restored afterwards."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    run writes its final status); the previous handler is restored afterwards. Yields the signals
+    received: an exception raised inside a C extension's import turns RunInterrupted into an unrelated
+    ImportError, so the run asks this list, not the exception type, whether it was interrupted."""
     received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
 
     def handler(signum: int, frame: Any) -> None:
         if not received:
@@ -188,7 +190,7 @@ def sigterm_raises() -> Iterator[None]:
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:
-        yield
+        yield received
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -231,7 +233,7 @@ def user_input_errors() -> tuple[type[BaseException], ...]:
 # --- the task --------------------------------------------------------------------------------------
 
 def _run_claimed(cfg: DictConfig, run_dir: Path, job: Callable[[DictConfig, Path, RunLogger], Any],
-                 name: str) -> Any:
+                 name: str, signals_received: list[int]) -> Any:
     write_status(run_dir, "running", pid=os.getpid())
     logger = None
     try:
@@ -243,15 +245,14 @@ def _run_claimed(cfg: DictConfig, run_dir: Path, job: Callable[[DictConfig, Path
         # or time limit), after it has requeued the job, which resumes in this dir; its exit code is kept.
         reason = f"exit {exc.code} requested while running (requeued by the cluster?)" \
             if isinstance(exc, SystemExit) else f"{type(exc).__name__}: {exc}"
-        command = resume_command(cfg, run_dir)
-        write_status(run_dir, "interrupted", reason, resume=command)
-        log.error("run interrupted (%s); status.json says interrupted. Resume it with: %s", reason, command)
-        if logger is not None:
-            logger.finish(failed=True)
         if isinstance(exc, RunInterrupted):
-            raise SystemExit(INTERRUPTED_EXIT_CODE) from None  # a clean exit, not a traceback
+            raise_interrupted(cfg, run_dir, logger, reason)
+        mark_interrupted(cfg, run_dir, logger, reason)
         raise
     except BaseException as exc:
+        if signals_received:  # the SIGTERM surfaced as another exception (e.g. during an import)
+            raise_interrupted(cfg, run_dir, logger, f"received {signal.Signals(signals_received[0]).name} "
+                              f"(surfaced as {type(exc).__name__})")
         write_status(run_dir, "failed", format_error(exc))
         if logger is not None:
             logger.finish(failed=True)
@@ -265,12 +266,25 @@ def _run_claimed(cfg: DictConfig, run_dir: Path, job: Callable[[DictConfig, Path
     return result
 
 
+def mark_interrupted(cfg: DictConfig, run_dir: Path, logger: RunLogger | None, reason: str) -> None:
+    command = resume_command(cfg, run_dir)
+    write_status(run_dir, "interrupted", reason, resume=command)
+    log.error("run interrupted (%s); status.json says interrupted. Resume it with: %s", reason, command)
+    if logger is not None:
+        logger.finish(failed=True)
+
+
+def raise_interrupted(cfg: DictConfig, run_dir: Path, logger: RunLogger | None, reason: str) -> NoReturn:
+    mark_interrupted(cfg, run_dir, logger, reason)
+    raise SystemExit(INTERRUPTED_EXIT_CODE) from None  # a clean exit, not a traceback
+
+
 def run_task(cfg: DictConfig, run_dir: Path, job: Callable[[DictConfig, Path, RunLogger], Any], name: str) -> Any:
     lock = claim_run_dir(run_dir)  # before status.json: a second run must not overwrite the first's
     saved = _hydra_files(run_dir)
     try:
-        with sigterm_raises():
-            return _run_claimed(cfg, run_dir, job, name)
+        with sigterm_raises() as signals_received:
+            return _run_claimed(cfg, run_dir, job, name, signals_received)
     finally:
         _restore_hydra_files(run_dir, saved)
         release_run_dir(lock)
