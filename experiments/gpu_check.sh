@@ -2,6 +2,9 @@
 # Everything a GPU session should measure, in one command (about 9 minutes on one H200):
 #   bash experiments/gpu_check.sh            on the device machine, after `source .devassets/setup.sh`
 #   bash experiments/gpu_check.sh --tiny     the same steps on the CPU with the tiny model (a test runs this)
+#   bash experiments/gpu_check.sh --which-python   print the interpreter the steps would use, and exit
+# The interpreter: $PYTHON if set, else the active `python` (or `python3`) if it imports saq, else the
+# project's .venv/bin/python. The script exits 1 when any step failed (steps.tsv says which).
 # Steps, each under its own time limit; a failing step is recorded and the next one still runs:
 #   1. python -m pytest -m gpu                         (skipped with --tiny: there is no CUDA)
 #   2. experiments/bench.py for vit_t (real weights) and vit_b (model.checkpoint=random: cost only)
@@ -15,9 +18,29 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/gpu_check}
 TINY=0
 [ "${1:-}" = "--tiny" ] && TINY=1
-PY=${PYTHON:-python3}
+
+find_python() {
+  if [ -n "${PYTHON:-}" ]; then echo "$PYTHON"; return 0; fi
+  local candidate
+  for candidate in python python3; do
+    if command -v "$candidate" > /dev/null && "$candidate" -c "import torch, hydra, saq" 2> /dev/null; then
+      command -v "$candidate"; return 0
+    fi
+  done
+  if [ -x .venv/bin/python ] && .venv/bin/python -c "import torch, hydra, saq" 2> /dev/null; then
+    echo "$PWD/.venv/bin/python"; return 0
+  fi
+  return 1
+}
+if ! PY=$(find_python); then
+  echo "gpu_check: no Python that imports saq (tried \$PYTHON, python, python3, .venv/bin/python);" \
+    "install the project (pip install -e .) or set PYTHON=/path/to/python" >&2
+  exit 2
+fi
+if [ "${1:-}" = "--which-python" ]; then echo "$PY"; exit 0; fi
 mkdir -p "$OUT"
 printf "step\texit_code\tseconds\n" > "$OUT/steps.tsv"
+FAILED=0
 
 step() {  # step NAME TIMEOUT_S COMMAND...
   local name=$1 limit=$2; shift 2
@@ -25,6 +48,7 @@ step() {  # step NAME TIMEOUT_S COMMAND...
   echo "== $name (limit ${limit}s): $*"
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
+  [ "$rc" = 0 ] || FAILED=$((FAILED + 1))
   printf "%s\t%s\t%s\n" "$name" "$rc" "$((SECONDS - start))" >> "$OUT/steps.tsv"
   echo "   exit $rc after $((SECONDS - start)) s (log: $OUT/$name.log)"
 }
@@ -63,3 +87,7 @@ step compare 60 "$PY" experiments/tables.py compare "$OUT/runs" --baseline ptq4s
 
 echo "== steps (exit code 0 = passed):"
 cat "$OUT/steps.tsv"
+if [ "$FAILED" -gt 0 ]; then
+  echo "gpu_check: $FAILED step(s) failed; their logs are in $OUT" >&2
+  exit 1
+fi
