@@ -2,6 +2,7 @@
 deployability flag copied from the config, SIGTERM, corrupt caches, late failures and torch's own
 error texts all end in a clear, named failure instead of a "completed" run."""
 
+import contextlib
 import json
 import logging
 import os
@@ -259,7 +260,7 @@ def test_sigterm_marks_the_run_interrupted_with_its_resume_command(tmp_path):
 def test_sigterm_that_surfaces_as_another_error_still_marks_the_run_interrupted(tmp_path):
     """A signal handler's exception raised inside a C extension's import comes out as ImportError
     ("initialization failed"): the run still ends interrupted, with the SIGTERM exit code."""
-    from saq.cli.task import INTERRUPTED_EXIT_CODE, RunInterrupted, run_task
+    from saq.cli.task import RunInterrupted, run_task
 
     def job(cfg, run_dir, logger):
         try:
@@ -272,10 +273,41 @@ def test_sigterm_that_surfaces_as_another_error_still_marks_the_run_interrupted(
     cfg = OmegaConf.create({"task_name": "ptq", "logger": {"name": "none"}})
     with pytest.raises(SystemExit) as exit_info:
         run_task(cfg, tmp_path, job, "t")
-    assert exit_info.value.code == INTERRUPTED_EXIT_CODE
+    assert exit_info.value.code == 128 + signal.SIGTERM
     status = read(tmp_path / "status.json")
     assert status["state"] == "interrupted" and "SIGTERM" in status["error"] and "ImportError" in status["error"]
     assert not (tmp_path / "run.lock").exists()
+
+
+def test_ctrl_c_inside_a_reconstruction_unit_ends_interrupted_with_rc_130(tmp_path):
+    """Lightning turns a KeyboardInterrupt inside a fit into sys.exit(1); Ctrl-C must still read as an
+    interrupt: rc 130, status interrupted with the resume command, no traceback."""
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    proc = subprocess.Popen([sys.executable, "-m", "saq.ptq", *UNLABELLED, "ptq=brecq", "ptq.recon.iters=100000",
+                             f"hydra.run.dir={run_dir}", "runtime.progress=false"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def calibrated() -> bool:  # then the first unit's fit starts (stages.json lists the stages done)
+        with contextlib.suppress(OSError, ValueError):
+            return "calibrate" in read(run_dir / "stages.json")["done"]
+        return False
+
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not calibrated():
+            time.sleep(0.1)
+        assert calibrated(), "calibration never finished"
+        time.sleep(2.0)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGINT, err[-2000:]
+    status = read(run_dir / "status.json")
+    assert status["state"] == "interrupted" and "SIGINT" in status["error"], status
+    assert status["resume"] == f"python -m saq.ptq resume={run_dir}"
+    assert "Traceback" not in out + err and "Resume it with" in out + err
 
 
 def test_resume_needs_an_earlier_run_dir(tmp_path):

@@ -29,7 +29,6 @@ from saq.utils.run_files import format_error, write_bytes_atomic, write_status
 log = logging.getLogger(__name__)
 
 LOCK_NAME = "run.lock"
-INTERRUPTED_EXIT_CODE = 128 + signal.SIGTERM  # what a shell reports for a SIGTERM-killed process
 
 
 def device_or_exit(cfg: DictConfig) -> None:
@@ -47,7 +46,16 @@ class RunDirInUseError(RuntimeError):
 
 
 class RunInterrupted(BaseException):
-    """SIGTERM arrived. A BaseException, so that no ``except Exception`` in library code swallows it."""
+    """SIGTERM or SIGINT arrived. A BaseException, so that no ``except Exception`` in library code
+    swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"received {signal.Signals(signum).name}")
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # what a shell reports for a process killed by that signal
 
 
 def project_root() -> str:
@@ -172,12 +180,18 @@ def _restore_hydra_files(run_dir: Path, saved: dict[Path, bytes]) -> None:
 
 # --- SIGTERM and resuming ---------------------------------------------------------------------------
 
+INTERRUPTING_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
 @contextlib.contextmanager
-def sigterm_raises() -> Iterator[list[int]]:
-    """Turn the first SIGTERM into RunInterrupted in the main thread (later ones are ignored while the
-    run writes its final status); the previous handler is restored afterwards. Yields the signals
-    received: an exception raised inside a C extension's import turns RunInterrupted into an unrelated
-    ImportError, so the run asks this list, not the exception type, whether it was interrupted."""
+def interrupts_raise() -> Iterator[list[int]]:
+    """Turn the first SIGTERM or SIGINT (Ctrl-C) into RunInterrupted in the main thread (later ones are
+    ignored while the run writes its final status); the previous handlers are restored afterwards.
+
+    SIGINT too, rather than Python's KeyboardInterrupt: Lightning turns a KeyboardInterrupt inside a
+    fit into ``sys.exit(1)``, which would read as a cluster requeue. Yields the signals received: an
+    exception raised inside a C extension's import turns RunInterrupted into an unrelated ImportError,
+    so the run asks this list, not the exception type, whether it was interrupted."""
     received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield received
@@ -186,13 +200,14 @@ def sigterm_raises() -> Iterator[list[int]]:
     def handler(signum: int, frame: Any) -> None:
         if not received:
             received.append(signum)
-            raise RunInterrupted(f"received {signal.Signals(signum).name}")
+            raise RunInterrupted(signum)
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in INTERRUPTING_SIGNALS}
     try:
         yield received
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def resume_command(cfg: DictConfig, run_dir: Path) -> str:
@@ -241,18 +256,20 @@ def _run_claimed(cfg: DictConfig, run_dir: Path, job: Callable[[DictConfig, Path
                               OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), name)
         result = job(cfg, run_dir, logger)
     except (RunInterrupted, KeyboardInterrupt, SystemExit) as exc:
-        # SystemExit inside a job comes only from a signal handler: submitit's on SIGUSR2 (SLURM preemption
-        # or time limit), after it has requeued the job, which resumes in this dir; its exit code is kept.
-        reason = f"exit {exc.code} requested while running (requeued by the cluster?)" \
-            if isinstance(exc, SystemExit) else f"{type(exc).__name__}: {exc}"
         if isinstance(exc, RunInterrupted):
-            raise_interrupted(cfg, run_dir, logger, reason)
-        mark_interrupted(cfg, run_dir, logger, reason)
+            raise_interrupted(cfg, run_dir, logger, exc)
+        if signals_received or isinstance(exc, KeyboardInterrupt):
+            # Our signal surfaced as another exit (Lightning's sys.exit(1)), or a SIGINT outside our handler.
+            signum = signals_received[0] if signals_received else signal.SIGINT
+            raise_interrupted(cfg, run_dir, logger, RunInterrupted(signum), type(exc).__name__)
+        # Any other SystemExit inside a job comes from a signal handler: submitit's on SIGUSR2 (SLURM
+        # preemption or time limit), after it has requeued the job, which resumes in this dir; its exit
+        # code is kept.
+        mark_interrupted(cfg, run_dir, logger, f"exit {exc.code} requested while running (requeued by the cluster?)")
         raise
     except BaseException as exc:
-        if signals_received:  # the SIGTERM surfaced as another exception (e.g. during an import)
-            raise_interrupted(cfg, run_dir, logger, f"received {signal.Signals(signals_received[0]).name} "
-                              f"(surfaced as {type(exc).__name__})")
+        if signals_received:  # the signal surfaced as another exception (e.g. during an import)
+            raise_interrupted(cfg, run_dir, logger, RunInterrupted(signals_received[0]), type(exc).__name__)
         write_status(run_dir, "failed", format_error(exc))
         if logger is not None:
             logger.finish(failed=True)
@@ -274,16 +291,18 @@ def mark_interrupted(cfg: DictConfig, run_dir: Path, logger: RunLogger | None, r
         logger.finish(failed=True)
 
 
-def raise_interrupted(cfg: DictConfig, run_dir: Path, logger: RunLogger | None, reason: str) -> NoReturn:
+def raise_interrupted(cfg: DictConfig, run_dir: Path, logger: RunLogger | None, interrupt: RunInterrupted,
+                      surfaced_as: str | None = None) -> NoReturn:
+    reason = f"RunInterrupted: {interrupt}" + (f" (surfaced as {surfaced_as})" if surfaced_as else "")
     mark_interrupted(cfg, run_dir, logger, reason)
-    raise SystemExit(INTERRUPTED_EXIT_CODE) from None  # a clean exit, not a traceback
+    raise SystemExit(interrupt.exit_code) from None  # a clean exit, not a traceback
 
 
 def run_task(cfg: DictConfig, run_dir: Path, job: Callable[[DictConfig, Path, RunLogger], Any], name: str) -> Any:
     lock = claim_run_dir(run_dir)  # before status.json: a second run must not overwrite the first's
     saved = _hydra_files(run_dir)
     try:
-        with sigterm_raises() as signals_received:
+        with interrupts_raise() as signals_received:
             return _run_claimed(cfg, run_dir, job, name, signals_received)
     finally:
         _restore_hydra_files(run_dir, saved)
