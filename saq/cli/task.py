@@ -231,18 +231,21 @@ def expand_resume(argv: list[str]) -> list[str]:
     return [argv[0], *previous, *rest, f"hydra.run.dir={run_dir}", "hydra.mode=RUN"]
 
 
-def user_input_errors() -> tuple[type[BaseException], ...]:
-    """Errors raised for a wrong path, file, data set or setting, each with a message naming the fix."""
+def refusals() -> tuple[type[BaseException], ...]:
+    """Errors whose message already names the problem and the fix (a wrong path, file, data set or
+    setting; a model that gives NaN or cannot deploy): printed as one line, not a traceback."""
     from saq.config.validate import ConfigError
     from saq.data.coco import DatasetError
     from saq.eval.metrics import MetricOutOfRangeError
     from saq.models.checkpoints import CheckpointError
+    from saq.models.finite import NonFiniteOutputError
     from saq.models.minisam_convert import WeightsUnavailableError
+    from saq.nn.deploy import NotDeployableError
     from saq.ptq.preflight import PreflightError
     from saq.quant.observers import CalibrationDataError
 
     return (CheckpointError, ConfigError, DatasetError, PreflightError, CalibrationDataError, WeightsUnavailableError,
-            MetricOutOfRangeError)
+            MetricOutOfRangeError, NonFiniteOutputError, NotDeployableError)
 
 
 # --- the task --------------------------------------------------------------------------------------
@@ -273,8 +276,7 @@ def _run_claimed(cfg: DictConfig, run_dir: Path, job: Callable[[DictConfig, Path
         write_status(run_dir, "failed", format_error(exc))
         if logger is not None:
             logger.finish(failed=True)
-        if isinstance(exc, user_input_errors()):
-            # The message already names the bad input and the fix: one line, not a traceback.
+        if isinstance(exc, refusals()):
             log.error("%s: %s", type(exc).__name__, exc)
             raise SystemExit(f"error: {exc}") from None
         raise
@@ -299,7 +301,11 @@ def raise_interrupted(cfg: DictConfig, run_dir: Path, logger: RunLogger | None, 
 
 
 def run_task(cfg: DictConfig, run_dir: Path, job: Callable[[DictConfig, Path, RunLogger], Any], name: str) -> Any:
-    lock = claim_run_dir(run_dir)  # before status.json: a second run must not overwrite the first's
+    try:
+        lock = claim_run_dir(run_dir)  # before status.json: a second run must not overwrite the first's
+    except RunDirInUseError as exc:
+        log.error("%s: %s", type(exc).__name__, exc)
+        raise SystemExit(f"error: {exc}") from None
     saved = _hydra_files(run_dir)
     try:
         with interrupts_raise() as signals_received:
