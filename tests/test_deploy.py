@@ -95,8 +95,18 @@ def _refusals():
     def nan_scale(model):
         model.mask_decoder.transformer.layers[0].self_attn.q_quantizer.scale.fill_(float("nan"))
 
+    def nan_weight(model):
+        with torch.no_grad():
+            model.mask_decoder.transformer.layers[1].mlp.lin1.weight[2, 7] = float("nan")
+
+    def inf_bias(model):
+        with torch.no_grad():
+            model.image_encoder.neck[0].weight[0, 0, 0, 0] = float("inf")
+
     q_quantizer = "mask_decoder.transformer.layers.0.self_attn.q_quantizer"
     return {
+        "nan weight": (nan_weight, f"{lin1}.weight: 1 NaN or inf values in this parameter"),
+        "inf weight": (inf_bias, "image_encoder.neck.0.weight: 1 NaN or inf values in this parameter"),
         "weight off its grid": (nudged, f"{lin1}.weight: 0.4 steps off its integer grid (weights not hardened)"),
         "weight code past qmax": (past_the_range, f"{lin1}.weight: codes outside [0, 15]"),
         "soft rounding": (soft_rounding,

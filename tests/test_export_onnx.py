@@ -54,8 +54,10 @@ def _images() -> list[np.ndarray]:
     return [data.astronaut(), data.coffee(), data.chelsea()]
 
 
-def _quantized_tiny(path, w_bits=8, a_bits=8, softmax: QuantSpec | None = None, symmetric_weights: bool = False):
-    """A calibrated, hardened tiny SAM saved as saq.ptq does (min-max ranges from three photos)."""
+def _quantized_tiny(path, w_bits=8, a_bits=8, softmax: QuantSpec | None = None, symmetric_weights: bool = False,
+                    damage=None):
+    """A calibrated, hardened tiny SAM saved as saq.ptq does (min-max ranges from three photos);
+    ``damage(model)`` changes it just before saving."""
     model = build_tiny_sam(seed=0).eval()
     rule = QuantRule("*", QuantSpec(w_bits, symmetric_weights, granularity="channel"), QuantSpec(a_bits), softmax)
     layout = quantize_(model, [QuantRule("prompt_encoder*"), rule])
@@ -69,6 +71,9 @@ def _quantized_tiny(path, w_bits=8, a_bits=8, softmax: QuantSpec | None = None, 
                 q.finalize_observer()
     set_quant_mode(model, QuantMode.QUANTIZE)
     harden_weights_(model)
+    if damage is not None:
+        with torch.no_grad():
+            damage(model)
     config = {"model": {"name": "tiny", "init_seed": 0, "checkpoint": None},
               "quant": {"name": f"w{w_bits}a{a_bits}"}, "ptq": {"name": "minmax"}}
     return save_quantized(path, model, layout, config)
@@ -219,6 +224,18 @@ def test_fake_quant_rounds_ties_as_onnx_quantize_linear(tmp_path):
     with torch.no_grad():
         ours = fake_quantize(torch.from_numpy(x), torch.tensor(scale), torch.tensor(128.0), 0, 255).numpy()
     np.testing.assert_array_equal(ours, runtime)
+
+
+def test_export_of_a_checkpoint_with_nan_weights_names_the_tensor(tmp_path):
+    from saq.nn.deploy import NotDeployableError
+
+    def nan_weight(model):
+        model.mask_decoder.transformer.layers[1].mlp.lin1.weight[0, 0] = float("nan")
+
+    ckpt = _quantized_tiny(tmp_path / "quantized.pt", damage=nan_weight)
+    with pytest.raises(NotDeployableError, match=r"mask_decoder\.transformer\.layers\.1\.mlp\.lin1\.weight: 1 NaN"):
+        export_checkpoint(ckpt, "onnx", tmp_path / "onnx")
+    assert not (tmp_path / "onnx" / "decoder.onnx").exists()
 
 
 def test_four_bit_codes_stay_on_their_grid(tmp_path):

@@ -39,8 +39,8 @@ def _quantizer_problems(name: str, q: FakeQuantizer) -> list[str]:
 @torch.no_grad()
 def _weight_grid_problem(name: str, module: QuantizedModule) -> str | None:
     q = module.weight_quantizer
-    if q is None or not q.is_calibrated:
-        return None
+    if q is None or not q.is_calibrated or not torch.isfinite(module.weight).all():
+        return None  # non-finite weights are reported by name by _non_finite_tensors
     codes = module.weight / q.scale + q.zero_point
     off_grid = (codes - codes.round()).abs().max().item()
     if off_grid > GRID_TOLERANCE:
@@ -50,8 +50,26 @@ def _weight_grid_problem(name: str, module: QuantizedModule) -> str | None:
     return None
 
 
+@torch.no_grad()
+def _non_finite_tensors(model: nn.Module) -> list[str]:
+    """Every float parameter or buffer holding NaN or inf, by name (the grid check cannot see them:
+    NaN compares false with any tolerance)."""
+    problems = []
+    for module_name, module in model.named_modules():
+        if isinstance(module, FakeQuantizer):
+            continue  # its qparams have their own check (_quantizer_problems)
+        for kind, tensors in (("parameter", module.named_parameters(recurse=False)),
+                              ("buffer", module.named_buffers(recurse=False))):
+            for name, t in tensors:
+                if t.is_floating_point() and t.numel() and not torch.isfinite(t).all():
+                    bad = int((~torch.isfinite(t)).sum())
+                    full = f"{module_name}.{name}" if module_name else name
+                    problems.append(f"{full}: {bad} NaN or inf values in this {kind}")
+    return problems
+
+
 def deployment_problems(model: nn.Module) -> list[str]:
-    problems: list[str] = []
+    problems: list[str] = _non_finite_tensors(model)
     for name, q in iter_quantizers(model):
         problems.extend(_quantizer_problems(name, q))
     for name, module in model.named_modules():
