@@ -11,6 +11,8 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 from PIL import Image
 
+from saq.data.pixels import UnsupportedImageError, to_rgb8
+
 
 class DatasetError(ValueError):
     """An annotation file or image folder is missing or malformed."""
@@ -65,10 +67,13 @@ class CocoInstances:
 
 
 def load_image(path: Path) -> np.ndarray:
-    """RGB uint8 HxWx3 (grayscale, palette and RGBA images are converted)."""
+    """RGB uint8 HxWx3: every PIL mode converted faithfully (16-bit and float images rescaled by their
+    range, saq.data.pixels), or refused naming the file."""
     try:
         with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"))
+            return to_rgb8(img)
+    except UnsupportedImageError as exc:
+        raise DatasetError(f"cannot use image {path}: {exc}") from None
     except FileNotFoundError:
         raise DatasetError(f"image not found: {path}") from None
     except Exception as exc:  # PIL raises several types for unreadable files
