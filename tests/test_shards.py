@@ -56,3 +56,29 @@ def test_incomplete_or_bad_shards_are_refused(checkpoint, tmp_path):
     proc = run("-m", "saq.eval", f"ckpt_path={checkpoint}", "logger=none", "eval.num_shards=2", "eval.shard=2",
                f"hydra.run.dir={tmp_path / 'bad'}", check=False)
     assert proc.returncode != 0 and "eval.shard=2" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_shards_of_different_evaluations_are_refused(checkpoint, tmp_path):
+    """Shards over other image sets, other weights under the same path, or holding images twice."""
+    import copy
+
+    from saq.eval.shards import ShardError, load_shard, merge_shards
+
+    _eval(checkpoint, tmp_path / "s0", "eval.num_shards=2", "eval.shard=0")
+    _eval(checkpoint, tmp_path / "s1_fewer", "eval.num_shards=2", "eval.shard=1", "data=coco8_seg",
+          "data.max_images=6")
+    proc = run("-m", "saq.eval.merge", str(tmp_path / "m"), str(tmp_path / "s0"), str(tmp_path / "s1_fewer"),
+               check=False)
+    assert proc.returncode == 2 and "evaluation image set" in proc.stderr and "8 images" in proc.stderr
+    assert not (tmp_path / "m" / "metrics.json").exists()
+
+    first = load_shard(tmp_path / "s0")
+    other_weights = {**copy.deepcopy(first), "shard": 1, "checkpoint_sha256": "0" * 64}
+    with pytest.raises(ShardError, match=r"checkpoint contents \(sha256\)"):
+        merge_shards([first, other_weights])
+    other_prompts = {**copy.deepcopy(first), "shard": 1, "inputs_sha256": "0" * 64}
+    with pytest.raises(ShardError, match="data and prompt settings"):
+        merge_shards([first, other_prompts])
+    twice = {**copy.deepcopy(first), "shard": 1}  # shard 0's images again, labelled shard 1
+    with pytest.raises(ShardError, match="shard 1 of 2 holds images"):
+        merge_shards([first, twice])

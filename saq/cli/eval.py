@@ -189,6 +189,7 @@ def run_eval(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict[str, Any
 
         use_fused_kernels_(model)  # compiled fake quantization: the same values, fewer passes
     dataset, prompts, fp = _labels_or_fp_masks(cfg, trained, data_cfg, prompts_cfg, device)
+    set_image_ids = [img.id for img in dataset.images]
     if num_shards > 1:
         dataset, prompts, fp = _shard(dataset, prompts, fp, shard, num_shards)
     result = evaluate(model, dataset, prompts, "eval", int(cfg.eval.prompt_batch), bool(cfg.runtime.progress),
@@ -209,8 +210,13 @@ def run_eval(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict[str, Any
 
         metrics["shard"] = {"index": shard, "of": num_shards, "note": "one shard only: merge all shards with "
                              "python -m saq.eval.merge OUT_DIR SHARD_RUN_DIR..."}
-        save_shard(run_dir, shard, num_shards, str(cfg.ckpt_path), dataset.to_coco_dict(), result, fp,
-                   {k: metrics[k] for k in ("recipe", "model", "quant", "ground_truth")})
+        from saq.utils.hashing import file_hexdigest, json_hexdigest
+
+        # What the merge checks the shards agree on: the same weights, data, prompts and image set.
+        header = {k: metrics[k] for k in ("recipe", "model", "quant", "ground_truth")}
+        header.update(checkpoint_sha256=file_hexdigest(Path(cfg.ckpt_path)), set_image_ids=set_image_ids,
+                      inputs_sha256=json_hexdigest({"data": data_cfg, "prompts": prompts_cfg}))
+        save_shard(run_dir, shard, num_shards, str(cfg.ckpt_path), dataset.to_coco_dict(), result, fp, header)
     write_json(run_dir / "metrics.json", metrics)
     logger.log_metrics({f"eval/{k}": v for k, v in metrics["quantized"].items()})
     print("\n" + format_table([{**metrics, **metrics["quantized"]}]))

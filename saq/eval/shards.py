@@ -22,7 +22,7 @@ from saq.eval.metrics import coco_mask_ap, mask_iou
 from saq.utils.run_files import atomic_file
 
 SHARD_FILE = "shard.json.gz"
-FORMAT = "saq.eval_shard/1"
+FORMAT = "saq.eval_shard/2"  # 2: checkpoint and input digests, the whole set's image ids
 
 
 class ShardError(ValueError):
@@ -108,15 +108,27 @@ def merge_shards(shards: list[dict[str, Any]]) -> dict[str, Any]:
         raise ShardError("no shard given")
     first = shards[0]
     num_shards = first["num_shards"]
-    for key in ("num_shards", "checkpoint", "ground_truth"):
-        differing = {str(s.get(key)) for s in shards}
+    agreed = {"num_shards": "number of shards", "checkpoint_sha256": "checkpoint contents (sha256)",
+              "ground_truth": "ground truth", "set_image_ids": "evaluation image set",
+              "inputs_sha256": "data and prompt settings"}
+    for key, what in agreed.items():
+        differing = {json.dumps(s.get(key)) for s in shards}
         if len(differing) > 1:
-            raise ShardError(f"the shards disagree on {key}: {sorted(differing)}; merge shards of one evaluation")
+            shown = sorted(differing) if key != "set_image_ids" else sorted(
+                f"{len(json.loads(d))} images" for d in differing)
+            raise ShardError(f"the shards disagree on the {what} ({key}: {', '.join(shown)[:300]}); merge the "
+                             "shards of one evaluation, each run with the same checkpoint, data and prompts")
     indices = sorted(s["shard"] for s in shards)
     if indices != list(range(num_shards)):
         missing = sorted(set(range(num_shards)) - set(indices))
         raise ShardError(f"shards {indices} of {num_shards}: missing {missing}, duplicated "
                          f"{sorted({i for i in indices if indices.count(i) > 1})}")
+    for s in shards:  # each shard holds exactly its share of the set: no image twice, none left out
+        expected = shard_images(first["set_image_ids"], s["shard"], num_shards)
+        held = [img["id"] for img in s["gt"]["images"]]
+        if held != expected:
+            raise ShardError(f"shard {s['shard']} of {num_shards} holds images {held[:5]}... but its share of the "
+                             f"evaluation set is {expected[:5]}...; run that shard again")
     by_index = {s["shard"]: s for s in shards}
     records_of = {i: _records_by_image(s["records"]) for i, s in by_index.items()}  # one pass per shard
     # unsharded order: image k of shard i was image i + k * num_shards

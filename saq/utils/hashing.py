@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
+from typing import Any
 
 
 def file_hexdigest(path: Path, algorithm: str = "sha256") -> str:
@@ -12,3 +14,8 @@ def file_hexdigest(path: Path, algorithm: str = "sha256") -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def json_hexdigest(value: Any) -> str:
+    """Digest of a JSON-able value, independent of dict key order."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
