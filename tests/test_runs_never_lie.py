@@ -3,6 +3,7 @@ deployability flag copied from the config, SIGTERM, corrupt caches, late failure
 error texts all end in a clear, named failure instead of a "completed" run."""
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -481,3 +482,59 @@ def test_wrong_checkpoint_path_is_one_line_on_the_command_line(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "nope.pt does not exist" in last and "model.checkpoint" in last
     assert read(run_dir / "status.json")["state"] == "failed"
+
+
+# 7. A full disk never loses finished work ------------------------------------------------------------
+
+def _no_space(*_args, **_kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_at_the_checkpoint_keeps_the_numbers(tmp_path, monkeypatch):
+    from saq.ptq import pipeline
+    from saq.utils.loggers import RunLogger
+
+    register_resolvers()
+    with initialize_config_dir(config_dir(), version_base="1.3"):
+        cfg = compose("ptq", overrides=[*UNLABELLED, "ptq=minmax", "logger=none", "eval.cache_fp=false",
+                                        "eval.side_by_side=0", "runtime.progress=false"])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    monkeypatch.setattr(pipeline, "save_quantized", _no_space)
+    with pytest.raises(OSError, match="No space left"):
+        pipeline.run_ptq(cfg, run_dir, RunLogger(run_dir))
+    metrics = read(run_dir / "metrics.json")  # written before the checkpoint
+    assert 0 <= metrics["quantized"]["mask_AP"] <= 100 and metrics["checkpoint"] is None
+    assert not (run_dir / "quantized.pt").exists()
+
+
+def test_an_unwritable_fp_cache_is_a_warning(tmp_path, monkeypatch, caplog):
+    from saq.eval import cache
+
+    monkeypatch.setattr(cache, "write_text_atomic", _no_space)
+    result = EvalResult([{"score": 0.5, "iou_pred": 0.5}], {"mask_AP": 40.0})
+    with caplog.at_level(logging.WARNING):
+        got, was_cached = cached_evaluation(tmp_path / "cache", "k", lambda: result)
+    assert got is result and not was_cached
+    assert "cannot be written" in caplog.text and "No space left" in caplog.text
+
+
+def test_a_full_disk_during_export_leaves_no_truncated_graph(tmp_path, monkeypatch):
+    from saq.export import onnx as onnx_export
+    from saq.models import build_tiny_sam
+
+    out = tmp_path / "onnx"
+    onnx_export.export_graphs(build_tiny_sam().eval(), out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real = onnx_export._export_graph
+
+    def decoder_fails(module, args, path, *rest):
+        if path.name == "decoder.onnx":
+            path.write_bytes(b"half a graph")
+            _no_space()
+        return real(module, args, path, *rest)
+
+    monkeypatch.setattr(onnx_export, "_export_graph", decoder_fails)
+    with pytest.raises(OSError, match="No space left"):
+        onnx_export.export_graphs(build_tiny_sam(seed=1).eval(), out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the previous export, untouched

@@ -104,6 +104,9 @@ def cached_evaluation(cache_dir: Path | None, key: str, compute: Callable[[], Ev
         if cached is not None:
             return cached, True
     result = check_finite(compute(), "FP evaluation")  # never cache a broken model's outputs
-    write_text_atomic(path, json.dumps({"records": result.records, "metrics": result.metrics,
-                                        "timing": result.timing}))
+    try:
+        write_text_atomic(path, json.dumps({"records": result.records, "metrics": result.metrics,
+                                            "timing": result.timing}))
+    except OSError as exc:  # read-only or full: the run goes on, the next one recomputes
+        log.warning("FP cache %s cannot be written (%s); the FP evaluation is not cached", path.parent, exc)
     return result, False

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import tempfile
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -69,15 +71,19 @@ def export_graphs(sam: Sam, out_dir: Path, opset: int = DEFAULT_OPSET) -> dict[s
     size = sam.image_encoder.img_size
     embed = sam.prompt_encoder.embed_dim
     h, w = sam.prompt_encoder.image_embedding_size
-    encoder, decoder = out_dir / "encoder.onnx", out_dir / "decoder.onnx"
-    with torch.no_grad():
-        _export_graph(EncoderGraph(sam).eval(), (torch.zeros(1, 3, size, size),), encoder, ENCODER_INPUTS,
-                      ENCODER_OUTPUTS, None, opset)
-        example = (torch.zeros(1, embed, h, w), torch.full((2, 3, 2), size / 2.0), torch.tensor([[2.0, 3.0, -1.0]] * 2))
-        dynamic = {"point_coords": {0: "num_prompts", 1: "num_points"}, "point_labels": {0: "num_prompts", 1: "num_points"},
-                   "low_res_masks": {0: "num_prompts"}, "iou_predictions": {0: "num_prompts"}}
-        _export_graph(DecoderGraph(sam).eval(), example, decoder, DECODER_INPUTS, DECODER_OUTPUTS, dynamic, opset)
-    return {"encoder": encoder, "decoder": decoder}
+    example = (torch.zeros(1, embed, h, w), torch.full((2, 3, 2), size / 2.0), torch.tensor([[2.0, 3.0, -1.0]] * 2))
+    dynamic = {"point_coords": {0: "num_prompts", 1: "num_points"}, "point_labels": {0: "num_prompts", 1: "num_points"},
+               "low_res_masks": {0: "num_prompts"}, "iou_predictions": {0: "num_prompts"}}
+    # Written in a temporary dir beside out_dir, then moved file by file: a full disk or a crash leaves
+    # the previous files or none, never a truncated graph under the final name.
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export-") as tmp, torch.no_grad():
+        _export_graph(EncoderGraph(sam).eval(), (torch.zeros(1, 3, size, size),), Path(tmp) / "encoder.onnx",
+                      ENCODER_INPUTS, ENCODER_OUTPUTS, None, opset)
+        _export_graph(DecoderGraph(sam).eval(), example, Path(tmp) / "decoder.onnx", DECODER_INPUTS, DECODER_OUTPUTS,
+                      dynamic, opset)
+        for file in sorted(Path(tmp).iterdir(), key=lambda f: f.suffix != ".data"):  # external data first
+            os.replace(file, out_dir / file.name)
+    return {"encoder": out_dir / "encoder.onnx", "decoder": out_dir / "decoder.onnx"}
 
 
 def _preprocessing(sam: Sam) -> dict[str, Any]:

@@ -149,7 +149,6 @@ def run_ptq(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict[str, Any]
                              int(cfg.eval.side_by_side))
         logger.log_image("eval/side_by_side", path)
     num_checked, problems = deployment_check(model, require_quantizers=bool(cfg.ptq.quantize))  # the saved state
-    checkpoint = save_quantized(run_dir / "quantized.pt", model.cpu(), layout, config) if cfg.eval.save_checkpoint else None
     metrics = {
         "recipe": recipe,
         "quant": str(cfg.quant.name) if cfg.ptq.quantize else "fp32",
@@ -169,7 +168,7 @@ def run_ptq(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict[str, Any]
         "stages": stage_info,
         "num_quantized_modules": len(layout),
         "timing": {"fp": fp.timing, "quantized": quantized.timing},
-        "checkpoint": str(checkpoint) if checkpoint else None,
+        "checkpoint": None,  # set once quantized.pt is written
     }
     if reference is not None:
         metrics["reference_protocol"] = {**_metric_block(reference.metrics),
@@ -181,8 +180,12 @@ def run_ptq(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict[str, Any]
     for block in ("fp", "quantized"):
         check_metric_ranges(metrics[block], block)
 
+    # The small files first: a full disk while the checkpoint is written still keeps the numbers.
     save_predictions(run_dir, eval_set, fp, quantized, calib_items)
     write_json(run_dir / "metrics.json", metrics)
+    if cfg.eval.save_checkpoint:
+        metrics["checkpoint"] = str(save_quantized(run_dir / "quantized.pt", model.cpu(), layout, config))
+        write_json(run_dir / "metrics.json", metrics)
     rows = result_rows(metrics)
     logger.log_table("results", rows)
     logger.log_summary({"fp/mask_AP": metrics["fp"]["mask_AP"], "quantized/mask_AP": metrics["quantized"]["mask_AP"],
