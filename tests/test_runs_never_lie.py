@@ -256,7 +256,7 @@ def test_sigterm_marks_the_run_interrupted_with_its_resume_command(tmp_path):
     assert "Resume it with" in out + err and not (run_dir / "run.lock").exists()
     # The resume command reruns the same overrides in the same dir, as a single run.
     argv = expand_resume(["saq.ptq", f"resume={run_dir}"])
-    assert "ptq.recon.iters=100000" in argv and argv[-2:] == [f"hydra.run.dir={run_dir}", "hydra.mode=RUN"]
+    assert "ptq.recon.iters=100000" in argv and argv[-2:] == [f"hydra.run.dir='{run_dir}'", "hydra.mode=RUN"]
 
 
 def test_sigterm_that_surfaces_as_another_error_still_marks_the_run_interrupted(tmp_path):
@@ -310,6 +310,25 @@ def test_ctrl_c_inside_a_reconstruction_unit_ends_interrupted_with_rc_130(tmp_pa
     assert status["state"] == "interrupted" and "SIGINT" in status["error"], status
     assert status["resume"] == f"python -m saq.ptq resume={run_dir}"
     assert "Traceback" not in out + err and "Resume it with" in out + err
+
+
+@pytest.mark.parametrize("name", ["with space", "ünïcode", "a,b", "it's", "x[1]"])
+def test_the_resume_override_keeps_any_run_dir_literal(name):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from saq.cli.task import hydra_quote
+
+    path = f"/tmp/runs/{name}/run"
+    assert OverridesParser.create().parse_override(f"hydra.run.dir={hydra_quote(path)}").value() == path
+
+
+def test_a_run_in_a_dir_with_spaces_and_accents_resumes(tmp_path):
+    from saq.cli.task import hydra_quote
+
+    run_dir = tmp_path / "my runs, ünïcode" / "run 1"
+    run("saq.ptq", *UNLABELLED, "ptq=fp", f"hydra.run.dir={hydra_quote(str(run_dir))}")  # as Hydra wants it typed
+    proc = run("saq.ptq", f"resume={run_dir}")
+    assert read(run_dir / "status.json")["state"] == "completed" and "Traceback" not in proc.stderr
 
 
 def test_resume_needs_an_earlier_run_dir(tmp_path):

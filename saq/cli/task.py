@@ -228,7 +228,15 @@ def expand_resume(argv: list[str]) -> list[str]:
                          "(the one named in its status.json)")
     previous = [o for o in (yaml.safe_load(overrides_file.read_text()) or []) if not o.startswith("hydra.")]
     rest = [a for a in argv[1:] if not a.startswith("resume=") and a not in ("-m", "--multirun")]
-    return [argv[0], *previous, *rest, f"hydra.run.dir={run_dir}", "hydra.mode=RUN"]
+    return [argv[0], *previous, *rest, f"hydra.run.dir={hydra_quote(str(run_dir))}", "hydra.mode=RUN"]
+
+
+def hydra_quote(value: str) -> str:
+    """``value`` as one quoted Hydra override value: spaces, commas (a sweep otherwise), brackets and
+    non-ASCII characters (refused unquoted) are taken literally."""
+    if "\\" in value:
+        raise SystemExit(f"{value!r}: a backslash in a run dir cannot be passed to Hydra; rename the dir")
+    return "'" + value.replace("'", "\\'") + "'"
 
 
 def refusals() -> tuple[type[BaseException], ...]:
