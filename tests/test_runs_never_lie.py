@@ -178,6 +178,21 @@ def test_sweep_jobs_share_one_unique_sweep_dir(tmp_path):
     assert not list(sweep.glob("*/run.lock"))
 
 
+def test_a_failed_sweep_job_costs_no_other_job_and_fails_the_sweep(tmp_path):
+    """The first job is refused (no such device) before it claims its dir; the second still runs, the
+    summary lists the failure with its one-line error, and the sweep exits non-zero."""
+    proc = run("saq.ptq", "-m", *UNLABELLED, "ptq=fp", "runtime.device=cuda:99,cpu", f"paths.output_dir={tmp_path}",
+               check=False)
+    assert proc.returncode != 0 and "1 of 2 jobs failed" in proc.stderr
+    assert "1/2 jobs completed" in proc.stdout
+    (sweep,) = (tmp_path / "ptq" / "multiruns").iterdir()
+    assert read(sweep / "1" / "status.json")["state"] == "completed"
+    failed = read(sweep / "0" / "status.json")
+    assert failed["state"] == "failed" and "cuda:99" in failed["error"]
+    summary = (sweep / "summary.md").read_text()
+    assert "not completed" in summary and "cuda:99" in summary
+
+
 # 3. saq.eval reproduces an unlabelled run -----------------------------------------------------------
 
 def test_eval_of_unlabelled_run_reproduces_its_numbers(tmp_path):

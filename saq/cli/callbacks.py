@@ -46,9 +46,17 @@ class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         jobs = collect_sweep(sweep_dir)
-        failed = [j["dir"] for j in jobs if j["status"].get("state") != "completed"]
+        failed = [j for j in jobs if j["status"].get("state") != "completed"]
+        lines = [f"  not completed: {j['dir']} ({j['status'].get('state')}): {first_line(j['status'].get('error'))}"
+                 for j in failed]
         table = sweep_table(jobs)
-        (sweep_dir / "summary.md").write_text(table + "\n")
+        (sweep_dir / "summary.md").write_text(table + "\n" + "".join(f"\n{line}" for line in lines) + "\n")
         print(f"\nsweep {sweep_dir}: {len(jobs) - len(failed)}/{len(jobs)} jobs completed\n{table}")
-        for d in failed:
-            print(f"  not completed: {d}")
+        for line in lines:
+            print(line)
+        if failed:  # the sweep's exit code says that not every job gave a number
+            raise SystemExit(f"{len(failed)} of {len(jobs)} jobs failed (listed above and in {sweep_dir / 'summary.md'})")
+
+
+def first_line(error: str | None) -> str:
+    return (error or "no error recorded").strip().splitlines()[0][:300]

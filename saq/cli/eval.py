@@ -11,7 +11,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from saq.cli.task import config_dir, device_or_exit, expand_resume, register_resolvers, run_task
+from saq.cli.task import config_dir, device_or_exit, expand_resume, job_of_a_sweep, register_resolvers, run_task
 from saq.utils.cpu_runtime import apply_cpu_runtime
 from saq.utils.loggers import RunLogger
 
@@ -245,10 +245,14 @@ def _inputs_or_exit(cfg: DictConfig) -> None:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")
 def _main(cfg: DictConfig) -> float:
-    device_or_exit(cfg)  # before the run dir is claimed or the checkpoint is read
-    _inputs_or_exit(cfg)
-    metrics = run_task(cfg, Path(HydraConfig.get().runtime.output_dir), run_eval, f"eval-{Path(cfg.ckpt_path).parent.name}")
-    return metrics["quantized"]["mask_AP"]
+    def body() -> float:
+        device_or_exit(cfg)  # before the run dir is claimed or the checkpoint is read
+        _inputs_or_exit(cfg)
+        metrics = run_task(cfg, Path(HydraConfig.get().runtime.output_dir), run_eval,
+                           f"eval-{Path(cfg.ckpt_path).parent.name}")
+        return metrics["quantized"]["mask_AP"]
+
+    return job_of_a_sweep(body)()
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from saq.cli.task import config_dir, device_or_exit, expand_resume, register_resolvers, run_task
+from saq.cli.task import config_dir, device_or_exit, expand_resume, job_of_a_sweep, register_resolvers, run_task
 
 register_resolvers()
 
@@ -19,16 +19,19 @@ def main(cfg: DictConfig) -> float:
     from saq.config import ConfigError, validate_ptq_config
     from saq.ptq.pipeline import run_ptq  # heavy imports after Hydra has parsed the command line
 
-    try:
-        validate_ptq_config(cfg)  # before the run dir is claimed or anything is computed
-    except ConfigError as exc:
-        raise SystemExit(f"config error: {exc}") from None
-    device_or_exit(cfg)
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    name = f"{cfg.model.name}-{cfg.quant.name}-{cfg.ptq.name}"
-    metrics = run_task(cfg, run_dir, run_ptq, name)
-    print_run_summary(metrics, run_dir)
-    return metrics["quantized"]["mask_AP"]  # the sweep objective
+    def body() -> float:
+        try:
+            validate_ptq_config(cfg)  # before the run dir is claimed or anything is computed
+        except ConfigError as exc:
+            raise SystemExit(f"config error: {exc}") from None
+        device_or_exit(cfg)
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        name = f"{cfg.model.name}-{cfg.quant.name}-{cfg.ptq.name}"
+        metrics = run_task(cfg, run_dir, run_ptq, name)
+        print_run_summary(metrics, run_dir)
+        return metrics["quantized"]["mask_AP"]  # the sweep objective
+
+    return job_of_a_sweep(body)()
 
 
 def print_run_summary(metrics: dict, run_dir: Path) -> None:

@@ -308,6 +308,36 @@ def raise_interrupted(cfg: DictConfig, run_dir: Path, logger: RunLogger | None, 
     raise SystemExit(interrupt.exit_code) from None  # a clean exit, not a traceback
 
 
+def job_of_a_sweep(body: Callable[[], float]) -> Callable[[], float]:
+    """``body`` (a CLI main's work) as one job: in a multirun a failed job must not cost the others, so
+    its failure is recorded in its own status.json (one line) and the job returns NaN; the sweep's
+    summary lists it and the sweep exits non-zero (saq.cli.callbacks). Single runs fail as before, and
+    an interrupt (SIGTERM, Ctrl-C) stops a sweep too."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    def job() -> float:
+        hydra_cfg = HydraConfig.get()
+        if hydra_cfg.mode != RunMode.MULTIRUN:
+            return body()
+        run_dir = Path(hydra_cfg.runtime.output_dir)
+        try:
+            return body()
+        except SystemExit as exc:
+            if not isinstance(exc.code, str):  # an interrupt's exit code, or submitit's requeue: stop here
+                raise
+            message = exc.code
+        except Exception as exc:  # noqa: BLE001 - the job's failure is recorded; the sweep goes on
+            message = f"{type(exc).__name__}: {exc}"
+        state = json.loads((run_dir / "status.json").read_text()) if (run_dir / "status.json").is_file() else {}
+        if state.get("state") != "failed":  # refused before run_task wrote its status (a config error)
+            write_status(run_dir, "failed", message)
+        log.error("job %s failed: %s", run_dir.name, message.splitlines()[0] if message else "")
+        return float("nan")
+
+    return job
+
+
 def run_task(cfg: DictConfig, run_dir: Path, job: Callable[[DictConfig, Path, RunLogger], Any], name: str) -> Any:
     try:
         lock = claim_run_dir(run_dir)  # before status.json: a second run must not overwrite the first's
