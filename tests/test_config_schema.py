@@ -1,5 +1,6 @@
 """The typed config schema: bad choices and unknown keys fail before anything runs, naming the key."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +53,7 @@ def test_a_misspelt_key_fails():
     ("ptq.pcc.theta=0", "ptq.pcc.theta=0"),
     ("ptq.recon.iters=-1", "ptq.recon.iters=-1"),
     ("calib.num_images=0", "calib.num_images=0"),
+    ("data.max_images=0", "data.max_images=0"),
 ])
 def test_values_out_of_range_name_their_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -87,3 +89,6 @@ def test_the_cli_refuses_a_bad_value_before_creating_a_run(tmp_path):
     assert "config error: quant.encoder.w_bits=0" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "run" / "metrics.json").exists()
+    # Hydra made the dir before the check: it says why it holds no results
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["state"] == "failed" and "quant.encoder.w_bits=0" in status["error"]

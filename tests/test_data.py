@@ -70,8 +70,13 @@ def test_image_without_prompts_is_refused():
 
 def test_calibration_needs_prompted_images(coco8):
     ds = dataset_from_config(coco8)
-    with pytest.raises(DatasetError, match="no calibration image has a prompt"):
+    with pytest.raises(DatasetError, match="has 8 images but not a single prompt"):
         select_calibration(ds, {}, 2)
+    some_prompts = next(iter(gt_prompts(ds).values()))
+    with pytest.raises(DatasetError, match="prompts are for image ids that are not in the 8 calibration images"):
+        select_calibration(ds, {10**9: some_prompts}, 2)
+    with pytest.raises(DatasetError, match="calibration set has no images"):
+        select_calibration(ds.subset([]), {}, 2)
     with pytest.raises(DatasetError, match="only 8 images"):
         select_calibration(ds, gt_prompts(ds), 9)
 

@@ -72,3 +72,22 @@ def test_an_unreadable_entry_is_reported_and_searched_again(tmp_path, caplog):
     reference = quantized_tiny()
     calibrate_weights_(reference)
     assert same(weight_qparams(model), weight_qparams(reference))
+
+
+def test_an_unwritable_cache_warns_once_per_run(tmp_path, caplog, monkeypatch):
+    import errno
+
+    from saq.ptq import weight_ranges
+
+    def no_space(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(weight_ranges, "atomic_file", no_space)
+    cache = WeightRangeCache(tmp_path / "cache")
+    with caplog.at_level(logging.WARNING):
+        model = quantized_tiny()
+        count = calibrate_weights_(model, cache)
+    assert count > 1 and caplog.text.count("is not writable") == 1
+    reference = quantized_tiny()
+    calibrate_weights_(reference)
+    assert same(weight_qparams(model), weight_qparams(reference))  # calibration itself unchanged

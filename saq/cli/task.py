@@ -309,30 +309,36 @@ def raise_interrupted(cfg: DictConfig, run_dir: Path, logger: RunLogger | None, 
 
 
 def job_of_a_sweep(body: Callable[[], float]) -> Callable[[], float]:
-    """``body`` (a CLI main's work) as one job: in a multirun a failed job must not cost the others, so
-    its failure is recorded in its own status.json (one line) and the job returns NaN; the sweep's
-    summary lists it and the sweep exits non-zero (saq.cli.callbacks). Single runs fail as before, and
-    an interrupt (SIGTERM, Ctrl-C) stops a sweep too."""
+    """``body`` (a CLI main's work) as one job. A refusal is recorded in the run dir's status.json (one
+    line) when the run had not written it yet (a config error, found after Hydra made the dir). In a
+    multirun a failed job must not cost the others: the job returns NaN instead of raising, and the
+    sweep's summary lists it and exits non-zero (saq.cli.callbacks). An interrupt (SIGTERM, Ctrl-C)
+    stops a sweep too."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     def job() -> float:
         hydra_cfg = HydraConfig.get()
-        if hydra_cfg.mode != RunMode.MULTIRUN:
-            return body()
+        sweep = hydra_cfg.mode == RunMode.MULTIRUN
         run_dir = Path(hydra_cfg.runtime.output_dir)
         try:
             return body()
         except SystemExit as exc:
             if not isinstance(exc.code, str):  # an interrupt's exit code, or submitit's requeue: stop here
                 raise
+            failure: BaseException = exc
             message = exc.code
-        except Exception as exc:  # noqa: BLE001 - the job's failure is recorded; the sweep goes on
-            message = f"{type(exc).__name__}: {exc}"
-        state = json.loads((run_dir / "status.json").read_text()) if (run_dir / "status.json").is_file() else {}
-        if state.get("state") != "failed":  # refused before run_task wrote its status (a config error)
+        except Exception as exc:  # noqa: BLE001 - recorded below; a sweep goes on
+            if not sweep:
+                raise
+            failure, message = exc, f"{type(exc).__name__}: {exc}"
+        status = run_dir / "status.json"
+        state = json.loads(status.read_text()).get("state") if status.is_file() else None
+        if state != "failed":  # refused before run_task wrote its status
             write_status(run_dir, "failed", message)
-        log.error("job %s failed: %s", run_dir.name, message.splitlines()[0] if message else "")
+        if not sweep:
+            raise failure
+        log.error("job %s failed: %s", run_dir.name, message.strip().splitlines()[0] if message.strip() else "")
         return float("nan")
 
     return job

@@ -81,8 +81,8 @@ def validate_ptq_config(cfg: DictConfig) -> None:
         _check_stage_order([str(s) for s in cfg.ptq.stages])
     _check_range(cfg, "ptq.reparam.strength", 0.0, 1.0)
     _check_range(cfg, "ptq.compensate.ridge", 0.0, float("inf"))
-    for key in ("ptq.reparam.num_images", "ptq.compensate.num_images"):
-        _check_range(cfg, key, 1, float("inf"))
+    for key in ("ptq.reparam.num_images", "ptq.compensate.num_images", "data.max_images", "calib.data.max_images"):
+        _check_range(cfg, key, 1, float("inf"))  # null: all
     _check(cfg.eval.num_shards == 1, "eval.num_shards", cfg.eval.num_shards,
            "python -m saq.ptq evaluates every image; shard the evaluation of its quantized.pt with "
            "python -m saq.eval ckpt_path=<run>/quantized.pt eval.num_shards=N eval.shard=i")

@@ -15,6 +15,21 @@ class CalibrationItem:
     prompts: list[Prompt]
 
 
+def empty_calibration_message(dataset: CocoInstances, prompts: dict[int, list[Prompt]]) -> str:
+    """Which of the inputs is empty, when no calibration image has a prompt."""
+    ids = {img.id for img in dataset.images}
+    if not dataset.images:
+        what = "the calibration set has no images (calib.data: check its images folder and filters)"
+    elif not any(prompts.values()):
+        what = (f"the calibration set has {len(ids)} images but not a single prompt (calib.prompts: with gt "
+                "prompts, the annotation file lists no usable box for them; with detector prompts, the "
+                "results are empty or below the score threshold)")
+    else:
+        what = (f"the {sum(map(len, prompts.values()))} prompts are for image ids that are not in the "
+                f"{len(ids)} calibration images (calib.prompts: a results file made for another set?)")
+    return f"no calibration image has a prompt: {what}"
+
+
 def select_calibration(dataset: CocoInstances, prompts: dict[int, list[Prompt]], num_images: int,
                        strategy: str = "random", seed: int = 0,
                        max_prompts_per_image: int | None = None) -> list[CalibrationItem]:
@@ -22,7 +37,7 @@ def select_calibration(dataset: CocoInstances, prompts: dict[int, list[Prompt]],
     at most ``max_prompts_per_image`` (a seeded sample when there are more)."""
     candidates = [img for img in dataset.images if prompts.get(img.id)]
     if not candidates:
-        raise DatasetError("no calibration image has a prompt: check calib.data and calib.prompts")
+        raise DatasetError(empty_calibration_message(dataset, prompts))
     if num_images > len(candidates):
         raise DatasetError(f"calib.num_images={num_images} but only {len(candidates)} images have prompts")
     rng = random.Random(seed)

@@ -46,6 +46,7 @@ class WeightRangeCache:
         self.dir = Path(cache_dir).expanduser()
         self.hits = 0
         self.misses = 0
+        self.unwritable = False  # warned once; later writes are not tried
 
     def _path(self, key: str) -> Path:
         return self.dir / f"{key}.pt"
@@ -73,11 +74,14 @@ class WeightRangeCache:
 
     def put(self, key: str, low: torch.Tensor, high: torch.Tensor) -> None:
         """Store a searched range; a cache that cannot be written (read-only, disk full) is reported and
-        calibration goes on without it."""
+        calibration goes on without it (one warning per run, not one per tensor)."""
+        if self.unwritable:
+            return
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             with atomic_file(self._path(key)) as f:
                 torch.save({"min": low.detach().cpu(), "max": high.detach().cpu()}, f)
         except OSError as exc:
-            log.warning("weight range cache %s is not writable (%s); set calib.weight_range_cache=null to "
-                        "turn it off", self.dir, exc)
+            self.unwritable = True
+            log.warning("weight range cache %s is not writable (%s); ranges are not cached in this run. Set "
+                        "calib.weight_range_cache=null to turn it off", self.dir, exc)
