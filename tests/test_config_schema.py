@@ -54,10 +54,15 @@ def test_a_misspelt_key_fails():
     ("ptq.recon.iters=-1", "ptq.recon.iters=-1"),
     ("calib.num_images=0", "calib.num_images=0"),
     ("data.max_images=0", "data.max_images=0"),
+    ("quant.name=w8a8", "quant.name=w8a8: the bits used are w4a4"),
 ])
 def test_values_out_of_range_name_their_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        validate_ptq_config(_compose([override]))
+        validate_ptq_config(_compose(["quant=w4a4", override]))
+
+
+def test_a_quant_name_of_ones_own_keeps_the_bits_label():
+    validate_ptq_config(_compose(["quant=w4a4", "quant.name=w4a4-mine"]))
 
 
 def test_every_shipped_recipe_and_experiment_validates():

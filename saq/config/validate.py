@@ -10,7 +10,7 @@ from typing import Any, Iterator
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from saq.config.schema import PRECISIONS, PTQRunConfig
+from saq.config.schema import PRECISIONS, PTQRunConfig, quant_label
 
 MIN_BITS, MAX_BITS = 2, 16
 
@@ -52,12 +52,22 @@ def check_no_unknown_keys(cfg: DictConfig) -> None:
         raise ConfigError(f"{exc.full_key or 'config'}: {str(exc).splitlines()[0]}") from None
 
 
+def _check_quant_name(quant: DictConfig) -> None:
+    """A hand-typed quant.name must not contradict the bits (a 4-bit run labelled w8a8 in every table):
+    it must be the label the bits give, optionally followed by a suffix of one's own (w4a4-mine)."""
+    derived = quant_label(quant.encoder.w_bits, quant.encoder.a_bits, quant.decoder.w_bits, quant.decoder.a_bits)
+    name = str(quant.name)
+    _check(name == derived or name.startswith(derived + "-"), "quant.name", name,
+           f"the bits used are {derived}; leave quant.name unset (it follows the bits) or start it with {derived}-")
+
+
 def validate_ptq_config(cfg: DictConfig) -> None:
     """Raise ConfigError on the first value outside its valid range."""
     check_no_unknown_keys(cfg)
     for key, bits in _bits_entries(cfg.quant):
         _check(bits is None or (isinstance(bits, int) and MIN_BITS <= bits <= MAX_BITS), key, bits,
                f"bit widths must be integers in [{MIN_BITS}, {MAX_BITS}] (or null for floating point)")
+    _check_quant_name(cfg.quant)
     for key in ("ptq.recon.qdrop_prob", "ptq.recon.warmup", "eval.reference_drop_prob"):
         _check_range(cfg, key, 0.0, 1.0)
     _check_range(cfg, "ptq.pcc.theta", 0.0, 1.0, low_open=True)
