@@ -42,8 +42,22 @@ def test_corrupt_annotations_are_refused(tmp_path, images, annotations, message)
 
 def test_valid_annotations_load(tmp_path):
     folder, path = _coco(tmp_path, [{**IMG, "id": 1}], [{**ANN, "id": 1, "bbox": [1, 1, 9, 9]}])
-    images, anns, _, _ = load_coco_set("ok", folder, path)
+    loaded = load_coco_set("ok", folder, path)
+    images, anns = loaded.images, loaded.annotations
     assert len(images) == 1 and len(anns) == 1
+
+
+def test_annotations_of_unlisted_images_are_counted_and_reported(tmp_path, caplog):
+    import logging
+
+    from saq.data.coco import build_dataset
+
+    folder, path = _coco(tmp_path, [{**IMG, "id": 1}], [{**ANN, "id": 1, "bbox": [1, 1, 9, 9]},
+                                                         {**ANN, "id": 2, "image_id": 99, "bbox": [1, 1, 5, 5]}])
+    with caplog.at_level(logging.WARNING):
+        dataset = build_dataset([{"name": "ok", "images": folder, "annotations": path}])
+    assert dataset.orphan_annotations == 1 and len(dataset.annotations) == 1
+    assert "1 of 2 annotations name an image id the file does not list" in caplog.text
 
 
 @pytest.mark.parametrize("block,ok", [

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, NamedTuple
 
 import numpy as np
 from PIL import Image
 
 from saq.data.pixels import UnsupportedImageError, to_rgb8
+
+log = logging.getLogger(__name__)
 
 
 class DatasetError(ValueError):
@@ -36,6 +39,8 @@ class CocoInstances:
     annotations: list[dict[str, Any]]
     categories: list[dict[str, Any]]
     set_names: list[str] = field(default_factory=list)
+    # annotations left out because the file lists no image with their image_id (reported, not silent)
+    orphan_annotations: int = 0
 
     def __post_init__(self) -> None:
         self._by_image: dict[int, list[dict[str, Any]]] = {}
@@ -147,8 +152,17 @@ def _check_box(ann: dict, ann_path: Path) -> None:
                            "a box is [x, y, width, height] with finite values and width, height > 0")
 
 
+class CocoFile(NamedTuple):
+    """One annotation file as read: the images kept, every annotation of a listed image, the categories."""
+    images: list[dict[str, Any]]
+    annotations: list[dict[str, Any]]
+    categories: list[dict[str, Any]]
+    images_dir: Path
+    orphan_annotations: int  # annotations whose image_id the file does not list (left out, logged)
+
+
 def load_coco_set(name: str, images: str | Path, annotations: str | Path, where: Mapping[str, Any] | None = None,
-                  max_images: int | None = None) -> tuple[list[dict], list[dict], list[dict], Path]:
+                  max_images: int | None = None) -> CocoFile:
     """Read one annotation file; ``where`` keeps images whose fields equal the given values and
     ``max_images`` the first N of those (by image id)."""
     images_dir, ann_path = Path(images).expanduser(), Path(annotations).expanduser()
@@ -170,7 +184,13 @@ def load_coco_set(name: str, images: str | Path, annotations: str | Path, where:
         raise DatasetError(f"{ann_path}: no image matches data.where={dict(where)}")
     if max_images is not None:
         imgs = sorted(imgs, key=lambda img: img["id"])[: int(max_images)]
-    return imgs, data["annotations"], data["categories"], images_dir
+    listed = {img["id"] for img in data["images"]}
+    orphans = sum(1 for ann in data["annotations"] if ann["image_id"] not in listed)
+    if orphans:
+        log.warning("%s: %d of %d annotations name an image id the file does not list; they are left out",
+                    ann_path, orphans, len(data["annotations"]))
+    return CocoFile(imgs, [a for a in data["annotations"] if a["image_id"] in listed], data["categories"], images_dir,
+                    orphans)
 
 
 def build_dataset(sets: list[Mapping[str, Any]]) -> CocoInstances:
@@ -182,11 +202,13 @@ def build_dataset(sets: list[Mapping[str, Any]]) -> CocoInstances:
     annotations: list[dict[str, Any]] = []
     categories: list[dict[str, Any]] = []
     names = []
+    orphans = 0
     for spec in sets:
         name = spec["name"]
         names.append(name)
-        raw_images, raw_anns, raw_cats, images_dir = load_coco_set(name, spec["images"], spec["annotations"],
-                                                                    spec.get("where"), spec.get("max_images"))
+        raw = load_coco_set(name, spec["images"], spec["annotations"], spec.get("where"), spec.get("max_images"))
+        raw_images, raw_anns, raw_cats, images_dir = raw.images, raw.annotations, raw.categories, raw.images_dir
+        orphans += raw.orphan_annotations
         single = len(sets) == 1
         cat_map = {}
         for cat in raw_cats:
@@ -208,7 +230,7 @@ def build_dataset(sets: list[Mapping[str, Any]]) -> CocoInstances:
                                 "area": float(ann.get("area", ann["bbox"][2] * ann["bbox"][3]))})
     if not images:
         raise DatasetError("the data sets hold no images")
-    return CocoInstances(images, annotations, categories, names)
+    return CocoInstances(images, annotations, categories, names, orphan_annotations=orphans)
 
 
 def dataset_from_config(cfg: Mapping[str, Any]) -> CocoInstances:

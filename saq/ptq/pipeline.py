@@ -163,6 +163,7 @@ def run_ptq(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict[str, Any]
         "ground_truth": "labels" if labelled else "fp_masks",
         "per_set": {"fp": per_set_metrics(eval_set, fp), "quantized": per_set_metrics(eval_set, quantized)},
         "eval_images": len(eval_set.images),
+        "eval_annotations_left_out": eval_set.orphan_annotations,  # their image_id names no listed image
         "eval_prompts": quantized.metrics["num_prompts"],
         "calibration": {"images": [str(i.image.path.name) for i in calib_items]},
         "stages": stage_info,
