@@ -119,7 +119,11 @@ def compare_main(argv: list[str]) -> int:
     runs = _finished_runs(args.dirs)
     if runs is None:
         return 2
-    table = compare_table(runs, args.baseline, args.baseline_iters, args.samples, args.seed)
+    try:
+        table = compare_table(runs, args.baseline, args.baseline_iters, args.samples, args.seed)
+    except ValueError as exc:  # e.g. an unreadable predictions.json.gz: the message names the file
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     out = args.out or args.dirs[0] / "compare"
     out.parent.mkdir(parents=True, exist_ok=True)
     text = to_markdown(table) + "\n\n" + footnote(table) + "\n"

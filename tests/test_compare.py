@@ -212,3 +212,18 @@ def test_cost_rows_take_the_median_over_seeds_and_split_units_by_kind(tmp_path):
     assert rows[0]["ms_per_iter"] == {} and rows[0]["reconstruct_s"] is None
     table = cost_markdown(rows)
     assert "| w4a4 | saq_sam | 20 | 0,1 | 12.5 |" in table and "stage ms/iter" in table
+
+
+def test_compare_names_a_corrupt_predictions_file(sweep, tmp_path):
+    import shutil
+
+    root, _, _ = sweep
+    copy = tmp_path / "sweep"
+    shutil.copytree(root, copy)
+    victim = sorted(copy.glob("*/predictions.json.gz"))[0]
+    victim.write_bytes(victim.read_bytes()[:40])  # truncated
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "tables.py"), "compare", str(copy),
+                           "--baseline", "ptq4sam_l", "--samples", "20", "--out", str(tmp_path / "c")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert str(victim) in proc.stderr.strip().splitlines()[-1]

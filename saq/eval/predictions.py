@@ -196,8 +196,13 @@ def load_predictions(path: Path) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
         path = path / FILE_NAME
-    with gzip.open(path, "rt") as f:
-        payload = json.load(f)
-    if payload.get("format") != FORMAT:
-        raise ValueError(f"{path}: predictions format {payload.get('format')!r}, this version reads {FORMAT}")
+    try:
+        with gzip.open(path, "rt") as f:
+            payload = json.load(f)
+    except (OSError, EOFError, ValueError) as exc:  # truncated gzip, not gzip, bad json
+        raise ValueError(f"{path} cannot be read ({type(exc).__name__}: {exc}); rerun that run's evaluation "
+                         "(python -m saq.eval ckpt_path=<run>/quantized.pt) or remove the run") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise ValueError(f"{path}: predictions format {found!r}, this version reads {FORMAT}")
     return payload
