@@ -111,3 +111,6 @@ def test_a_run_dir_resumed_with_other_settings_is_refused(tmp_path):
     assert "recon_state.pt was written by a run with other settings" in proc.stderr
     assert read(run_dir / "stages.json")["seconds"] == first["stages"]["seconds"]  # refused before any stage ran
     assert read(run_dir / "metrics.json") == first
+    # the dir's record of its settings is the first run's: resume=<dir> replays them
+    assert "ptq.recon.qdrop_prob=0.25" not in (run_dir / ".hydra" / "overrides.yaml").read_text()
+    assert "ptq.recon.iters=2" in (run_dir / ".hydra" / "overrides.yaml").read_text()

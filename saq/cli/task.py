@@ -167,15 +167,29 @@ def _hydra_files(run_dir: Path) -> dict[Path, bytes]:
     return {p: p.read_bytes() for p in (run_dir / ".hydra").glob("*.yaml")}
 
 
-def _restore_hydra_files(run_dir: Path, saved: dict[Path, bytes]) -> None:
+# The .hydra files of the last run that worked in a dir (copied when it ends). Hydra overwrites .hydra/
+# before a run starts, so a rerun the dir refuses (its work was made under other settings) puts these
+# back: the resume command printed by the earlier run still replays that run's settings.
+RECORD_DIR = Path(".hydra") / "last_run"
+
+
+def _record_hydra_files(run_dir: Path, files: dict[Path, bytes]) -> None:
+    for path, data in files.items():
+        write_bytes_atomic(run_dir / RECORD_DIR / path.name, data)
+
+
+def _recorded_hydra_files(run_dir: Path) -> dict[Path, bytes]:
+    return {run_dir / ".hydra" / p.name: p.read_bytes() for p in (run_dir / RECORD_DIR).glob("*.yaml")}
+
+
+def _restore_hydra_files(run_dir: Path, saved: dict[Path, bytes], whose: str = "this run's own") -> None:
     """Hydra writes .hydra/ before a run can claim its dir, so a run turned away from this dir may have
     overwritten them: put this run's own config back."""
     changed = [p for p, data in saved.items() if not p.is_file() or p.read_bytes() != data]
     for path in changed:
         write_bytes_atomic(path, saved[path])
     if changed:
-        log.warning("run dir %s: another run overwrote %s; restored this run's own", run_dir,
-                    ", ".join(p.name for p in changed))
+        log.warning("run dir %s: %s overwritten; restored %s", run_dir, ", ".join(p.name for p in changed), whose)
 
 
 # --- SIGTERM and resuming ---------------------------------------------------------------------------
@@ -332,10 +346,8 @@ def job_of_a_sweep(body: Callable[[], float]) -> Callable[[], float]:
             if not sweep:
                 raise
             failure, message = exc, f"{type(exc).__name__}: {exc}"
-        status = run_dir / "status.json"
-        state = json.loads(status.read_text()).get("state") if status.is_file() else None
-        if state != "failed":  # refused before run_task wrote its status
-            write_status(run_dir, "failed", message)
+        if not (run_dir / "status.json").is_file():  # refused before run_task wrote one (a config error);
+            write_status(run_dir, "failed", message)  # an existing one is this run's, or another live run's
         if not sweep:
             raise failure
         log.error("job %s failed: %s", run_dir.name, message.strip().splitlines()[0] if message.strip() else "")
@@ -350,12 +362,20 @@ def run_task(cfg: DictConfig, run_dir: Path, job: Callable[[DictConfig, Path, Ru
     except RunDirInUseError as exc:
         log.error("%s: %s", type(exc).__name__, exc)
         raise SystemExit(f"error: {exc}") from None
-    saved = _hydra_files(run_dir)
+    saved, whose = _hydra_files(run_dir), "this run's own"
     try:
         with interrupts_raise() as signals_received:
             return _run_claimed(cfg, run_dir, job, name, signals_received)
+    except BaseException as exc:
+        from saq.config.validate import RunDirHoldsOtherSettingsError
+
+        if isinstance(exc.__context__ or exc, RunDirHoldsOtherSettingsError) and _recorded_hydra_files(run_dir):
+            # refused: the dir keeps the earlier run's settings
+            saved, whose = _recorded_hydra_files(run_dir), "the earlier run's (this run was refused)"
+        raise
     finally:
-        _restore_hydra_files(run_dir, saved)
+        _restore_hydra_files(run_dir, saved, whose)
+        _record_hydra_files(run_dir, saved)
         release_run_dir(lock)
 
 

@@ -19,6 +19,10 @@ class ConfigError(ValueError):
     """A config value that cannot be run; the message names the key and what is valid."""
 
 
+class RunDirHoldsOtherSettingsError(ConfigError):
+    """The run dir holds resumable work made under other settings: this run must leave it as it was."""
+
+
 def _bits_entries(quant: DictConfig) -> Iterator[tuple[str, Any]]:
     for part in ("encoder", "decoder"):
         for kind in ("w_bits", "a_bits"):

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 
-from saq.config.validate import ConfigError
+from saq.config.validate import RunDirHoldsOtherSettingsError
 from saq.data.calibration import CalibrationItem
 from saq.config.schema import CacheDtype, EncoderLoss
 from saq.engine.callbacks import LossWindows, UnitCheckpoint
@@ -62,9 +62,10 @@ class ReconState:
     def check_fingerprint(self, stored: str | None) -> None:
         """Refuse a checkpoint made under other settings (None on either side: nothing to compare)."""
         if self.fingerprint is not None and stored is not None and stored != self.fingerprint:
-            raise ConfigError(f"{self.path} was written by a run with other settings (model, quantization, "
-                              "calibration or recipe); resume with the run's own settings, or give this run a "
-                              "fresh hydra.run.dir, or delete the file to start over")
+            raise RunDirHoldsOtherSettingsError(
+                f"{self.path} was written by a run with other settings (model, quantization, "
+                "calibration or recipe); resume with the run's own settings, or give this run a "
+                "fresh hydra.run.dir, or delete the file to start over")
 
     @staticmethod
     def stored_fingerprint(run_dir: Path) -> str | None:
