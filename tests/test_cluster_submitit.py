@@ -107,3 +107,21 @@ def test_preempted_job_is_requeued_and_resumes_then_shards_merge(tmp_path):
     for key in ("mask_AP", "mask_AP50", "mask_AP75", "mIoU", "fidelity_mIoU"):
         assert sharded[key] == whole[key], key
 
+
+
+def test_a_failed_job_under_submitit_costs_no_other_job(tmp_path):
+    """The job refused (no such device) records its failure; the other job still runs; the sweep lists
+    the failure and exits non-zero."""
+    sweep_dir = tmp_path / "sweep"
+    proc = subprocess.run([sys.executable, "-m", "saq.ptq", "-m", "cluster=submitit_local", "debug=fast", "ptq=fp",
+                           "data=skimage", "data.photos=[coffee,camera]", "prompts=auto", "prompts.pred_iou_thresh=-100",
+                           "prompts.stability_thresh=0", "prompts.points_per_side=2", "runtime.progress=false",
+                           "runtime.device=cuda:99,cpu", f"paths.cache_dir={tmp_path / 'cache'}",
+                           f"hydra.sweep.dir={sweep_dir}"], cwd=ROOT, env=env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode != 0 and "1 of 2 jobs failed" in proc.stderr, proc.stderr[-3000:]
+    assert "1/2 jobs completed" in proc.stdout
+    assert json.loads((sweep_dir / "1" / "status.json").read_text())["state"] == "completed"
+    failed = json.loads((sweep_dir / "0" / "status.json").read_text())
+    assert failed["state"] == "failed" and "cuda:99" in failed["error"]
+    assert "cuda:99" in (sweep_dir / "summary.md").read_text()
