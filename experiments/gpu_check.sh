@@ -10,7 +10,7 @@
 #   2. experiments/bench.py for vit_t (real weights) and vit_b (model.checkpoint=random: cost only)
 #   3. vit_t_coco-style W4A4 saq_sam and ptq4sam_l with the recipes' own iteration counts (ptq4sam_l's
 #      20000 per unit is capped by PTQ4SAM_L_ITERS, default 2000, so that both fit the session), then
-#      experiments/tables.py compare of the two
+#      python -m saq.results compare of the two
 # Results go under $OUT (default outputs/gpu_check): steps.tsv (step, exit code, seconds), one log per
 # step, bench dirs, run dirs with metrics.json, compare.md. Nothing here needs network access.
 set -uo pipefail
@@ -83,7 +83,7 @@ step run_saq_sam "$LIMIT" "$PY" -m saq.ptq "${RUN[@]}" ptq=saq_sam "${SAQ_ITERS[
   hydra.run.dir="$OUT/runs/saq_sam"
 step run_ptq4sam_l "$LIMIT" "$PY" -m saq.ptq "${RUN[@]}" ptq=ptq4sam_l ptq.recon.iters="$PTQ4SAM_L_ITERS" seed=0 \
   "${COMMON[@]}" hydra.run.dir="$OUT/runs/ptq4sam_l"
-step compare 60 "$PY" experiments/tables.py compare "$OUT/runs" --baseline ptq4sam_l --out "$OUT/compare"
+step compare 60 "$PY" -m saq.results compare "$OUT/runs" --baseline ptq4sam_l --out "$OUT/compare"
 
 echo "== steps (exit code 0 = passed):"
 cat "$OUT/steps.tsv"

@@ -122,15 +122,14 @@ def test_compare_groups_pairs_and_marks_wins(sweep):
 def test_compare_and_collect_commands(sweep, tmp_path):
     root, _, _ = sweep
     results = tmp_path / "results"
-    script = str(ROOT / "experiments" / "tables.py")
-    subprocess.run([sys.executable, script, "collect", str(root), "--results", str(results)], check=True,
+    subprocess.run([sys.executable, "-m", "saq.results", "collect", str(root), "--results", str(results)], check=True,
                    capture_output=True, text=True)
     seed_dir = results / "vit_t_coco" / "w4a4" / "ptq4sam_l-iters20" / "seed1"
     assert {p.name for p in seed_dir.rglob("*") if p.is_file()} == {
         "metrics.json", "predictions.json.gz", "status.json", "config.yaml", "overrides.yaml"}
     assert (results / "vit_t_coco" / "w4a4" / "minmax" / "seed0" / "metrics.json").is_file()
 
-    out = subprocess.run([sys.executable, script, "compare", str(results / "vit_t_coco"), "--baseline", "ptq4sam_l",
+    out = subprocess.run([sys.executable, "-m", "saq.results", "compare", str(results / "vit_t_coco"), "--baseline", "ptq4sam_l",
                           "--samples", "200"], check=True, capture_output=True, text=True).stdout
     assert "| vit_t | w4a4 | saq_sam | 100 |" in out and "win" in out
     base = results / "vit_t_coco" / "compare"
@@ -222,7 +221,7 @@ def test_compare_names_a_corrupt_predictions_file(sweep, tmp_path):
     shutil.copytree(root, copy)
     victim = sorted(copy.glob("*/predictions.json.gz"))[0]
     victim.write_bytes(victim.read_bytes()[:40])  # truncated
-    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "tables.py"), "compare", str(copy),
+    proc = subprocess.run([sys.executable, "-m", "saq.results", "compare", str(copy),
                            "--baseline", "ptq4sam_l", "--samples", "20", "--out", str(tmp_path / "c")],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

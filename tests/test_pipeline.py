@@ -77,7 +77,7 @@ def test_sweep_prints_and_writes_summary(tmp_path):
     assert "| w8a8" in summary and "| w4a4" in summary and summary.count("| fp32") == 1
     assert {p.parent.name for p in sweep.glob("*/metrics.json")} == {"0", "1"}
 
-    table = subprocess.run([sys.executable, str(ROOT / "experiments" / "tables.py"), str(sweep)], capture_output=True,
+    table = subprocess.run([sys.executable, "-m", "saq.results", str(sweep)], capture_output=True,
                            text=True, check=True).stdout
     lines = [line for line in table.splitlines() if line.startswith("| tiny")]
     assert [line.split("|")[2].strip() for line in lines] == ["fp32", "w8a8", "w4a4"]  # FP row first

@@ -1,13 +1,13 @@
 """Turn the run dirs of a sweep into a paper-style table (markdown + CSV), FP row first.
 
-    python experiments/tables.py outputs/ptq/multiruns/<timestamp> [more sweep dirs ...] [--out table]
+    python -m saq.results outputs/ptq/multiruns/<timestamp> [more sweep dirs ...] [--out table]
 
 Each row is one run (quant, recipe, the overrides that distinguish it), with mask AP and mean IoU of
 the honest quantized model, the reference-protocol numbers where a run computed them, and wall time.
 Also writes <out>.png: mask AP per row as bars.
 
-    python experiments/tables.py compare results/vit_t_coco [run or sweep dirs ...] --baseline ptq4sam_l
-    python experiments/tables.py collect outputs/vit_t_coco/* [--results results] [--experiment vit_t_coco]
+    python -m saq.results compare results/vit_t_coco [run or sweep dirs ...] --baseline ptq4sam_l
+    python -m saq.results collect outputs/vit_t_coco/* [--results results] [--experiment vit_t_coco]
 
 ``compare``: one row per (bits, recipe, variant, reconstruction iterations), mask AP and mIoU as mean +-
 std over seeds, and the AP difference to the baseline recipe at the same bits with a paired bootstrap
@@ -16,7 +16,7 @@ std over seeds, and the AP difference to the baseline recipe at the same bits wi
 runs (metrics.json, predictions.json.gz, status.json, .hydra/*.yaml) into
 results/<experiment>/<quant>/<recipe>[-iters<N>]/seed<k>/ (see results/README.md).
 
-    python experiments/tables.py cost results/vit_t_coco
+    python -m saq.results cost results/vit_t_coco
 
 ``cost``: per row, minutes per stage (median over seeds) and ms per reconstruction iteration per unit type.
 """
@@ -107,7 +107,7 @@ def compare_main(argv: list[str]) -> int:
     """compare: the benchmark table with paired bootstrap intervals against a baseline recipe."""
     from saq.eval.compare import compare_table, footnote, plot_ap_vs_iters, to_markdown
 
-    parser = argparse.ArgumentParser(prog="tables.py compare", description=compare_main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m saq.results compare", description=compare_main.__doc__)
     parser.add_argument("dirs", type=Path, nargs="+", help="results/<experiment> trees, sweep dirs or run dirs")
     parser.add_argument("--baseline", required=True, help="recipe every row is compared with (e.g. ptq4sam_l)")
     parser.add_argument("--baseline-iters", type=int, default=None,
@@ -146,10 +146,10 @@ def collect_main(argv: list[str]) -> int:
     """collect: copy the small files of finished runs into results/<experiment>/<quant>/<recipe>/seed<k>."""
     from saq.eval.run_index import collect_run, find_runs
 
-    parser = argparse.ArgumentParser(prog="tables.py collect", description=collect_main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m saq.results collect", description=collect_main.__doc__)
     parser.add_argument("dirs", type=Path, nargs="+", help="run dirs or sweep dirs")
-    parser.add_argument("--results", type=Path, default=Path(__file__).resolve().parents[1] / "results",
-                        help="results root (default: the project's results/)")
+    parser.add_argument("--results", type=Path, default=Path("results"),
+                        help="results root (default: results/ in the current directory)")
     parser.add_argument("--experiment", default=None,
                         help="experiment dir name (default: the run's experiment= override or logger.group)")
     parser.add_argument("--force", action="store_true", help="replace files that differ")
@@ -172,7 +172,7 @@ def cost_main(argv: list[str]) -> int:
     """cost: minutes per stage and ms per reconstruction iteration per unit type, per benchmark row."""
     from saq.eval.costs import cost_markdown, cost_rows
 
-    parser = argparse.ArgumentParser(prog="tables.py cost", description=cost_main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m saq.results cost", description=cost_main.__doc__)
     parser.add_argument("dirs", type=Path, nargs="+", help="results/<experiment> trees, sweep dirs or run dirs")
     parser.add_argument("--out", type=Path, default=None, help="basename of the outputs (default: <first dir>/cost)")
     args = parser.parse_args(argv)
@@ -195,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     subcommands = {"compare": compare_main, "collect": collect_main, "cost": cost_main}
     if argv and argv[0] in subcommands:
         return subcommands[argv[0]](argv[1:])
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m saq.results", description=__doc__.splitlines()[0],
+                                     epilog="other commands: compare, collect, cost "
+                                            "(python -m saq.results compare -h)")
     parser.add_argument("sweep_dirs", type=Path, nargs="+")
     parser.add_argument("--out", type=Path, default=None, help="basename for .md and .csv (default: <first sweep>/table)")
     args = parser.parse_args(argv)

@@ -1,0 +1,172 @@
+"""Upper bound of finer activation granularity in the decoder: per-channel or channel-group scales for
+chosen quantizer groups, on one calibrated model and a fixed evaluation subset.
+
+The model is calibrated once (the given overrides, stages up to ``calibrate``). For every quantizer of
+the chosen sensitivity groups, a sample of its FP inputs on the calibration set is kept; each variant
+replaces those quantizers by a fake quantizer with one range per channel (``channel``), per channel
+group (``groupG``: channels sorted by their range, G groups of equal size, one clipped range each), or
+keeps them (``tensor``). Ranges are searched per channel / group for the least squared error. The
+replaced quantizers are a measurement device, not a deployable model: nothing here is exported.
+
+    python experiments/act_granularity_probe.py --out /tmp/probe.json --groups dec_attn_in dec_qkv_out \
+        --variants tensor channel group4 group8 \
+        experiment=vit_t_coco quant=w4a4 ptq=saq_rc seed=0 data.max_images=32 'ptq.stages=[bimodal,reparam,calibrate]'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from torch import nn
+
+from saq.cli.task import config_dir, register_resolvers
+from saq.data import select_calibration
+from saq.data.calibration import cap_prompts
+from saq.data.sources import dataset_from_config, prompts_from_config
+from saq.eval import evaluate
+from saq.eval.sensitivity import check_partition
+from saq.models import build_model
+from saq.nn import quantize_
+from saq.ptq.capture import run_items
+from saq.ptq.recipe import rules_from_config
+from saq.ptq.stages import StageContext, run_stages
+from saq.quant import QuantMode, set_quant_mode
+from saq.utils.cpu_runtime import apply_cpu_runtime
+from saq.utils.loggers import RunLogger
+
+ROWS_PER_CALL = 1024
+
+
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """(rows, channels): heads and head dims together for (B, H, N, d) tensors."""
+    if x.dim() == 4:
+        return x.permute(0, 2, 1, 3).reshape(-1, x.shape[1] * x.shape[3])
+    return x.reshape(-1, x.shape[-1])
+
+
+def fake_quant(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Tensor:
+    qmax = 2 ** bits - 1
+    scale = ((hi - lo) / qmax).clamp_min(1e-8)
+    zero = torch.round(-lo / scale)
+    return (torch.clamp(torch.round(x / scale) + zero, 0, qmax) - zero) * scale
+
+
+def search_ranges(rows: torch.Tensor, groups: torch.Tensor, count: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (lo, hi), equal within each group, clipped by the shrink factor of least squared error."""
+    lo_c, hi_c = rows.min(0).values.clamp(max=0), rows.max(0).values.clamp(min=0)
+    lo_g = torch.full((count,), float("inf")).scatter_reduce(0, groups, lo_c, "amin")
+    hi_g = torch.full((count,), float("-inf")).scatter_reduce(0, groups, hi_c, "amax")
+    best_err = torch.full((count,), float("inf"))
+    best = torch.ones(count)
+    for alpha in torch.linspace(0.2, 1.0, 41):
+        err_c = ((rows - fake_quant(rows, lo_g[groups] * alpha, hi_g[groups] * alpha, bits)) ** 2).sum(0)
+        err_g = torch.zeros(count).scatter_add(0, groups, err_c)
+        better = err_g < best_err
+        best_err, best = torch.where(better, err_g, best_err), torch.where(better, alpha, best)
+    return lo_g[groups] * best[groups], hi_g[groups] * best[groups]
+
+
+def channel_groups(rows: torch.Tensor, count: int) -> torch.Tensor:
+    """Group index of each channel: channels sorted by their max |x|, ``count`` groups of equal size."""
+    order = rows.abs().amax(0).argsort()
+    groups = torch.empty_like(order)
+    groups[order] = torch.arange(order.numel()) * count // order.numel()
+    return groups
+
+
+class ProbeQuantizer(nn.Module):
+    def __init__(self, lo: torch.Tensor, hi: torch.Tensor, bits: int) -> None:
+        super().__init__()
+        self.lo, self.hi, self.bits = lo, hi, bits
+
+    def forward(self, x: torch.Tensor, values: torch.Tensor | None = None) -> torch.Tensor:
+        if x.dim() == 4:  # (B, H, N, d): channel = (head, dim)
+            shape = (1, x.shape[1], 1, x.shape[3])
+        else:
+            shape = (1,) * (x.dim() - 1) + (x.shape[-1],)
+        return fake_quant(x, self.lo.view(shape), self.hi.view(shape), self.bits)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--groups", nargs="+", required=True, help="sensitivity group names")
+    parser.add_argument("--variants", nargs="+", default=["tensor", "channel", "group4", "group8"])
+    parser.add_argument("--sample-items", type=int, default=8)
+    parser.add_argument("--check-first", action="store_true", help="evaluate the calibrated model first")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+
+    register_resolvers()
+    with initialize_config_dir(config_dir(), version_base="1.3"):
+        cfg = compose("ptq", overrides=[*args.overrides, "logger=none"])
+    config = OmegaConf.to_container(cfg, resolve=True)
+    apply_cpu_runtime(cfg.runtime)
+    torch.manual_seed(int(cfg.seed))
+    eval_set, calib_set = dataset_from_config(config["data"]), dataset_from_config(config["calib"]["data"])
+    model = build_model(config["model"])
+    eval_prompts = prompts_from_config(config["prompts"], eval_set, model, False)
+    calib_prompts = prompts_from_config(config["calib"]["prompts"], calib_set, model, False)
+    items = select_calibration(calib_set, calib_prompts, int(cfg.calib.num_images), str(cfg.calib.strategy),
+                               int(cfg.calib.seed))
+    recon_items = cap_prompts(items, cfg.calib.max_prompts_per_image, int(cfg.calib.seed))
+    quantize_(model, rules_from_config(config["quant"], config["ptq"]))
+    with tempfile.TemporaryDirectory() as stage_dir:
+        run_stages(StageContext(model, items, recon_items, config, Path(stage_dir), RunLogger(Path(stage_dir)), False))
+    model.eval()
+
+    if args.check_first:
+        set_quant_mode(model, QuantMode.QUANTIZE)
+        first = evaluate(model, eval_set, eval_prompts, "calibrated", int(cfg.eval.prompt_batch), False, 0)
+        print(f"calibrated, before the probe: AP {first.metrics['mask_AP']:.2f}", flush=True)
+    members = check_partition(model)
+    names = [n for g in args.groups for n in members[g]]
+    originals = {n: model.get_submodule(n) for n in names}
+    samples: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    gen = torch.Generator().manual_seed(0)
+
+    def keep(name):
+        def hook(_module, inputs):
+            rows = channels_last(inputs[0].detach().float())
+            pick = torch.randint(rows.shape[0], (min(ROWS_PER_CALL, rows.shape[0]),), generator=gen)
+            samples[name].append(rows[pick])
+        return hook
+
+    handles = [originals[n].register_forward_pre_hook(keep(n)) for n in names]
+    set_quant_mode(model, QuantMode.OFF)
+    with torch.no_grad():
+        run_items(model, recon_items[:args.sample_items])
+    for h in handles:
+        h.remove()
+    rows = {n: torch.cat(samples[n]) for n in names}
+
+    record = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    results = record.setdefault("rows", {})
+    for variant in args.variants:
+        for n in names:
+            parent, attr = n.rsplit(".", 1)
+            if variant == "tensor":
+                replacement = originals[n]
+            else:
+                channels = rows[n].shape[1]
+                count = channels if variant == "channel" else int(variant.removeprefix("group"))
+                groups = torch.arange(channels) if variant == "channel" else channel_groups(rows[n], count)
+                lo, hi = search_ranges(rows[n], groups, count, originals[n].spec.bits)
+                replacement = ProbeQuantizer(lo, hi, originals[n].spec.bits)
+            setattr(model.get_submodule(parent), attr, replacement)
+        set_quant_mode(model, QuantMode.QUANTIZE)
+        result = evaluate(model, eval_set, eval_prompts, variant, int(cfg.eval.prompt_batch), False, 0)
+        key = f"{'+'.join(args.groups)} {variant}"
+        results[key] = {"overrides": args.overrides, "mask_AP": result.metrics["mask_AP"], "mIoU": result.metrics["mIoU"]}
+        args.out.write_text(json.dumps(record, indent=1))
+        print(f"{key:40s} AP {result.metrics['mask_AP']:.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

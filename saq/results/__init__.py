@@ -1,0 +1,1 @@
+"""Tables from finished runs: ``python -m saq.results`` (sweep table, ``compare``, ``collect``, ``cost``)."""

@@ -1,0 +1,3 @@
+from saq.results.cli import main
+
+raise SystemExit(main())
