@@ -121,7 +121,7 @@ def runtime_own_int8(run: Path, count: int = OWN_INT8_IMAGES) -> Path:
         def get_next(self):
             return next(self.feeds, None)
 
-    from saq.deploy.int8_exactness import cpu_has_exact_int8_dot_product
+    from saq.export.int8_exactness import cpu_has_exact_int8_dot_product
 
     # onnxruntime's advice for CPUs whose u8 x s8 kernels saturate (no VNNI): 7-bit weights
     reduce_range = not cpu_has_exact_int8_dot_product()

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from saq.models import build_tiny_sam
-from saq.models.image_source import ImageSource
+from saq.ptq.image_source import ImageSource
 from saq.models.predictor import encode_image
 from saq.nn import QuantRule, assert_deployable, harden_weights_, quantize_
 from saq.ptq.calibrate import calibrate_

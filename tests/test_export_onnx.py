@@ -21,7 +21,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from saq.deploy.int8_exactness import cpu_has_exact_int8_dot_product, saturating_layers, saturation_warning
+from saq.export.int8_exactness import cpu_has_exact_int8_dot_product, saturating_layers, saturation_warning
 from saq.export import load_quantized, save_quantized
 from saq.export.onnx import export_checkpoint, read_manifest
 from saq.export.qdq import ExportError
@@ -419,7 +419,7 @@ def test_vit_t_w8a8_minmax_deployed_matches_fake_quant(tmp_path, vit_t_checkpoin
 def test_auto_layout_follows_the_cpus_int8_arithmetic(w8a8, tmp_path, monkeypatch):
     """weight_layout=auto: zero-point-free int8 weights unless the CPU's int8 kernels would saturate on a
     layer (W8A8 on a CPU without VNNI), then uint8; the manifest records the request and the layout used."""
-    import saq.deploy.int8_exactness as exactness
+    import saq.export.int8_exactness as exactness
 
     ckpt, _ = w8a8
     w4a4 = _quantized_tiny(tmp_path / "w4a4.pt", w_bits=4, a_bits=4)  # 2 x 15 x 128 fits 16 bits
@@ -448,7 +448,7 @@ def test_manifest_records_the_largest_weight_code(w8a8):
 
 
 def test_predictor_warns_where_the_runtime_would_saturate(w8a8, tmp_path, monkeypatch):
-    import saq.deploy.int8_exactness as exactness
+    import saq.export.int8_exactness as exactness
 
     ckpt, symmetric = w8a8
     uint8 = export_checkpoint(ckpt, "onnx", tmp_path / "uint8", weight_layout="uint8")

@@ -4,7 +4,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-import saq.models.image_source as image_source
+import saq.ptq.image_source as image_source
 from saq.cli.task import config_dir, register_resolvers
 from saq.data import dataset_from_config, gt_prompts, select_calibration
 from saq.data.calibration import cap_prompts

@@ -1,6 +1,6 @@
 """The CPU check and the per-layer bound behind the int8 saturation warning (no model, no runtime)."""
 
-from saq.deploy.int8_exactness import cpu_has_exact_int8_dot_product, saturating_layers, saturation_warning
+from saq.export.int8_exactness import cpu_has_exact_int8_dot_product, saturating_layers, saturation_warning
 
 AVX2_ONLY = "flags\t\t: fpu sse2 avx avx2 fma bmi2 avx512f"
 WITH_VNNI = AVX2_ONLY + " avx512_vnni"

@@ -7,7 +7,7 @@ from saq.data import dataset_from_config, gt_prompts, select_calibration
 from saq.engine.losses import lp_loss
 from saq.engine.reconstruction import unit_quantizers
 from saq.models import build_tiny_sam
-from saq.models.image_source import ImageSource
+from saq.ptq.image_source import ImageSource
 from saq.models.units import reconstruction_units
 from saq.nn import QuantRule, assert_deployable, deployment_problems, harden_weights_, quantize_
 from saq.ptq.calibrate import calibrate_

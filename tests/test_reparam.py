@@ -7,7 +7,7 @@ from torch import nn
 
 from saq.models import build_tiny_sam
 from saq.models.build import build_vit_t_architecture
-from saq.models.image_source import ImageSource
+from saq.ptq.image_source import ImageSource
 from saq.models.predictor import encode_image
 from saq.nn import QuantRule, quantize_
 from saq.ptq.calibrate import calibrate_

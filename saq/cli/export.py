@@ -21,7 +21,7 @@ def print_export_summary(result) -> None:
         print("  quantization points: " + ", ".join(f"{k} {v}" for k, v in sorted(summary.items())))
     if manifest["export_format"] == "onnx":
         print(f"  weight layout: {manifest['weight_layout']} (asked: {manifest['weight_layout_requested']})")
-    from saq.deploy.int8_exactness import saturation_warning
+    from saq.export.int8_exactness import saturation_warning
 
     warning = saturation_warning(manifest)
     if warning:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from saq.deploy.int8_exactness import saturation_warning
+from saq.export.int8_exactness import saturation_warning
 from saq.deploy.runtime import load_graph
 from saq.export.onnx import read_manifest
 

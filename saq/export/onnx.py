@@ -25,6 +25,7 @@ from segment_anything.modeling import Sam
 from saq.export.checkpoint import load_quantized, package_versions
 from saq.export.graphs import DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS, DecoderGraph, EncoderGraph
 from saq.export.int4 import pack_4bit_weights
+from saq.export import int8_exactness
 from saq.export.qdq import PACKED_4BIT_SUFFIX, WEIGHT_LAYOUTS, ExportError, PointReport, strip_quantizers_, to_qdq_
 from saq.nn.deploy import assert_deployable
 from saq.utils.hashing import file_hexdigest
@@ -114,12 +115,11 @@ def qdq_with_exact_layout_(model: torch.nn.Module, weight_layout: str, exact_cpu
     Returns (the converted model, its reports, the layout used)."""
     if weight_layout != "auto":
         return model, to_qdq_(model, weight_layout=weight_layout), weight_layout
-    from saq.deploy.int8_exactness import cpu_has_exact_int8_dot_product, saturating_layers  # (imports this module)
 
-    exact = cpu_has_exact_int8_dot_product() if exact_cpu is None else exact_cpu
+    exact = int8_exactness.cpu_has_exact_int8_dot_product() if exact_cpu is None else exact_cpu
     candidate = model if exact else copy.deepcopy(model)
     reports = to_qdq_(candidate, weight_layout="symmetric")
-    if exact or not saturating_layers({"quantization_points": [r.to_dict() for r in reports]}):
+    if exact or not int8_exactness.saturating_layers({"quantization_points": [r.to_dict() for r in reports]}):
         return candidate, reports, "symmetric"
     return model, to_qdq_(model, weight_layout="uint8"), "uint8"
 

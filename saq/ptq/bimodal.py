@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from saq.data.calibration import CalibrationItem
-from saq.models.image_source import ImageSource
+from saq.ptq.image_source import ImageSource
 from saq.models.predictor import decode_boxes
 from saq.quant.quantizer import FakeQuantizer, QuantMode, quant_mode
 

@@ -11,7 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from saq.data.calibration import CalibrationItem
-from saq.models.image_source import ImageSource
+from saq.ptq.image_source import ImageSource
 from saq.models.predictor import decode_boxes, encode_image
 from saq.ptq.capture import KeptInputs
 from saq.ptq.weight_ranges import WeightRangeCache, weight_range_key

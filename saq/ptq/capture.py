@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from saq.data.calibration import CalibrationItem
-from saq.models.image_source import ImageSource
+from saq.ptq.image_source import ImageSource
 from saq.models.predictor import EncodedImage, decode_boxes, decoder_batches, encode_image
 
 

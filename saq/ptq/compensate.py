@@ -28,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from saq.data.calibration import CalibrationItem
-from saq.models.image_source import ImageSource
+from saq.ptq.image_source import ImageSource
 from saq.nn.modules import QuantConv2d, QuantLinear
 from saq.ptq.capture import DECODER_PREFIX, ENCODER_PREFIX, capture_inputs, encode_items, to_device
 from saq.quant.functional import fake_quantize

@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from saq.data.calibration import CalibrationItem
-from saq.models.image_source import ImageSource
+from saq.ptq.image_source import ImageSource
 from saq.models.predictor import EncodedImage, decode_boxes
 from saq.nn.attention import QuantTwoWayAttention
 from saq.quant.granularity import PerTensor

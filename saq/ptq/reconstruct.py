@@ -27,7 +27,7 @@ from saq.engine.callbacks import LossWindows, UnitCheckpoint
 from saq.engine.reconstruction import ReconSettings, UnitBatches, UnitReconstruction, unit_quantizers
 from saq.engine.trainer import fit_quietly, unit_trainer
 from saq.models.units import ReconUnit, Run, reconstruction_units
-from saq.models.image_source import ImageSource
+from saq.ptq.image_source import ImageSource
 from saq.models.predictor import encoded_image
 from saq.ptq.capture import KeptInputs, _detach, capture_inputs, encode_items, to_device
 from saq.quant.quantizer import QuantMode, quant_mode, set_quant_mode

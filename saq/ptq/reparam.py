@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from saq.data.calibration import CalibrationItem
-from saq.models.image_source import ImageSource
+from saq.ptq.image_source import ImageSource
 from saq.models.predictor import encode_image
 from saq.quant.quantizer import QuantMode, quant_mode
 

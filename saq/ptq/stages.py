@@ -23,7 +23,7 @@ from torch import nn
 
 from saq.config.schema import Stage
 from saq.data.calibration import CalibrationItem
-from saq.models.image_source import ImageSource
+from saq.ptq.image_source import ImageSource
 from saq.utils.loggers import RunLogger
 from saq.utils.run_files import write_json
 
