@@ -8,8 +8,8 @@ group (``groupG``: channels sorted by their range, G groups of equal size, one c
 keeps them (``tensor``). Ranges are searched per channel / group for the least squared error. The
 replaced quantizers are a measurement device, not a deployable model: nothing here is exported.
 
-    python experiments/act_granularity_probe.py --out /tmp/probe.json --groups dec_attn_in dec_qkv_out \
-        --variants tensor channel group4 group8 \
+    python experiments/act_granularity_probe.py --out /tmp/probe.json --groups dec_attn_in,dec_qkv_out \
+        --variants tensor,channel,group4,group8 \
         experiment=vit_t_coco quant=w4a4 ptq=saq_rc seed=0 data.max_images=32 'ptq.stages=[bimodal,reparam,calibrate]'
 """
 
@@ -96,12 +96,14 @@ class ProbeQuantizer(nn.Module):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--groups", nargs="+", required=True, help="sensitivity group names")
-    parser.add_argument("--variants", nargs="+", default=["tensor", "channel", "group4", "group8"])
+    # comma-separated, so that the Hydra overrides after them stay positional
+    parser.add_argument("--groups", required=True, help="sensitivity group names, comma-separated")
+    parser.add_argument("--variants", default="tensor,channel,group4,group8", help="comma-separated")
     parser.add_argument("--sample-items", type=int, default=8)
     parser.add_argument("--check-first", action="store_true", help="evaluate the calibrated model first")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    args.groups, args.variants = args.groups.split(","), args.variants.split(",")
 
     register_resolvers()
     with initialize_config_dir(config_dir(), version_base="1.3"):

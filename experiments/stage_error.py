@@ -16,7 +16,7 @@ import torch
 
 from saq.export import load_quantized
 from saq.models.build import build_model
-from saq.models.image_source import ImageSource
+from saq.ptq.image_source import ImageSource
 from saq.models.predictor import encode_image
 
 STAGES = [f"image_encoder.layers.{i}" for i in range(4)] + ["image_encoder.neck"]
