@@ -88,32 +88,3 @@ def test_eval_compare_fake_quant_reports_the_agreement_references(tmp_path):
     decoder = metrics["deployed_decoder_vs_fake_quant_mIoU"]
     assert 0.0 <= floor <= 1.0 and decoder >= 0.99 and deployed >= 0.99
     assert "float order alone" in proc.stdout and "fake-quant embeddings" in proc.stdout
-
-
-def test_float_order_divergence_experiment(exported, tmp_path):
-    """experiments/float_order_divergence.py on the tiny checkpoint: a row per encoder module in forward
-    order, ending with the embedding, each with the one-ulp difference and the quantization error."""
-    from PIL import Image
-
-    image = tmp_path / "astronaut.png"
-    Image.fromarray(_images()[0]).save(image)
-    out = tmp_path / "divergence"
-    script = [sys.executable, "experiments/float_order_divergence.py"]
-    proc = subprocess.run([*script, "--ckpt", str(exported[0]), "--image", str(image), "--depth", "1",
-                           "--threads", "1", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads((out / "divergence.json").read_text())["modules"]
-    assert rows[-1]["module"] == "embedding" and len(rows) > 2
-    assert not any(r["module"].endswith("quantizer") for r in rows)
-    for row in rows:
-        assert 0.0 <= row["relative_l2"] < 1.0 and 0.0 <= row["changed_fraction"] <= 1.0
-        assert np.isfinite(row["quantization_relative_l2"])
-    assert rows[-1]["quantization_relative_l2"] > 0  # the tiny model is quantized: its embedding moves
-    assert (out / "divergence.png").stat().st_size > 0
-    missing = subprocess.run([*script, "--ckpt", str(tmp_path / "none.pt"), "--out", str(out)], cwd=ROOT,
-                             capture_output=True, text=True, timeout=300)
-    assert missing.returncode == 2 and "checkpoint not found" in missing.stderr
-    one_thread = subprocess.run([*script, "--ckpt", str(exported[0]), "--image", str(image), "--threads", "1",
-                                 "--perturbation", "threads", "--out", str(out)], cwd=ROOT, capture_output=True,
-                                text=True, timeout=300)
-    assert one_thread.returncode == 2 and "--threads 2 or more" in one_thread.stderr
