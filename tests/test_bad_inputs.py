@@ -73,3 +73,27 @@ def test_metric_range_guard(block, ok):
     else:
         with pytest.raises(MetricOutOfRangeError, match="cannot exist"):
             check_metric_ranges(block, "quantized")
+
+
+def test_every_refusal_is_one_class_the_cli_prints_in_one_line():
+    """The errors that name a bad input or an unusable result share SaqUserError, which the CLI prints
+    without a traceback."""
+    from saq.cli.task import RunDirInUseError
+    from saq.config.validate import ConfigError
+    from saq.data.coco import DatasetError
+    from saq.data.pixels import UnsupportedImageError
+    from saq.eval.metrics import MetricOutOfRangeError
+    from saq.eval.shards import ShardError
+    from saq.export.qdq import ExportError
+    from saq.models.checkpoints import CheckpointError
+    from saq.models.finite import NonFiniteOutputError
+    from saq.models.minisam_convert import WeightsUnavailableError
+    from saq.nn.deploy import NotDeployableError
+    from saq.ptq.preflight import PreflightError
+    from saq.quant.observers import CalibrationDataError
+    from saq.utils.errors import SaqUserError
+
+    for error in (RunDirInUseError, ConfigError, DatasetError, UnsupportedImageError, MetricOutOfRangeError,
+                  ShardError, ExportError, CheckpointError, NonFiniteOutputError, WeightsUnavailableError,
+                  NotDeployableError, PreflightError, CalibrationDataError):
+        assert issubclass(error, SaqUserError), error

@@ -36,13 +36,11 @@ def print_export_summary(result) -> None:
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="export")
 def main(cfg: DictConfig) -> None:
     from saq.export.onnx import export_checkpoint
-    from saq.export.qdq import ExportError
-    from saq.models.checkpoints import CheckpointError
-    from saq.nn.deploy import NotDeployableError
+    from saq.utils.errors import SaqUserError
 
     try:
         result = export_checkpoint(cfg.ckpt_path, str(cfg.format), cfg.out_dir, int(cfg.opset), str(cfg.weight_layout))
-    except (CheckpointError, ExportError, NotDeployableError, ValueError) as exc:
+    except (SaqUserError, ValueError) as exc:  # ValueError: an unknown format or weight layout
         raise SystemExit(f"export error: {exc}") from None
     print_export_summary(result)
 

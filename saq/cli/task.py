@@ -24,6 +24,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from saq.utils.loggers import RunLogger, build_logger
+from saq.utils.errors import SaqUserError
 from saq.utils.run_files import format_error, write_bytes_atomic, write_status
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ def device_or_exit(cfg: DictConfig) -> None:
         raise SystemExit(f"config error: {exc}") from None
 
 
-class RunDirInUseError(RuntimeError):
+class RunDirInUseError(SaqUserError, RuntimeError):
     """Another live run holds the run directory."""
 
 
@@ -253,23 +254,6 @@ def hydra_quote(value: str) -> str:
     return "'" + value.replace("'", "\\'") + "'"
 
 
-def refusals() -> tuple[type[BaseException], ...]:
-    """Errors whose message already names the problem and the fix (a wrong path, file, data set or
-    setting; a model that gives NaN or cannot deploy): printed as one line, not a traceback."""
-    from saq.config.validate import ConfigError
-    from saq.data.coco import DatasetError
-    from saq.eval.metrics import MetricOutOfRangeError
-    from saq.models.checkpoints import CheckpointError
-    from saq.models.finite import NonFiniteOutputError
-    from saq.models.minisam_convert import WeightsUnavailableError
-    from saq.nn.deploy import NotDeployableError
-    from saq.ptq.preflight import PreflightError
-    from saq.quant.observers import CalibrationDataError
-
-    return (CheckpointError, ConfigError, DatasetError, PreflightError, CalibrationDataError, WeightsUnavailableError,
-            MetricOutOfRangeError, NonFiniteOutputError, NotDeployableError)
-
-
 # --- the task --------------------------------------------------------------------------------------
 
 def _run_claimed(cfg: DictConfig, run_dir: Path, job: Callable[[DictConfig, Path, RunLogger], Any],
@@ -298,7 +282,7 @@ def _run_claimed(cfg: DictConfig, run_dir: Path, job: Callable[[DictConfig, Path
         write_status(run_dir, "failed", format_error(exc))
         if logger is not None:
             logger.finish(failed=True)
-        if isinstance(exc, refusals()):
+        if isinstance(exc, SaqUserError):  # its message names the problem and the fix: one line
             log.error("%s: %s", type(exc).__name__, exc)
             raise SystemExit(f"error: {exc}") from None
         raise

@@ -11,11 +11,12 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from saq.config.schema import PRECISIONS, PTQRunConfig, quant_label
+from saq.utils.errors import SaqUserError
 
 MIN_BITS, MAX_BITS = 2, 16
 
 
-class ConfigError(ValueError):
+class ConfigError(SaqUserError, ValueError):
     """A config value that cannot be run; the message names the key and what is valid."""
 
 

@@ -13,11 +13,12 @@ import numpy as np
 from PIL import Image
 
 from saq.data.pixels import UnsupportedImageError, to_rgb8
+from saq.utils.errors import SaqUserError
 
 log = logging.getLogger(__name__)
 
 
-class DatasetError(ValueError):
+class DatasetError(SaqUserError, ValueError):
     """An annotation file or image folder is missing or malformed."""
 
 

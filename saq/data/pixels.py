@@ -10,13 +10,15 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from saq.utils.errors import SaqUserError
+
 # Modes PIL converts to RGB correctly by itself (8 bits per channel, palettes, alpha dropped, CMYK, YCbCr).
 CONVERTIBLE_MODES = frozenset({"1", "L", "P", "PA", "LA", "La", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr"})
 # Single-channel modes with more than 8 bits: rescaled by their range.
 WIDE_MODES = frozenset({"I", "F", "I;16", "I;16L", "I;16B", "I;16N"})
 
 
-class UnsupportedImageError(ValueError):
+class UnsupportedImageError(SaqUserError, ValueError):
     """An image whose pixels cannot be turned into RGB faithfully."""
 
 

@@ -11,6 +11,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from saq.utils.errors import SaqUserError
+
 AP_KEYS = ("mask_AP", "mask_AP50", "mask_AP75", "mask_APs", "mask_APm", "mask_APl")
 
 
@@ -70,7 +72,7 @@ def fidelity(fp_masks: list[dict[str, Any]], q_masks: list[dict[str, Any]]) -> f
     return float(np.mean([mask_iou(a, b) for a, b in zip(fp_masks, q_masks)]))
 
 
-class MetricOutOfRangeError(RuntimeError):
+class MetricOutOfRangeError(SaqUserError, RuntimeError):
     """A metric outside its possible range: the evaluation itself is broken, no number may be reported."""
 
 

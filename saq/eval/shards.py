@@ -19,13 +19,14 @@ import numpy as np
 
 from saq.eval.evaluate import EvalResult, detections
 from saq.eval.metrics import coco_mask_ap, mask_iou
+from saq.utils.errors import SaqUserError
 from saq.utils.run_files import atomic_file
 
 SHARD_FILE = "shard.json.gz"
 FORMAT = "saq.eval_shard/2"  # 2: checkpoint and input digests, the whole set's image ids
 
 
-class ShardError(ValueError):
+class ShardError(SaqUserError, ValueError):
     """The shard files do not make up one complete evaluation."""
 
 

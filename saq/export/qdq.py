@@ -19,6 +19,7 @@ from saq.nn.modules import QuantConv2d, QuantLinear
 from saq.quant.log_quantizer import LogSoftmaxQuantizer
 from saq.quant.granularity import PerChannel
 from saq.quant.quantizer import FakeQuantizer, QuantMode, Role, iter_quantizers
+from saq.utils.errors import SaqUserError
 
 GRID_TOLERANCE = 1e-3  # steps: a weight further from its grid was not hardened
 UINT8 = (0, 255)
@@ -40,7 +41,7 @@ class PointReport:
         return asdict(self)
 
 
-class ExportError(RuntimeError):
+class ExportError(SaqUserError, RuntimeError):
     """The model cannot be exported as asked (not hardened, not calibrated, ...)."""
 
 

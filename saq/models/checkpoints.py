@@ -16,10 +16,12 @@ from typing import Any
 
 import torch
 
+from saq.utils.errors import SaqUserError
+
 log = logging.getLogger(__name__)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(SaqUserError, RuntimeError):
     """A checkpoint is missing, unreadable or of the wrong kind."""
 
 

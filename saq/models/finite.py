@@ -11,9 +11,10 @@ import numpy as np
 import torch
 
 from saq.models.predictor import decode_boxes, encode_image
+from saq.utils.errors import SaqUserError
 
 
-class NonFiniteOutputError(RuntimeError):
+class NonFiniteOutputError(SaqUserError, RuntimeError):
     """A model produced NaN or inf."""
 
 

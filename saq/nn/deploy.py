@@ -12,11 +12,12 @@ from torch import nn
 
 from saq.nn.modules import QuantizedModule
 from saq.quant.quantizer import FakeQuantizer, QuantMode, iter_quantizers
+from saq.utils.errors import SaqUserError
 
 GRID_TOLERANCE = 1e-3  # in units of one quantization step
 
 
-class NotDeployableError(RuntimeError):
+class NotDeployableError(SaqUserError, RuntimeError):
     """The model is not in the state it claims to be evaluated in."""
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any, Iterator, Mapping
 
 from saq.data.coco import CocoInstances, verify_images
+from saq.utils.errors import SaqUserError
 
 MIN_BITS, MAX_BITS = 2, 16  # what saq.quant.functional.int_range accepts
 
 
-class PreflightError(ValueError):
+class PreflightError(SaqUserError, ValueError):
     """A setting that would fail later, after the long work; the message names the config key."""
 
 

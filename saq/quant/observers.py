@@ -15,9 +15,10 @@ import torch
 from saq.quant import stats
 from saq.quant.functional import MIN_SCALE, compute_qparams, fake_quantize, int_range
 from saq.quant.granularity import Granularity, PerTensor
+from saq.utils.errors import SaqUserError
 
 
-class CalibrationDataError(ValueError):
+class CalibrationDataError(SaqUserError, ValueError):
     """Raised when calibration activations are not finite."""
 
 
