@@ -4,8 +4,9 @@ chosen quantizer groups, on one calibrated model and a fixed evaluation subset.
 The model is calibrated once (the given overrides, stages up to ``calibrate``). For every quantizer of
 the chosen sensitivity groups, a sample of its FP inputs on the calibration set is kept; each variant
 replaces those quantizers by a fake quantizer with one range per channel (``channel``), per channel
-group (``groupG``: channels sorted by their range, G groups of equal size, one clipped range each), or
-keeps them (``tensor``). Ranges are searched per channel / group for the least squared error. The
+group (``groupG``: channels sorted by their range, G groups of equal size, one clipped range each), with
+dynamic per-token ranges (``token``: the min/max of each row of the last axis, shrunk by one searched
+factor), or keeps them (``tensor``). Ranges are searched per channel / group for the least squared error. The
 replaced quantizers are a measurement device, not a deployable model: nothing here is exported.
 
     python experiments/act_granularity_probe.py --out /tmp/probe.json --groups dec_attn_in,dec_qkv_out \
@@ -80,6 +81,28 @@ def channel_groups(rows: torch.Tensor, count: int) -> torch.Tensor:
     return groups
 
 
+def search_token_shrink(rows: torch.Tensor, bits: int) -> float:
+    """One shrink factor of per-token (per-row) min/max ranges, of least squared error on the sample."""
+    lo, hi = rows.min(1, keepdim=True).values.clamp(max=0), rows.max(1, keepdim=True).values.clamp(min=0)
+    errors = {float(a): float(((rows - fake_quant(rows, lo * a, hi * a, bits)) ** 2).sum())
+              for a in torch.linspace(0.3, 1.0, 36)}
+    return min(errors, key=errors.get)
+
+
+class TokenQuantizer(nn.Module):
+    """Dynamic per-token ranges (each row of the last axis its own min/max, shrunk by one searched factor):
+    what an int8 runtime's dynamic quantization computes at run time."""
+
+    def __init__(self, shrink: float, bits: int) -> None:
+        super().__init__()
+        self.shrink, self.bits = shrink, bits
+
+    def forward(self, x: torch.Tensor, values: torch.Tensor | None = None) -> torch.Tensor:
+        lo = x.amin(-1, keepdim=True).clamp(max=0) * self.shrink
+        hi = x.amax(-1, keepdim=True).clamp(min=0) * self.shrink
+        return fake_quant(x, lo, hi, self.bits)
+
+
 class ProbeQuantizer(nn.Module):
     def __init__(self, lo: torch.Tensor, hi: torch.Tensor, bits: int) -> None:
         super().__init__()
@@ -131,13 +154,18 @@ def main() -> None:
     names = [n for g in args.groups for n in members[g]]
     originals = {n: model.get_submodule(n) for n in names}
     samples: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    token_samples: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     gen = torch.Generator().manual_seed(0)
 
     def keep(name):
         def hook(_module, inputs):
-            rows = channels_last(inputs[0].detach().float())
+            x = inputs[0].detach().float()
+            rows = channels_last(x)
             pick = torch.randint(rows.shape[0], (min(ROWS_PER_CALL, rows.shape[0]),), generator=gen)
             samples[name].append(rows[pick])
+            tokens = x.reshape(-1, x.shape[-1])  # rows of the last axis: what a per-token range covers
+            pick = torch.randint(tokens.shape[0], (min(ROWS_PER_CALL, tokens.shape[0]),), generator=gen)
+            token_samples[name].append(tokens[pick])
         return hook
 
     handles = [originals[n].register_forward_pre_hook(keep(n)) for n in names]
@@ -147,6 +175,7 @@ def main() -> None:
     for h in handles:
         h.remove()
     rows = {n: torch.cat(samples[n]) for n in names}
+    token_rows = {n: torch.cat(token_samples[n]) for n in names}
 
     record = json.loads(args.out.read_text()) if args.out.is_file() else {}
     results = record.setdefault("rows", {})
@@ -155,6 +184,9 @@ def main() -> None:
             parent, attr = n.rsplit(".", 1)
             if variant == "tensor":
                 replacement = originals[n]
+            elif variant == "token":
+                bits = originals[n].spec.bits
+                replacement = TokenQuantizer(search_token_shrink(token_rows[n], bits), bits)
             else:
                 channels = rows[n].shape[1]
                 count = channels if variant == "channel" else int(variant.removeprefix("group"))

@@ -1,7 +1,7 @@
 """Time reconstruction steps eager against ``runtime.compile=true``, interleaved round by round.
 
     python experiments/bench_recon_step.py outputs/vit_t_coco/w4a4_saq_base_i20_s0/quantized.pt \
-        --rounds 3 --out results/bench/recon_step_vit_t_w4a4.json
+        --rounds 3 --out outputs/bench/recon_step_vit_t_w4a4.json
 
 One training step (forward, backward, Adam) of each unit type on a quantized checkpoint: the SAQ-SAM
 decoder layer (CLM loss, 16 box prompts, the undropped pass for the final-token term) and every encoder

@@ -5,7 +5,7 @@ starts from that calibrated state, runs ``saq.ptq.compensate.compensate_`` with 
 variant ``{}`` with ``"skip": true`` evaluates the calibrated model itself) and is evaluated on the same
 images. Rows are appended to the JSON as they finish.
 
-    python experiments/parts_ablation.py --out results/vit_t_coco/parts_subset32_s0.json \
+    python experiments/parts_ablation.py --out outputs/parts_subset32_s0.json \
         --variants '{"gptq_own": {"refit": false, "inputs": "own", "images": 4}}' \
         experiment=vit_t_coco quant=w4a4 ptq=saq_rc seed=0 data.max_images=32 'ptq.stages=[bimodal,calibrate]'
 """

@@ -4,7 +4,7 @@ performance counters, summed by (node type, kernel). The kernel name says whethe
 kernels and what the rest costs.
 
     python experiments/profile_openvino.py outputs/vit_t_w8a8_minmax_sym/onnx/encoder.onnx --precision fp32 \
-        --out results/bench/profile_openvino_encoder_fp32.json
+        --out outputs/bench/profile_openvino_encoder_fp32.json
 
 Input: random data of the graph's input shape (the encoder's 1 x 3 x 1024 x 1024 image); timing does not
 depend on the values. Writes JSON (totals per kernel, the slowest nodes) and prints a table.
