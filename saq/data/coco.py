@@ -234,7 +234,8 @@ def build_dataset(sets: list[Mapping[str, Any]]) -> CocoInstances:
     return CocoInstances(images, annotations, categories, names, orphan_annotations=orphans)
 
 
-def dataset_from_config(cfg: Mapping[str, Any]) -> CocoInstances:
-    """``data`` config node: one set (name/images/annotations/where) plus optional ``extra`` sets."""
+def coco_dataset_from_config(cfg: Mapping[str, Any]) -> CocoInstances:
+    """A ``data`` node of kind coco: one set (name/images/annotations/where) plus optional ``extra`` sets.
+    Every kind: ``saq.data.dataset_from_config``."""
     main = {k: cfg.get(k) for k in ("name", "images", "annotations", "where", "max_images")}
     return build_dataset([main, *list(cfg.get("extra") or [])])

@@ -53,7 +53,8 @@ def detector_prompts(dataset: CocoInstances, path: str | Path, score_threshold: 
     return {k: sorted(v, key=lambda p: -p.score)[:max_per_image] for k, v in prompts.items()}
 
 
-def prompts_from_config(cfg: Mapping[str, Any], dataset: CocoInstances) -> dict[int, list[Prompt]]:
+def labelled_prompts_from_config(cfg: Mapping[str, Any], dataset: CocoInstances) -> dict[int, list[Prompt]]:
+    """A ``prompts`` node of source gt or detector. Every source: ``saq.data.prompts_from_config``."""
     source = cfg["source"]
     if source == "gt":
         return gt_prompts(dataset)

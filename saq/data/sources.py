@@ -9,8 +9,8 @@ from typing import Any, Mapping
 
 import torch
 
-from saq.data.coco import CocoInstances, dataset_from_config as coco_dataset
-from saq.data.prompts import Prompt, prompts_from_config as labelled_prompts
+from saq.data.coco import CocoInstances, coco_dataset_from_config
+from saq.data.prompts import Prompt, labelled_prompts_from_config
 
 
 def dataset_from_config(cfg: Mapping[str, Any]) -> CocoInstances:
@@ -18,7 +18,7 @@ def dataset_from_config(cfg: Mapping[str, Any]) -> CocoInstances:
     (data.photos = names of scikit-image sample photos, written once to data.images)."""
     kind = cfg.get("kind", "coco")
     if kind == "coco":
-        return coco_dataset(cfg)
+        return coco_dataset_from_config(cfg)
     from saq.data.folder import folder_dataset, skimage_photos
 
     if kind == "skimage":
@@ -37,7 +37,7 @@ def prompts_from_config(cfg: Mapping[str, Any], dataset: CocoInstances, model: t
                         show_progress: bool = True) -> dict[int, list[Prompt]]:
     """``prompts`` node: gt, detector, or auto (boxes of the FP model's confident masks; needs ``model``)."""
     if cfg["source"] != "auto":
-        return labelled_prompts(cfg, dataset)
+        return labelled_prompts_from_config(cfg, dataset)
     if model is None:
         raise ValueError("prompts=auto needs the FP model")
     from saq.data.auto_prompts import auto_box_prompts
