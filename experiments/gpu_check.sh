@@ -7,7 +7,7 @@
 # project's .venv/bin/python. The script exits 1 when any step failed (steps.tsv says which).
 # Steps, each under its own time limit; a failing step is recorded and the next one still runs:
 #   1. python -m pytest -m gpu                         (skipped with --tiny: there is no CUDA)
-#   2. experiments/bench.py for vit_t (real weights) and vit_b (model.checkpoint=random: cost only)
+#   2. python -m saq.bench recipe for vit_t (real weights) and vit_b (model.checkpoint=random: cost only)
 #   3. vit_t_coco-style W4A4 saq_sam and ptq4sam_l with the recipes' own iteration counts (ptq4sam_l's
 #      20000 per unit is capped by PTQ4SAM_L_ITERS, default 2000, so that both fit the session), then
 #      python -m saq.results compare of the two
@@ -75,9 +75,9 @@ fi
 COMMON=(runtime.device=$DEVICE runtime.progress=false logger=none)
 BENCH_PCC=()
 [ "$TINY" = 1 ] && BENCH_PCC=(ptq.pcc.percentiles=[0.99,1.0] ptq.pcc.passes=1)
-step bench_small_model "$LIMIT" "$PY" experiments/bench.py "${BENCH_T[@]}" quant=w4a4 ptq=saq_sam ptq.recon.iters=3 \
+step bench_small_model "$LIMIT" "$PY" -m saq.bench recipe "${BENCH_T[@]}" quant=w4a4 ptq=saq_sam ptq.recon.iters=3 \
   "${BENCH_PCC[@]}" "${COMMON[@]}" out="$OUT/bench_vit_t"
-step bench_large_model "$LIMIT" "$PY" experiments/bench.py "${BENCH_B[@]}" quant=w4a4 ptq=saq_sam ptq.recon.iters=3 \
+step bench_large_model "$LIMIT" "$PY" -m saq.bench recipe "${BENCH_B[@]}" quant=w4a4 ptq=saq_sam ptq.recon.iters=3 \
   "${BENCH_PCC[@]}" "${COMMON[@]}" out="$OUT/bench_vit_b"
 step run_saq_sam "$LIMIT" "$PY" -m saq.ptq "${RUN[@]}" ptq=saq_sam "${SAQ_ITERS[@]}" seed=0 "${COMMON[@]}" \
   hydra.run.dir="$OUT/runs/saq_sam"

@@ -1,4 +1,4 @@
-"""experiments/bench.py on the tiny model (CPU, a few seconds) and model.checkpoint=random."""
+"""python -m saq.bench recipe on the tiny model (CPU, a few seconds) and model.checkpoint=random."""
 
 import json
 import subprocess
@@ -20,7 +20,7 @@ def test_random_checkpoint_builds_the_architecture_without_weights():
 
 def test_bench_writes_json_and_markdown(tmp_path):
     out = tmp_path / "bench"
-    proc = subprocess.run([sys.executable, "experiments/bench.py", "model=tiny", "model.checkpoint=random", "debug=fast",
+    proc = subprocess.run([sys.executable, "-m", "saq.bench", "recipe", "model=tiny", "model.checkpoint=random", "debug=fast",
                            "quant=w4a8", "ptq=qdrop", "ptq.recon.iters=2", "data.max_images=2", "runtime.progress=false",
                            f"out={out}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -68,19 +68,15 @@ def tiny_w4a4_checkpoint(tmp_path_factory):
 
 
 def test_bench_recon_step_times_every_unit_type_eager_and_compiled(tiny_w4a4_checkpoint):
-    """experiments/bench_recon_step.py on a tiny quantized checkpoint: the CLM decoder layer and every
+    """python -m saq.bench recon-step on a tiny quantized checkpoint: the CLM decoder layer and every
     encoder stage timed in both modes, the quantizers left final (no QDrop, no soft rounding)."""
-    import importlib.util
-
     import torch
 
     from saq.nn.deploy import deployment_check
 
     ckpt = tiny_w4a4_checkpoint
 
-    spec = importlib.util.spec_from_file_location("bench_recon_step", ROOT / "experiments" / "bench_recon_step.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    import saq.bench.recon_step as bench
     loaded, _ = bench.load_quantized(ckpt)
     batches = bench.unit_batches(loaded, prompts=3, generator=torch.Generator().manual_seed(0))
     [(first_stage, first_batch)] = bench.unit_batches(loaded, prompts=3, generator=torch.Generator().manual_seed(0),

@@ -1,4 +1,4 @@
-"""experiments/bench_deploy.py on a tiny W8A8 run (CPU, under a minute): every row timed and scored."""
+"""python -m saq.bench deploy on a tiny W8A8 run (CPU, under a minute): every row timed and scored."""
 
 import json
 import subprocess
@@ -19,7 +19,7 @@ def test_bench_deploy_writes_every_configuration(tmp_path, coco8):
     subprocess.run([sys.executable, "-m", "saq.ptq", "model=tiny", "debug=fast", "data.max_images=3", "quant=w8a8",
                     "ptq=minmax", "runtime.progress=false", "runtime.num_threads=1", f"hydra.run.dir={run}", *data],
                    cwd=ROOT, check=True, capture_output=True, timeout=300)
-    proc = subprocess.run([sys.executable, "experiments/bench_deploy.py", "--run", str(run), "--rounds", "2"],
+    proc = subprocess.run([sys.executable, "-m", "saq.bench", "deploy", "--run", str(run), "--rounds", "2"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((run / "bench_deploy" / "bench_deploy.json").read_text())
@@ -36,7 +36,7 @@ def test_bench_deploy_writes_every_configuration(tmp_path, coco8):
     assert "| onnxruntime_int8 |" in (run / "bench_deploy" / "bench_deploy.md").read_text()
 
     # the runtime's own int8 layout (onnxruntime's static quantizer on the FP file), for comparison
-    proc = subprocess.run([sys.executable, "experiments/bench_deploy.py", "--run", str(run), "--rounds", "1",
+    proc = subprocess.run([sys.executable, "-m", "saq.bench", "deploy", "--run", str(run), "--rounds", "1",
                            "--no-accuracy", "--configs", "onnxruntime_fp32", "onnxruntime_own_int8", "openvino_own_int8",
                            "--out", str(tmp_path / "own")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -51,6 +51,6 @@ def test_bench_deploy_writes_every_configuration(tmp_path, coco8):
 
 
 def test_bench_deploy_refuses_a_dir_without_checkpoint(tmp_path):
-    proc = subprocess.run([sys.executable, "experiments/bench_deploy.py", "--run", str(tmp_path)], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "saq.bench", "deploy", "--run", str(tmp_path)], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "has no quantized.pt" in proc.stderr

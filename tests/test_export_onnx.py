@@ -471,17 +471,17 @@ def test_on_this_cpu_the_warned_export_disagrees_and_the_auto_export_agrees(w8a8
 
 
 def test_openvino_profile_names_the_int8_kernels(w8a8, tmp_path):
-    """experiments/profile_openvino.py: per-kernel times of the exported encoder, int8 layers visible."""
+    """python -m saq.bench profile: per-kernel times of the exported encoder, int8 layers visible."""
     pytest.importorskip("openvino", reason='the deploy extra: pip install -e ".[deploy]"')
     out = tmp_path / "profile.json"
     encoder = w8a8[1].out_dir / "encoder.onnx"
-    proc = subprocess.run([sys.executable, "experiments/profile_openvino.py", str(encoder), "--runs", "1", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "saq.bench", "profile", str(encoder), "--runs", "1", "--out", str(out)],
                           cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["total_ms"] > 0 and abs(sum(r["share"] for r in result["kernels"]) - 1.0) < 1e-6
     assert any(r["kernel"].endswith("_I8") for r in result["kernels"]), result["kernels"]
-    missing = subprocess.run([sys.executable, "experiments/profile_openvino.py", str(tmp_path / "nowhere.onnx")],
+    missing = subprocess.run([sys.executable, "-m", "saq.bench", "profile", str(tmp_path / "nowhere.onnx")],
                              cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
     assert missing.returncode != 0 and "ONNX file not found" in missing.stderr
 

@@ -5,7 +5,7 @@ unmaps it on ``free``. SAM's activations at 1024 px are 4-64 MiB each, so withou
 (PyTorch has none on CPU) every forward and backward maps its activations anew and the kernel zero-fills
 them page by page on first touch. With ``runtime.keep_freed_memory`` the process keeps freed blocks in its
 heap for the next tensor instead: on one core of the 2-core benchmark machine the vit_t encoder ran
-1.4-1.5x and the decoder 1.6-1.7x faster, FP and fake-quantized alike (experiments/bench_cpu_memory.py).
+1.4-1.5x and the decoder 1.6-1.7x faster, FP and fake-quantized alike (python -m saq.bench memory).
 Values are untouched (only where memory comes from changes). glibc is no caching allocator: small
 allocations split freed blocks now and then, so some pages still fault in and the resident peak grows
 (about 10% for a vit_t reconstruction run).

@@ -3,7 +3,7 @@ performance counters, summed by (node type, kernel). The kernel name says whethe
 (``..._I8``), bf16 or f32, so this shows which parts of a QDQ export the runtime turns into integer
 kernels and what the rest costs.
 
-    python experiments/profile_openvino.py outputs/vit_t_w8a8_minmax_sym/onnx/encoder.onnx --precision fp32 \
+    python -m saq.bench profile outputs/vit_t_w8a8_minmax_sym/onnx/encoder.onnx --precision fp32 \
         --out outputs/bench/profile_openvino_encoder_fp32.json
 
 Input: random data of the graph's input shape (the encoder's 1 x 3 x 1024 x 1024 image); timing does not

@@ -1,6 +1,6 @@
 """Time reconstruction steps eager against ``runtime.compile=true``, interleaved round by round.
 
-    python experiments/bench_recon_step.py outputs/vit_t_coco/w4a4_saq_base_i20_s0/quantized.pt \
+    python -m saq.bench recon-step outputs/vit_t_coco/w4a4_saq_base_i20_s0/quantized.pt \
         --rounds 3 --out outputs/bench/recon_step_vit_t_w4a4.json
 
 One training step (forward, backward, Adam) of each unit type on a quantized checkpoint: the SAQ-SAM

@@ -1,7 +1,7 @@
 """Benchmark a run as deployed: latency per image embedding and per prompt on each runtime, file sizes,
 and the accuracy of each against the FP masks and the ground truth.
 
-    python experiments/bench_deploy.py --run outputs/vit_t_w8a8_minmax --threads 1 --rounds 5
+    python -m saq.bench deploy --run outputs/vit_t_w8a8_minmax --threads 1 --rounds 5
 
 Configurations (each a row): PyTorch FP eager, PyTorch fake-quant (the framework's own numbers),
 onnxruntime FP32 and int8 (the run's QDQ export), OpenVINO FP32, int8 (the same QDQ file), int8 with bf16

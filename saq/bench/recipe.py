@@ -1,7 +1,7 @@
 """Benchmark a PTQ recipe: where its time and memory go, and what its full schedule would cost.
 
-    python experiments/bench.py model=tiny debug=fast ptq=saq_sam ptq.recon.iters=3 --out outputs/bench/tiny
-    python experiments/bench.py model=vit_b model.checkpoint=random ptq=saq_sam ptq.recon.iters=3 \
+    python -m saq.bench recipe model=tiny debug=fast ptq=saq_sam ptq.recon.iters=3 --out outputs/bench/tiny
+    python -m saq.bench recipe model=vit_b model.checkpoint=random ptq=saq_sam ptq.recon.iters=3 \
         runtime.device=cuda data=skimage prompts=auto out=outputs/bench/vit_b
 
 Takes the same Hydra overrides as ``python -m saq.ptq`` (the config is composed the same way) and

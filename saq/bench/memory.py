@@ -1,6 +1,6 @@
 """Encoder and decoder time of a quantized checkpoint with and without ``runtime.keep_freed_memory``.
 
-    python experiments/bench_cpu_memory.py outputs/vit_t_coco/w4a4_saq_base_i20_s0/quantized.pt \
+    python -m saq.bench memory outputs/vit_t_coco/w4a4_saq_base_i20_s0/quantized.pt \
         --rounds 4 --threads 1 --out outputs/bench/cpu_memory_vit_t.json
 
 The allocator setting is process-wide and cannot be undone, so each side runs in its own interpreter,
