@@ -1,5 +1,6 @@
 """runtime.device=cuda on a machine without CUDA stops at once with one line, no traceback."""
 
+import json
 import os
 import subprocess
 import sys
@@ -24,4 +25,6 @@ def test_cuda_without_cuda_is_one_config_error(module, extra, tmp_path):
     assert "Traceback" not in result.stderr + result.stdout
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("config error: runtime.device=cuda: "), result.stderr
-    assert not (tmp_path / "run" / "status.json").exists()  # no run was started
+    # no run was started; the dir Hydra made says why it holds no results
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["state"] == "failed" and status["error"].startswith("config error: runtime.device=cuda")
