@@ -1,4 +1,5 @@
-"""Imports flow one way: cli -> ptq/export/deploy -> engine -> eval -> data/models -> nn/quant/config/utils."""
+"""Imports flow one way: cli/bench/results -> ptq/export/deploy -> engine -> eval -> data/models ->
+nn/quant/config/utils; and no two packages import each other, directly or through others."""
 
 import ast
 from collections import defaultdict
@@ -7,7 +8,7 @@ from pathlib import Path
 import saq
 
 PACKAGE = Path(saq.__file__).parent
-LAYER = {"cli": 5, "ptq": 4, "export": 4, "deploy": 4, "engine": 3, "eval": 2, "data": 1, "models": 1,
+LAYER = {"cli": 5, "bench": 5, "results": 5, "ptq": 4, "export": 4, "deploy": 4, "engine": 3, "eval": 2, "data": 1, "models": 1,
          "nn": 0, "quant": 0, "config": 0, "utils": 0}
 
 
@@ -61,3 +62,51 @@ def test_the_checker_sees_an_upward_import(tmp_path, monkeypatch):
     graph = _import_graph()
     assert graph["saq.quant.bad"] == {"saq.ptq.pipeline"}
     assert _layer_of("saq.ptq.pipeline") > _layer_of("saq.quant.bad")
+
+
+
+
+def package_imports() -> dict[str, set[str]]:
+    """saq sub-package -> the other saq sub-packages its modules import."""
+    edges: dict[str, set[str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE).parts
+        if len(parts) < 2 or path.name == "__main__.py":
+            continue  # top-level modules are not a layer; `python -m saq.X` shims sit above every layer
+        package = parts[0]
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else []
+            for name in names:
+                pieces = name.split(".")
+                if pieces[0] == "saq" and len(pieces) > 1 and pieces[1] != package and (PACKAGE / pieces[1]).is_dir():
+                    edges.setdefault(package, set()).add(pieces[1])
+    return edges
+
+
+def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Every package that can reach itself, with one path back."""
+    found = []
+    for start in sorted(edges):
+        stack, seen = [(start, [start])], set()
+        while stack:
+            node, path = stack.pop()
+            for nxt in sorted(edges.get(node, ())):
+                if nxt == start:
+                    found.append(path + [start])
+                    stack.clear()
+                    break
+                if nxt not in seen:
+                    seen.add(nxt)
+                    stack.append((nxt, path + [nxt]))
+    return found
+
+
+def test_no_import_cycles_between_packages():
+    assert cycles(package_imports()) == []
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"], ["b", "c", "a", "b"],
+                                                                         ["c", "a", "b", "c"]]
+
