@@ -35,7 +35,7 @@ from saq.eval.sensitivity import check_partition
 from saq.models import build_model
 from saq.nn import quantize_
 from saq.ptq.capture import run_items
-from saq.ptq.recipe import rules_from_config
+from saq.ptq.recipe import rules_for_model
 from saq.ptq.stages import StageContext, run_stages
 from saq.quant import QuantMode, set_quant_mode
 from saq.utils.cpu_runtime import apply_cpu_runtime
@@ -141,7 +141,7 @@ def main() -> None:
     items = select_calibration(calib_set, calib_prompts, int(cfg.calib.num_images), str(cfg.calib.strategy),
                                int(cfg.calib.seed))
     recon_items = cap_prompts(items, cfg.calib.max_prompts_per_image, int(cfg.calib.seed))
-    quantize_(model, rules_from_config(config["quant"], config["ptq"]))
+    quantize_(model, rules_for_model(model, config["quant"], config["ptq"]))
     with tempfile.TemporaryDirectory() as stage_dir:
         run_stages(StageContext(model, items, recon_items, config, Path(stage_dir), RunLogger(Path(stage_dir)), False))
     model.eval()

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from test_pipeline import read, run
 
@@ -19,7 +20,9 @@ FAST_RECON = ["ptq.recon.iters=4", "ptq.recon.best_window=2"]
     ("saq_star", ["ptq.pcc.passes=1", "ptq.pcc.percentiles=[0.9,0.99,1.0]"]),
     ("saq_sam", FAST_RECON + ["ptq.recon.final_attn_iters=4", "ptq.pcc.passes=1", "ptq.pcc.percentiles=[0.9,1.0]"]),
     ("saq_rc", ["ptq.recon.iters=0", "ptq.recon.final_attn_iters=0"]),  # calibration and closed-form steps only
-    ("saq_rc", FAST_RECON + ["ptq.recon.final_attn_iters=4", "ptq.compensate.num_images=1"]),
+    # with the post-GELU level tables: learned steps and the refit both see them
+    ("saq_rc", FAST_RECON + ["ptq.recon.final_attn_iters=4", "ptq.compensate.num_images=1",
+                             "+ptq/parts@ptq=post_gelu"]),
 ])
 def test_recipe_runs_and_deploys(recipe, extra, tmp_path):
     run_dir = tmp_path / recipe
@@ -40,6 +43,10 @@ def test_recipe_runs_and_deploys(recipe, extra, tmp_path):
         assert comp["layers"] > 0
         assert comp["mean_relative_output_error_after"] < comp["mean_relative_output_error_before"]
         assert stages["reparam"]["pairs"] == 4 and stages["reparam"]["fp_embedding_relative_error"] < 1e-4
+    if "+ptq/parts@ptq=post_gelu" in extra:
+        layout = torch.load(run_dir / "quantized.pt", weights_only=False)["layout"]
+        tables = sorted(n for n, e in layout.items() if e["act"] and e["act"]["quantizer"] == "table")
+        assert tables == ["image_encoder.blocks.0.mlp.lin2", "image_encoder.blocks.1.mlp.lin2"]
     if recipe == "qdrop":
         ref = metrics["reference_protocol"]
         assert set(ref) >= {"mask_AP", "mIoU"} and "QDrop" in ref["note"]

@@ -162,7 +162,7 @@ def run_bench(overrides: list[str], run_dir: Path) -> dict[str, Any]:
     from saq.models.units import reconstruction_units
     from saq.nn import harden_weights_, quantize_
     from saq.ptq.pipeline import resolve_device
-    from saq.ptq.recipe import rules_from_config
+    from saq.ptq.recipe import rules_for_model
     from saq.ptq.stages import STAGES, StageContext
     from saq.config.schema import Stage
     from saq.quant import QuantMode, set_quant_mode
@@ -195,7 +195,7 @@ def run_bench(overrides: list[str], run_dir: Path) -> dict[str, Any]:
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    quantize_(model, rules_from_config(config["quant"], config["ptq"]))
+    quantize_(model, rules_for_model(model, config["quant"], config["ptq"]))
     ctx = StageContext(model, calib_items, recon_items, config, run_dir, RunLogger(run_dir), False)
     stage_names = {Stage.bimodal: "big_s", Stage.pcc: "pcc_s", Stage.calibrate: "calibration_s",
                    Stage.reconstruct: "reconstruction_measured_s"}

@@ -62,11 +62,13 @@ class ObserverName(Choice):
     mse = "mse"
     omse = "omse"
     agq = "agq"  # the log softmax quantizer's own search
+    hybrid_log_uniform = "hybrid_log_uniform"  # the level-table quantizer's own search
 
 
 class QuantizerKind(Choice):
     uniform = "uniform"
     log = "log"
+    table = "table"  # a calibrated table of 2^b levels times a step (post-GELU inputs)
 
 
 class UnitGranularity(Choice):
@@ -177,6 +179,15 @@ class SoftmaxQuantizerConfig:
 
 
 @dataclass
+class PostGeluQuantizerConfig:
+    """The quantizer of every input a GELU feeds (found by data flow, saq.ptq.post_gelu)."""
+
+    quantizer: QuantizerKind = QuantizerKind.table
+    observer: ObserverName = ObserverName.hybrid_log_uniform
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class ReconConfig:
     granularity: UnitGranularity = UnitGranularity.block
     parts: List[Part] = field(default_factory=lambda: [Part.encoder, Part.decoder])
@@ -248,6 +259,8 @@ class RecipeConfig:
     # AGQ (log softmax quantizer) search on at most this many attention maps per forward (a seeded
     # sample; null = every map, the reference). A CPU budget knob: set it for all recipes of a table.
     agq_max_maps: Optional[int] = None
+    # null: post-GELU inputs get the activation quantizer like every other input
+    post_gelu_quantizer: Optional[PostGeluQuantizerConfig] = None
     recon: ReconConfig = field(default_factory=ReconConfig)
     pcc: PCCConfig = field(default_factory=PCCConfig)
     reparam: ReparamConfig = field(default_factory=ReparamConfig)

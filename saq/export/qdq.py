@@ -17,6 +17,7 @@ from torch import nn
 
 from saq.nn.modules import QuantConv2d, QuantLinear
 from saq.quant.log_quantizer import LogSoftmaxQuantizer
+from saq.quant.table_quantizer import LevelTableQuantizer
 from saq.quant.granularity import PerChannel
 from saq.quant.quantizer import FakeQuantizer, QuantMode, Role, iter_quantizers
 from saq.utils.errors import SaqUserError
@@ -229,6 +230,8 @@ def qdq_expressible(q: FakeQuantizer) -> tuple[bool, str]:
     """(whether standard 8-bit QDQ reproduces this quantizer exactly, why not)."""
     if isinstance(q, LogSoftmaxQuantizer):
         return False, "log2 quantizer (AGQ): its levels are powers of 2^(1/tau), not a uniform grid"
+    if isinstance(q, LevelTableQuantizer):
+        return False, "level-table quantizer (post-GELU): its levels are a calibrated table, not a uniform grid"
     if q.spec.bits > 8:
         return False, f"{q.spec.bits}-bit codes do not fit an 8-bit QDQ type"
     if q.role is Role.ACTIVATION and q.scale.numel() != 1:

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from saq.quant.factory import make_quantizer
 from saq.quant.quantizer import FakeQuantizer, QuantSpec, Role
 
 
@@ -47,7 +48,7 @@ class _WeightedQuantModule(QuantizedModule):
         new = _adopt(cls, module)
         like = module.weight  # quantizers live on the module's device, in its dtype
         new.weight_quantizer = FakeQuantizer(weight, Role.WEIGHT, like) if weight is not None else None
-        new.input_quantizer = FakeQuantizer(act, Role.ACTIVATION, like) if act is not None else None
+        new.input_quantizer = make_quantizer(act, Role.ACTIVATION, like) if act is not None else None
         return new
 
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:

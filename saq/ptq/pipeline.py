@@ -32,7 +32,7 @@ from saq.models import build_model
 from saq.nn import QuantLinear, assert_deployable, harden_weights_, quantize_
 from saq.nn.deploy import deployment_check
 from saq.ptq.preflight import preflight
-from saq.ptq.recipe import rules_from_config
+from saq.ptq.recipe import rules_for_model
 from saq.ptq.stages import StageContext, run_stages
 from saq.quant import QuantMode, set_quant_mode
 from saq.quant.fused import use_fused_kernels_
@@ -147,7 +147,7 @@ def quantize_and_evaluate(cfg: DictConfig, config: dict[str, Any], inputs: RunIn
     if not cfg.ptq.quantize:
         return QuantizedRun(fp)
     model = inputs.model
-    layout = quantize_(model, rules_from_config(config["quant"], config["ptq"]))
+    layout = quantize_(model, rules_for_model(model, config["quant"], config["ptq"]))
     if cfg.runtime.get("compile"):
         use_fused_kernels_(model)  # compiled fake quantization: the same values, fewer passes
     recon_items = cap_prompts(inputs.calib_items, cfg.calib.max_prompts_per_image, int(cfg.calib.seed))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from torch import nn
+
 from saq.nn.quantize import QuantRule
 from saq.quant.quantizer import QuantSpec
 
@@ -37,4 +39,15 @@ def rules_from_config(quant: Mapping[str, Any], ptq: Mapping[str, Any]) -> list[
             act=act,
             softmax=softmax,
         ))
+    return rules
+
+
+def rules_for_model(model: nn.Module, quant: Mapping[str, Any], ptq: Mapping[str, Any]) -> list[QuantRule]:
+    """:func:`rules_from_config`, plus the post-GELU layers' own rules when the recipe sets
+    ``ptq.post_gelu_quantizer`` (they are found on ``model`` by data flow)."""
+    rules = rules_from_config(quant, ptq)
+    if ptq.get("post_gelu_quantizer"):
+        from saq.ptq.post_gelu import with_post_gelu_rules
+
+        rules = with_post_gelu_rules(model, rules, ptq["post_gelu_quantizer"])
     return rules

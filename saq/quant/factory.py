@@ -1,4 +1,4 @@
-"""The quantizer a spec asks for: one typed registry (uniform or log), above both quantizer modules."""
+"""The quantizer a spec asks for: one typed registry (uniform, log or level table), above both quantizer modules."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ import torch
 from saq.config.schema import QuantizerKind
 from saq.quant.log_quantizer import LogSoftmaxQuantizer
 from saq.quant.quantizer import FakeQuantizer, QuantSpec, Role
+from saq.quant.table_quantizer import LevelTableQuantizer
 
 QUANTIZERS: dict[QuantizerKind, type[FakeQuantizer]] = {
     QuantizerKind.uniform: FakeQuantizer,
     QuantizerKind.log: LogSoftmaxQuantizer,
+    QuantizerKind.table: LevelTableQuantizer,
 }
 
 
