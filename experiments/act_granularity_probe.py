@@ -18,28 +18,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 from torch import nn
 
-from saq.cli.task import config_dir, register_resolvers
-from saq.data import select_calibration
 from saq.data.calibration import cap_prompts
-from saq.data.sources import dataset_from_config, prompts_from_config
 from saq.eval import evaluate
 from saq.eval.sensitivity import check_partition
-from saq.models import build_model
 from saq.nn import quantize_
 from saq.ptq.capture import run_items
 from saq.ptq.recipe import rules_for_model
-from saq.ptq.stages import StageContext, run_stages
 from saq.quant import QuantMode, set_quant_mode
-from saq.utils.cpu_runtime import apply_cpu_runtime
-from saq.utils.loggers import RunLogger
+
+from run_setup import compose_run, run_inputs, run_recipe_stages
 
 ROWS_PER_CALL = 1024
 
@@ -128,22 +120,12 @@ def main() -> None:
     args = parser.parse_args()
     args.groups, args.variants = args.groups.split(","), args.variants.split(",")
 
-    register_resolvers()
-    with initialize_config_dir(config_dir(), version_base="1.3"):
-        cfg = compose("ptq", overrides=[*args.overrides, "logger=none"])
-    config = OmegaConf.to_container(cfg, resolve=True)
-    apply_cpu_runtime(cfg.runtime)
-    torch.manual_seed(int(cfg.seed))
-    eval_set, calib_set = dataset_from_config(config["data"]), dataset_from_config(config["calib"]["data"])
-    model = build_model(config["model"])
-    eval_prompts = prompts_from_config(config["prompts"], eval_set, model, False)
-    calib_prompts = prompts_from_config(config["calib"]["prompts"], calib_set, model, False)
-    items = select_calibration(calib_set, calib_prompts, int(cfg.calib.num_images), str(cfg.calib.strategy),
-                               int(cfg.calib.seed))
+    cfg, config = compose_run(args.overrides)
+    inputs = run_inputs(cfg, config)
+    model, eval_set, eval_prompts, items = inputs.model, inputs.eval_set, inputs.eval_prompts, inputs.calib_items
     recon_items = cap_prompts(items, cfg.calib.max_prompts_per_image, int(cfg.calib.seed))
     quantize_(model, rules_for_model(model, config["quant"], config["ptq"]))
-    with tempfile.TemporaryDirectory() as stage_dir:
-        run_stages(StageContext(model, items, recon_items, config, Path(stage_dir), RunLogger(Path(stage_dir)), False))
+    run_recipe_stages(inputs, cfg, config, recon_items)
     model.eval()
 
     if args.check_first:

@@ -15,27 +15,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
-from saq.cli.task import config_dir, register_resolvers
-from saq.data import select_calibration
-from saq.data.sources import dataset_from_config, prompts_from_config
 from saq.eval import evaluate
 from saq.eval.metrics import fidelity
 from saq.eval.sensitivity import SAM_GROUPS, check_partition, set_groups_quantized
-from saq.models import build_model
 from saq.nn import quantize_
 from saq.nn.quantize import QuantRule
 from saq.ptq.recipe import rules_from_config
-from saq.ptq.stages import StageContext, run_stages
-from saq.utils.cpu_runtime import apply_cpu_runtime
-from saq.utils.loggers import RunLogger
+
+from run_setup import compose_run, run_inputs, run_recipe_stages
 
 # Kept FP by the paper's protocol; quantized here only for their own rows.
 PROTOCOL_FP_GROUPS = {"enc_patch_embed", "dec_heads"}
@@ -89,12 +81,7 @@ def main() -> None:
         print(f"wrote {plot(json.loads(args.out.read_text()), args.out.with_suffix('.png'))}")
         return
 
-    register_resolvers()
-    with initialize_config_dir(config_dir(), version_base="1.3"):
-        cfg = compose("ptq", overrides=[*args.overrides, "logger=none"])
-    config = OmegaConf.to_container(cfg, resolve=True)
-    torch.manual_seed(int(cfg.seed))
-    apply_cpu_runtime(cfg.runtime)
+    cfg, config = compose_run(args.overrides)
     out = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     record = json.loads(out.read_text()) if out.is_file() else {}
@@ -102,13 +89,8 @@ def main() -> None:
         raise SystemExit(f"{out} holds rows of other overrides ({record.get('overrides')}): pass another --out")
     record.update(overrides=args.overrides, rows=record.get("rows", {}))
 
-    eval_set = dataset_from_config(config["data"])
-    calib_set = dataset_from_config(config["calib"]["data"])
-    model = build_model(config["model"])
-    eval_prompts = prompts_from_config(config["prompts"], eval_set, model, False)
-    calib_prompts = prompts_from_config(config["calib"]["prompts"], calib_set, model, False)
-    calib_items = select_calibration(calib_set, calib_prompts, int(cfg.calib.num_images), str(cfg.calib.strategy),
-                                     int(cfg.calib.seed))
+    inputs = run_inputs(cfg, config)
+    model, eval_set, eval_prompts, calib_items = inputs.model, inputs.eval_set, inputs.eval_prompts, inputs.calib_items
 
     def run_eval(label: str):
         start = time.perf_counter()
@@ -121,9 +103,8 @@ def main() -> None:
 
     quantize_(model, sensitivity_rules(config))
     start = time.perf_counter()
-    with torch.no_grad(), tempfile.TemporaryDirectory() as stage_dir:  # the stages' own files are not kept
-        run_stages(StageContext(model, calib_items, calib_items, config, Path(stage_dir), RunLogger(Path(stage_dir)),
-                                True))
+    with torch.no_grad():
+        run_recipe_stages(inputs, cfg, config, recon_items=calib_items, progress=True)
     record["calibration_s"] = round(time.perf_counter() - start, 1)
     members = check_partition(model)
     record["groups"] = {g.name: {"description": g.description, "quantizers": len(members[g.name])}

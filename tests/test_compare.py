@@ -13,8 +13,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import yaml
-from test_bootstrap import synthetic_coco
 
+from helpers.coco_synth import synthetic_coco
 from saq.eval.bootstrap import coco_ap, match_table_from_json
 from saq.eval.compare import compare_table, iteration_series, to_markdown
 from saq.eval.evaluate import EvalResult

@@ -4,19 +4,17 @@ against nearest rounding, and the stage on the tiny model (weights on the grid, 
 import pytest
 import torch
 
+from helpers.rules import protocol_rules
 from saq.models import build_tiny_sam
 from saq.ptq.image_source import ImageSource
 from saq.models.predictor import encode_image
-from saq.nn import QuantRule, assert_deployable, harden_weights_, quantize_
+from saq.nn import assert_deployable, harden_weights_, quantize_
 from saq.ptq.calibrate import calibrate_
 from saq.ptq.compensate import compensate_, encoder_segments, gptq_round, relative_output_error, ridge_refit
 from saq.quant import QuantMode, QuantSpec, set_quant_mode
 from saq.quant.functional import fake_quantize
 
-W4A4 = [QuantRule("prompt_encoder*"), QuantRule("image_encoder.patch_embed*"),
-        QuantRule("mask_decoder.output_upscaling*"), QuantRule("mask_decoder.output_hypernetworks_mlps*"),
-        QuantRule("mask_decoder.iou_prediction_head*"),
-        QuantRule("*", QuantSpec(4, granularity="channel"), QuantSpec(4))]
+W4A4 = protocol_rules(QuantSpec(4, granularity="channel"), QuantSpec(4))
 
 
 def _augmented(x):

@@ -12,7 +12,7 @@ from hydra.errors import ConfigCompositionException
 from saq.cli.task import config_dir, register_resolvers
 from saq.config import ConfigError, validate_ptq_config
 from saq.config.schema import DecoderLoss, quant_label
-from saq.engine.reconstruction import ReconSettings
+from saq.engine.reconstruction import recon_settings
 
 
 def _compose(overrides):
@@ -80,10 +80,10 @@ def test_the_quant_label_follows_the_bits_used():
 
 
 def test_engine_settings_are_typed_and_reject_strings_outside_the_choices():
-    settings = ReconSettings.from_config({"decoder_loss": "clm", "iters": 3})
+    settings = recon_settings({"decoder_loss": "clm", "iters": 3})
     assert settings.decoder_loss is DecoderLoss.clm and settings.iters == 3
     with pytest.raises(ValueError, match="decoder_loss='clmm'.*mse"):
-        ReconSettings.from_config({"decoder_loss": "clmm"})
+        recon_settings({"decoder_loss": "clmm"})
 
 
 def test_the_cli_refuses_a_bad_value_before_creating_a_run(tmp_path):

@@ -21,14 +21,14 @@ from saq.deploy.agreement import FakeQuantEmbeddings, one_ulp_input  # noqa: E40
 from saq.export import load_quantized  # noqa: E402
 from saq.export.onnx import export_checkpoint  # noqa: E402
 
-from test_export_onnx import BOXES, _images, _mask_iou, _quantized_tiny  # noqa: E402
+from helpers.tiny_quantized import BOXES, mask_iou, photos, quantized_tiny  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    ckpt = _quantized_tiny(tmp_path_factory.mktemp("agreement") / "quantized.pt")
+    ckpt = quantized_tiny(tmp_path_factory.mktemp("agreement") / "quantized.pt")
     return ckpt, export_checkpoint(ckpt, "onnx", weight_layout="uint8").out_dir
 
 
@@ -39,7 +39,7 @@ def test_one_ulp_input_moves_the_encoder_input_by_one_ulp_and_is_undone(exported
     def observe(module, args):  # registered after one_ulp_input's hook, it sees what the encoder gets
         seen.append(args[0].clone())
 
-    image = _images()[0]
+    image = photos()[0]
     handle = model.image_encoder.register_forward_pre_hook(observe)
     before = encode_image(model, image).embedding
     handle.remove()
@@ -58,14 +58,14 @@ def test_runtime_decoder_on_fake_quant_embeddings(exported):
     ckpt, onnx_dir = exported
     model, _ = load_quantized(ckpt)
     hybrid = FakeQuantEmbeddings(Predictor(onnx_dir, "onnxruntime", num_threads=1), model)
-    for image in _images():
+    for image in photos():
         reference = encode_image(model, image)
         encoding = hybrid.encode(image)
         assert np.array_equal(encoding.embedding, reference.embedding.numpy())
         assert encoding.input_size == reference.input_size and encoding.original_size == image.shape[:2]
         masks_ref, iou_ref = decode_boxes(model, reference, BOXES)
         masks, iou = hybrid.decode_boxes(encoding, BOXES)
-        assert masks.shape == masks_ref.shape and float(_mask_iou(masks_ref, masks).mean()) >= 0.99
+        assert masks.shape == masks_ref.shape and float(mask_iou(masks_ref, masks).mean()) >= 0.99
         assert float((iou - iou_ref).abs().max()) <= 1e-2
 
 

@@ -7,6 +7,7 @@ quantizer tensor created with the defaults (CPU, float32) shows up as a mismatch
 import pytest
 import torch
 
+from helpers.rules import protocol_rules
 from saq.models import build_tiny_sam
 from saq.nn import QuantRule, harden_weights_, quantize_
 from saq.ptq.calibrate import calibrate_
@@ -16,11 +17,8 @@ from saq.quant.quantizer import FakeQuantizer, Role, iter_quantizers
 from saq.utils.loggers import RunLogger
 
 LOG_SOFTMAX = QuantSpec(4, observer="agq", quantizer="log", observer_kwargs={"grid": 4})
-RULES = [QuantRule("prompt_encoder*"), QuantRule("image_encoder.patch_embed*"),
-         QuantRule("mask_decoder.output_upscaling*"), QuantRule("mask_decoder.output_hypernetworks_mlps*"),
-         QuantRule("mask_decoder.iou_prediction_head*"),
-         QuantRule("*attn*", QuantSpec(4, granularity="channel"), QuantSpec(6), softmax=LOG_SOFTMAX),
-         QuantRule("*", QuantSpec(4, granularity="channel"), QuantSpec(6))]
+RULES = protocol_rules(QuantSpec(4, granularity="channel"), QuantSpec(6),
+                       QuantRule("*attn*", QuantSpec(4, granularity="channel"), QuantSpec(6), softmax=LOG_SOFTMAX))
 RECON = {"iters": 2, "granularity": "block", "parts": ["encoder", "decoder"], "weights": "adaround",
          "activations": "lsq", "w_lr": 1e-2, "a_lr": 1e-3, "qdrop_prob": 0.5, "best_window": 1}
 

@@ -21,6 +21,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
+from helpers.tiny_quantized import BOXES, mask_iou, photos, quantized_tiny
 from saq.export.int8_exactness import cpu_has_exact_int8_dot_product, saturating_layers, saturation_warning
 from saq.export import load_quantized, save_quantized
 from saq.export.onnx import export_checkpoint, read_manifest
@@ -28,15 +29,12 @@ from saq.export.qdq import ExportError
 from saq.models import build_tiny_sam
 from saq.models.predictor import decode_boxes, encode_image
 from saq.nn import QuantRule, harden_weights_, quantize_
-from saq.ptq.calibrate import calibrate_weights_, is_activation
-from saq.quant import QuantMode, QuantSpec, iter_quantizers, quant_mode, set_quant_mode
+from saq.ptq.calibrate import calibrate_weights_
+from saq.quant import QuantMode, QuantSpec, iter_quantizers, set_quant_mode
 from saq.quant.functional import fake_quantize
 
 ort = pytest.importorskip("onnxruntime", reason='the deploy extra: pip install -e ".[deploy]"')
 from saq.deploy import Predictor  # noqa: E402  (after the importorskip of its runtime)
-
-BOXES = torch.tensor([[10.0, 12.0, 90.0, 100.0], [40.0, 30.0, 120.0, 70.0], [0.0, 0.0, 60.0, 60.0],
-                      [70.0, 80.0, 127.0, 127.0]])
 
 
 @pytest.fixture(autouse=True)
@@ -48,47 +46,10 @@ def _one_thread():
     torch.set_num_threads(previous)
 
 
-def _images() -> list[np.ndarray]:
-    from skimage import data
-
-    return [data.astronaut(), data.coffee(), data.chelsea()]
-
-
-def _quantized_tiny(path, w_bits=8, a_bits=8, softmax: QuantSpec | None = None, symmetric_weights: bool = False,
-                    damage=None):
-    """A calibrated, hardened tiny SAM saved as saq.ptq does (min-max ranges from three photos);
-    ``damage(model)`` changes it just before saving."""
-    model = build_tiny_sam(seed=0).eval()
-    rule = QuantRule("*", QuantSpec(w_bits, symmetric_weights, granularity="channel"), QuantSpec(a_bits), softmax)
-    layout = quantize_(model, [QuantRule("prompt_encoder*"), rule])
-    calibrate_weights_(model)
-    with torch.no_grad(), quant_mode(model, QuantMode.OFF):
-        set_quant_mode(model, QuantMode.OBSERVE, where=is_activation)
-        for image in _images():
-            decode_boxes(model, encode_image(model, image), BOXES, return_masks=False)
-        for _, q in iter_quantizers(model):
-            if q.mode is QuantMode.OBSERVE:
-                q.finalize_observer()
-    set_quant_mode(model, QuantMode.QUANTIZE)
-    harden_weights_(model)
-    if damage is not None:
-        with torch.no_grad():
-            damage(model)
-    config = {"model": {"name": "tiny", "init_seed": 0, "checkpoint": None},
-              "quant": {"name": f"w{w_bits}a{a_bits}"}, "ptq": {"name": "minmax"}}
-    return save_quantized(path, model, layout, config)
-
-
 @pytest.fixture(scope="module")
 def w8a8(tmp_path_factory):
-    ckpt = _quantized_tiny(tmp_path_factory.mktemp("w8a8") / "quantized.pt")
+    ckpt = quantized_tiny(tmp_path_factory.mktemp("w8a8") / "quantized.pt")
     return ckpt, export_checkpoint(ckpt, "onnx", weight_layout="symmetric")
-
-
-def _mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    inter = (a & b).flatten(1).sum(1).float()
-    union = (a | b).flatten(1).sum(1).float()
-    return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(inter))
 
 
 def agreement(ckpt, onnx_dir, backend="onnxruntime") -> dict[str, float]:
@@ -97,14 +58,14 @@ def agreement(ckpt, onnx_dir, backend="onnxruntime") -> dict[str, float]:
     model, _ = load_quantized(ckpt)
     predictor = Predictor(onnx_dir, backend, num_threads=1)
     rel, ious, iou_diff = [], [], []
-    for image in _images():
+    for image in photos():
         reference = encode_image(model, image)
         masks_ref, pred_ref = decode_boxes(model, reference, BOXES)
         runtime = predictor.encode(image)
         masks, pred = predictor.decode_boxes(runtime, BOXES)
         emb_ref = reference.embedding.numpy()
         rel.append(float(np.linalg.norm(runtime.embedding - emb_ref) / np.linalg.norm(emb_ref)))
-        ious.append(_mask_iou(masks_ref, masks))
+        ious.append(mask_iou(masks_ref, masks))
         iou_diff.append(float((pred_ref - pred).abs().max()))
     ious = torch.cat(ious)
     return {"embedding_rel_err": max(rel), "mask_iou_mean": float(ious.mean()), "mask_iou_min": float(ious.min()),
@@ -180,7 +141,7 @@ def test_int8_layout_keeps_shifted_zero_points(w8a8, tmp_path):
 @SATURATING_CPU
 def test_symmetric_weights_export_without_correction(tmp_path):
     """A checkpoint with symmetric weights: int8 codes as stored, zero point 0, nothing to fold."""
-    ckpt = _quantized_tiny(tmp_path / "quantized.pt", symmetric_weights=True)
+    ckpt = quantized_tiny(tmp_path / "quantized.pt", symmetric_weights=True)
     result = export_checkpoint(ckpt, "onnx", weight_layout="symmetric")
     assert {p["exported_as"] for p in result.manifest["quantization_points"] if p["role"] == "weight"} == {"qdq_int8"}
     graph = onnx.load(str(result.out_dir / "decoder.onnx")).graph
@@ -232,7 +193,7 @@ def test_export_of_a_checkpoint_with_nan_weights_names_the_tensor(tmp_path):
     def nan_weight(model):
         model.mask_decoder.transformer.layers[1].mlp.lin1.weight[0, 0] = float("nan")
 
-    ckpt = _quantized_tiny(tmp_path / "quantized.pt", damage=nan_weight)
+    ckpt = quantized_tiny(tmp_path / "quantized.pt", damage=nan_weight)
     with pytest.raises(NotDeployableError, match=r"mask_decoder\.transformer\.layers\.1\.mlp\.lin1\.weight: 1 NaN"):
         export_checkpoint(ckpt, "onnx", tmp_path / "onnx")
     assert not (tmp_path / "onnx" / "decoder.onnx").exists()
@@ -242,7 +203,7 @@ def test_four_bit_codes_stay_on_their_grid(tmp_path):
     """W4A4: 4-bit activations as 8-bit QDQ after a clip to the 4-bit range; Linear weights as UINT4
     blocks (opset 21, the checkpoint's per-channel qparams repeated per block), conv weights as int8
     codes spanning 16 levels; the runtime still gives the fake-quant masks."""
-    ckpt = _quantized_tiny(tmp_path / "quantized.pt", w_bits=4, a_bits=4)
+    ckpt = quantized_tiny(tmp_path / "quantized.pt", w_bits=4, a_bits=4)
     result = export_checkpoint(ckpt, "onnx")
     points = result.manifest["quantization_points"]
     assert all(p["exported_as"] != "fp" and "clipped to [0, 15]" in p["note"] for p in points if p["role"] == "activation")
@@ -294,14 +255,14 @@ def test_fp_export_is_the_fp_model(w8a8):
     assert result.out_dir.name == "onnx_fp" and result.manifest["quantization_points"] == []
     fp = build_tiny_sam(seed=0).eval()
     predictor = Predictor(result.out_dir, "onnxruntime", num_threads=1)
-    image = _images()[0]
+    image = photos()[0]
     reference = encode_image(fp, image)
     runtime = predictor.encode(image)
     np.testing.assert_allclose(runtime.embedding, reference.embedding.numpy(), rtol=1e-4, atol=1e-5)
     masks_ref, pred_ref = decode_boxes(fp, reference, BOXES)
     masks, pred = predictor.decode_boxes(runtime, BOXES)
     np.testing.assert_allclose(pred.numpy(), pred_ref.numpy(), atol=1e-4)
-    assert float(_mask_iou(masks_ref, masks).mean()) >= 0.999
+    assert float(mask_iou(masks_ref, masks).mean()) >= 0.999
 
 
 def test_predictor_points_and_boxes_follow_sams_prompt_encoder(w8a8):
@@ -311,7 +272,7 @@ def test_predictor_points_and_boxes_follow_sams_prompt_encoder(w8a8):
     result = export_checkpoint(ckpt, "onnx_fp")
     fp = build_tiny_sam(seed=0).eval()
     predictor = Predictor(result.out_dir, "onnxruntime", num_threads=1)
-    image = _images()[1]
+    image = photos()[1]
     predictor.set_image(image)
     encoded = encode_image(fp, image)
     points, labels, box = np.array([[200.0, 150.0], [300.0, 200.0]]), np.array([1, 0]), np.array([50.0, 40.0, 350.0, 300.0])
@@ -333,7 +294,7 @@ def test_predict_before_set_image_and_without_prompts_fail(w8a8):
     predictor = Predictor(w8a8[1].out_dir, "onnxruntime", num_threads=1)
     with pytest.raises(RuntimeError, match="set_image"):
         predictor.predict(boxes=[0, 0, 10, 10])
-    predictor.set_image(_images()[0])
+    predictor.set_image(photos()[0])
     with pytest.raises(ValueError, match="boxes=... and/or points"):
         predictor.predict()
     with pytest.raises(ValueError, match="2 points but 1 point_labels"):
@@ -422,8 +383,8 @@ def test_auto_layout_follows_the_cpus_int8_arithmetic(w8a8, tmp_path, monkeypatc
     import saq.export.int8_exactness as exactness
 
     ckpt, _ = w8a8
-    w4a4 = _quantized_tiny(tmp_path / "w4a4.pt", w_bits=4, a_bits=4)  # 2 x 15 x 128 fits 16 bits
-    signed = _quantized_tiny(tmp_path / "signed.pt", symmetric_weights=True)  # int8 codes: shifted into uint8
+    w4a4 = quantized_tiny(tmp_path / "w4a4.pt", w_bits=4, a_bits=4)  # 2 x 15 x 128 fits 16 bits
+    signed = quantized_tiny(tmp_path / "signed.pt", symmetric_weights=True)  # int8 codes: shifted into uint8
     monkeypatch.setattr(exactness, "cpu_has_exact_int8_dot_product", lambda: False)  # (with it: always symmetric)
     for checkpoint, expected in ((ckpt, "uint8"), (w4a4, "symmetric"), (signed, "uint8")):
         result = export_checkpoint(checkpoint, "onnx", tmp_path / checkpoint.stem)
@@ -494,7 +455,7 @@ def test_bf16_rest_warns_on_folded_zero_points_only(w8a8, tmp_path):
     assert any(p["exported_as"].endswith("_zero_point_folded") for p in folded.manifest["quantization_points"])
     assert "quant.weight.symmetric=true" in bf16_warning(folded.manifest, "bf16")
     assert bf16_warning(folded.manifest, "fp32") is None
-    plain = export_checkpoint(_quantized_tiny(tmp_path / "quantized.pt", symmetric_weights=True), "onnx",
+    plain = export_checkpoint(quantized_tiny(tmp_path / "quantized.pt", symmetric_weights=True), "onnx",
                               weight_layout="symmetric")
     assert bf16_warning(plain.manifest, "bf16") is None
     pytest.importorskip("openvino", reason='the deploy extra: pip install -e ".[deploy]"')

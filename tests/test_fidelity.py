@@ -8,23 +8,21 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from helpers.rules import w4a4
 from saq.cli.task import config_dir, register_resolvers
 from saq.data import dataset_from_config, gt_prompts, select_calibration
 from saq.data.calibration import cap_prompts
-from saq.engine.losses import lp_loss
-from saq.engine.reconstruction import ReconSettings, UnitReconstruction
+from saq.config.schema import ReconConfig
+from saq.engine.reconstruction import UnitReconstruction, recon_settings
 from saq.models import build_tiny_sam
 from saq.models.units import DECODER_SUBBLOCKS, reconstruction_units
-from saq.nn import QuantRule, quantize_
+from saq.nn import quantize_
 from saq.ptq.bimodal import kde_density
 from saq.ptq.calibrate import calibrate_
 from saq.ptq.capture import capture_inputs, encode_items
-from saq.quant import QuantMode, QuantSpec, quant_mode, set_quant_mode
+from saq.quant import QuantMode, quant_mode, set_quant_mode
 
-RULES = [QuantRule("prompt_encoder*"), QuantRule("image_encoder.patch_embed*"),
-         QuantRule("mask_decoder.output_upscaling*"), QuantRule("mask_decoder.output_hypernetworks_mlps*"),
-         QuantRule("mask_decoder.iou_prediction_head*"),
-         QuantRule("*", QuantSpec(4, granularity="channel", observer="minmax"), QuantSpec(4, observer="minmax"))]
+RULES = w4a4(observer="minmax")
 CPU = torch.device("cpu")
 
 
@@ -78,7 +76,7 @@ def test_decoder_units_never_mix_the_image_embedding(model, items):
     for loss in ("clm", "mse"):
         unit = next(u for u in reconstruction_units(model, "block", ("decoder",), loss))
         assert unit.qdrop_input is False
-        module = UnitReconstruction(model, unit, ReconSettings(qdrop_prob=1.0, iters=1))
+        module = UnitReconstruction(model, unit, ReconConfig(qdrop_prob=1.0, iters=1))
         seen = []
         module.run_unit = lambda args, kwargs: seen.append((args, kwargs)) or (torch.zeros(1),) * 3
         batch = _batch(model, unit, items)
@@ -101,7 +99,7 @@ def test_clm_final_token_term_is_computed_without_dropping(model, items):
         # QDrop replaces activation quantizers' outputs by their inputs; weights stay quantized
         with quant_mode(model, QuantMode.OFF, where=lambda n, q: n.startswith(layer0) and q.role.value == "activation"):
             layer_fp = unit.run(model, args, kwargs)
-    module = UnitReconstruction(model, unit, ReconSettings.from_config({"qdrop_prob": 1.0, "iters": 1, "weights": "nearest"}))
+    module = UnitReconstruction(model, unit, recon_settings({"qdrop_prob": 1.0, "iters": 1, "weights": "nearest"}))
     with torch.no_grad():
         out = module.unit_output(batch)
     torch.testing.assert_close(out[0], layer_fp[0])  # dropped: its quantizers pass FP values
@@ -124,7 +122,7 @@ def test_encoder_units_mix_quantized_and_fp_inputs_and_target_the_fp_chain(model
     batch = _batch(model, unit, items)
     assert not _same(batch["q"], batch["fp"])
     for prob, expected in ((1.0, "fp"), (0.0, "q")):
-        module = UnitReconstruction(model, unit, ReconSettings(qdrop_prob=prob, iters=1))
+        module = UnitReconstruction(model, unit, ReconConfig(qdrop_prob=prob, iters=1))
         seen = []
         module.run_unit = lambda args, kwargs: seen.append((args, kwargs)) or torch.zeros(1)
         module.unit_output(batch)
@@ -184,7 +182,7 @@ def test_decoder_subblock_unit_reproduces_its_module(model, items):
 def test_brecq_keeps_activations_quantized_with_fixed_ranges(model, items):
     unit = reconstruction_units(model, "block", ("encoder",))[0]
     set_quant_mode(model, QuantMode.QUANTIZE)
-    module = UnitReconstruction(model, unit, ReconSettings(activations="fixed", iters=1))
+    module = UnitReconstruction(model, unit, ReconConfig(activations="fixed", iters=1))
     acts = [q for _, q in module.quantizers if q.role.value == "activation"]
     assert acts and len(module.scales) == 0
     assert all(q.mode is QuantMode.QUANTIZE and not q.scale_is_learnable for q in acts)

@@ -17,11 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers.rules import protocol_rules
 from saq.data.coco import load_image
 from saq.export import load_quantized
 from saq.models import build_tiny_sam
 from saq.models.predictor import encode_image
-from saq.nn import QuantRule, assert_deployable, harden_weights_, quantize_
+from saq.nn import assert_deployable, harden_weights_, quantize_
 from saq.nn.deploy import deployment_check
 from saq.ptq.calibrate import calibrate_
 from saq.ptq.reconstruct import reconstruct_
@@ -34,10 +35,7 @@ pytestmark = [pytest.mark.gpu,
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.device("cuda")
-RULES = [QuantRule("prompt_encoder*"), QuantRule("image_encoder.patch_embed*"),
-         QuantRule("mask_decoder.output_upscaling*"), QuantRule("mask_decoder.output_hypernetworks_mlps*"),
-         QuantRule("mask_decoder.iou_prediction_head*"),
-         QuantRule("*", QuantSpec(8, granularity="channel"), QuantSpec(8))]
+RULES = protocol_rules(QuantSpec(8, granularity="channel"), QuantSpec(8))
 # No QDrop: its random draws come from different generators on the two devices.
 RECON = {"iters": 3, "granularity": "block", "parts": ["encoder", "decoder"], "weights": "adaround",
          "activations": "lsq", "w_lr": 1e-2, "a_lr": 1e-3, "qdrop_prob": 0.0, "best_window": 1}

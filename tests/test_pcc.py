@@ -6,20 +6,18 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers.rules import w4a4
 from saq.data import dataset_from_config, gt_prompts, select_calibration
 from saq.ptq.pcc_plots import save_pcc_plots
 from saq.models import build_tiny_sam
-from saq.nn import QuantRule, quantize_
+from saq.nn import quantize_
 from saq.ptq.calibrate import calibrate_
 from saq.ptq.pcc import (DECODER_ATTENTIONS, DEFAULT_PERCENTILES, PCC_POINTS, attention_focus, best_candidate,
                          clip_candidates, focus_overlap_loss, pcc_search_)
-from saq.quant import QuantMode, QuantSpec, compute_qparams, iter_quantizers
+from saq.quant import QuantMode, compute_qparams, iter_quantizers
 from saq.utils.loggers import RunLogger
 
-RULES = [QuantRule("prompt_encoder*"), QuantRule("image_encoder.patch_embed*"),
-         QuantRule("mask_decoder.output_upscaling*"), QuantRule("mask_decoder.output_hypernetworks_mlps*"),
-         QuantRule("mask_decoder.iou_prediction_head*"),
-         QuantRule("*", QuantSpec(4, granularity="channel", observer="minmax"), QuantSpec(4, observer="minmax"))]
+RULES = w4a4(observer="minmax")
 PASSES = 2
 
 

@@ -1,7 +1,6 @@
 """End-to-end runs through the real entry points (subprocesses, as a user runs them)."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,20 +11,7 @@ import torch
 from saq.export import load_quantized
 from saq.nn.deploy import deployment_check
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run(module, *overrides, check=True, wandb_mode="disabled"):
-    env = {**os.environ, "WANDB_MODE": wandb_mode, "HYDRA_FULL_ERROR": "1"}
-    proc = subprocess.run([sys.executable, "-m", module, *overrides, "runtime.progress=false"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{module} {overrides} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
-
-
-def read(path):
-    return json.loads(Path(path).read_text())
+from helpers.cli import read, run
 
 
 def test_tiny_run_writes_outputs_and_eval_reproduces(tmp_path):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from saq.engine.reconstruction import ReconSettings
+from saq.engine.reconstruction import recon_settings
 from saq.quant.qdrop import keep_fp_mask
 
 
@@ -44,4 +44,4 @@ def test_unknown_draws_name_the_choices():
     with pytest.raises(ValueError, match=r"'bits', 'uniform'"):
         keep_fp_mask(torch.empty(4), 0.5, "dice")
     with pytest.raises(ValueError, match="ptq.recon.qdrop_draws='dice'.*bits"):
-        ReconSettings.from_config({"qdrop_draws": "dice"})
+        recon_settings({"qdrop_draws": "dice"})

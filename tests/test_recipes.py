@@ -1,12 +1,9 @@
 """Every recipe runs end to end through the CLI on the tiny model and deploys honestly."""
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 
-from test_pipeline import read, run
+from helpers.cli import read, run
 
 FAST_RECON = ["ptq.recon.iters=4", "ptq.recon.best_window=2"]
 

@@ -3,24 +3,22 @@
 import pytest
 import torch
 
+from helpers.rules import w4a4
 from saq.data import dataset_from_config, gt_prompts, select_calibration
 from saq.engine.losses import lp_loss
 from saq.engine.reconstruction import unit_quantizers
 from saq.models import build_tiny_sam
 from saq.ptq.image_source import ImageSource
 from saq.models.units import reconstruction_units
-from saq.nn import QuantRule, assert_deployable, deployment_problems, harden_weights_, quantize_
+from saq.nn import assert_deployable, deployment_problems, harden_weights_, quantize_
 from saq.ptq.calibrate import calibrate_
 from saq.models.predictor import encode_image
 from saq.ptq.capture import capture_inputs, share_repeated_rows, to_device
 from saq.ptq.reconstruct import STATE_FILE, reconstruct_
-from saq.quant import QuantMode, QuantSpec, iter_quantizers, quant_mode, set_quant_mode
+from saq.quant import QuantMode, iter_quantizers, quant_mode, set_quant_mode
 from saq.utils.loggers import RunLogger
 
-RULES = [QuantRule("prompt_encoder*"), QuantRule("image_encoder.patch_embed*"), QuantRule("image_encoder.head*"),
-         QuantRule("mask_decoder.output_upscaling*"), QuantRule("mask_decoder.output_hypernetworks_mlps*"),
-         QuantRule("mask_decoder.iou_prediction_head*"),
-         QuantRule("*", QuantSpec(4, granularity="channel", observer="minmax"), QuantSpec(4, observer="minmax"))]
+RULES = w4a4(observer="minmax")
 RECON = {"iters": 60, "granularity": "block", "parts": ["encoder", "decoder"], "weights": "adaround",
          "activations": "lsq", "w_lr": 1e-2, "a_lr": 1e-3, "qdrop_prob": 0.5, "best_window": 10}
 
@@ -444,7 +442,7 @@ def test_zero_iterations_freeze_the_calibration_without_any_capture(items, monke
     units = [u for u in reconstruction_units(model, "block") if unit_quantizers(model, u)]
     assert [s["unit"] for s in stats] == [u.name for u in units]
     for unit in units:  # what the capturing path did: the module built and frozen
-        recon.UnitReconstruction(reference, unit, recon.ReconSettings.from_config({**RECON, "iters": 0})).finalize()
+        recon.UnitReconstruction(reference, unit, recon.recon_settings({**RECON, "iters": 0})).finalize()
     harden_weights_(model)
     harden_weights_(reference)
     assert_deployable(model)
@@ -495,14 +493,14 @@ def test_calibration_keeps_the_fp_encoder_inputs_reconstruction_reads(items, mon
     import copy
 
     import saq.ptq.reconstruct as recon
-    from saq.engine.reconstruction import ReconSettings
+    from saq.engine.reconstruction import recon_settings
     from saq.ptq.capture import KeptInputs
 
     model = build_tiny_sam(seed=2).eval()
     quantize_(model, RULES)
     cfg = {**RECON, "iters": 2}
     entries = recon.encoder_fp_entries(recon.training_units(recon.planned_units(model, cfg),
-                                                            ReconSettings.from_config(cfg)))
+                                                            recon_settings(cfg)))
     assert len(entries) > 1
     kept = KeptInputs(entries, torch.device("cpu"))
     calibrate_(model, items[:2], show_progress=False, kept_inputs=kept)

@@ -204,14 +204,11 @@ def interleaved_latency(runners: list[Runner], image: np.ndarray, box: torch.Ten
 
 def evaluation_set(run: Path):
     """The run's evaluation images and prompts, as saq.eval builds them (labelled sets)."""
-    from saq.data.sources import dataset_from_config, prompts_from_config
+    from saq.data.sources import prompts_from_config, run_evaluation_dataset
     from saq.export.checkpoint import read_quantized
 
     trained = read_quantized(run / "quantized.pt")["config"]
-    dataset = dataset_from_config(trained["data"])
-    if trained["calib"].get("exclude_from_eval"):
-        used = set(trained["calib"].get("selected", []))
-        dataset = dataset.subset(i.id for i in dataset.images if str(i.path) not in used)
+    dataset = run_evaluation_dataset(trained)
     if not dataset.annotations or trained["prompts"]["source"] == "auto":
         raise SystemExit("bench_deploy needs a run evaluated on labelled data with gt/detector prompts")
     return dataset, prompts_from_config(trained["prompts"], dataset)

@@ -158,7 +158,7 @@ def run_bench(overrides: list[str], run_dir: Path) -> dict[str, Any]:
     from saq.data.sources import dataset_from_config, prompts_from_config
     from saq.models import build_model
     from saq.models.build import RANDOM_WEIGHTS
-    from saq.engine.reconstruction import ReconSettings
+    from saq.engine.reconstruction import recon_settings
     from saq.models.units import reconstruction_units
     from saq.nn import harden_weights_, quantize_
     from saq.ptq.pipeline import resolve_device
@@ -216,7 +216,7 @@ def run_bench(overrides: list[str], run_dir: Path) -> dict[str, Any]:
 
     recon = config["ptq"]["recon"]
     units = reconstruction_units(model, recon.get("granularity", "block"), tuple(recon.get("parts", ())),
-                                 ReconSettings.from_config(recon).decoder_loss)
+                                 recon_settings(recon).decoder_loss)
     kinds = {u.name: f"{u.part}/{u.kind}" for u in units}
     final_kind = {u.name for u in units if u.kind == "final_attn"}
 

@@ -25,7 +25,8 @@ from typing import Any, Callable
 
 import torch
 
-from saq.engine.reconstruction import ReconSettings, UnitReconstruction
+from saq.config.schema import ReconConfig
+from saq.engine.reconstruction import UnitReconstruction
 from saq.export.checkpoint import load_quantized
 from saq.models.units import ReconUnit, decoder_clm_units, encoder_units
 from saq.ptq.capture import _detach
@@ -88,7 +89,7 @@ def steps_agree(model: torch.nn.Module, unit: ReconUnit, batch: dict, steps: int
     are the losses, each step's gradients and the final learned parameters the same bit for bit?"""
     runs = []
     for compiled in (False, True):
-        module = UnitReconstruction(model, unit, ReconSettings(iters=steps, qdrop_prob=0.5, reg_weight=0.0, a_lr=2e-3))
+        module = UnitReconstruction(model, unit, ReconConfig(iters=steps, qdrop_prob=0.5, reg_weight=0.0, a_lr=2e-3))
         start = module.snapshot()
         optimizers, _ = module.configure_optimizers()
         losses, grads = [], []
@@ -133,7 +134,7 @@ def train_step(module: UnitReconstruction, optimizers: list, batch: dict) -> Non
 def time_unit(model: torch.nn.Module, unit: ReconUnit, batch: dict, rounds: int, steps: int) -> dict[str, Any]:
     """ms per step, eager and compiled alternating (which goes first alternates too, so neither always
     runs on caches the other warmed); the unit's quantizers are finalized afterwards, whatever happens."""
-    module = UnitReconstruction(model, unit, ReconSettings(iters=steps * rounds * 2, qdrop_prob=0.5,
+    module = UnitReconstruction(model, unit, ReconConfig(iters=steps * rounds * 2, qdrop_prob=0.5,
                                                            reg_weight=0.0, a_lr=2e-3))
     optimizers, _ = module.configure_optimizers()  # the run's optimizers: rounding and steps, own rates
 

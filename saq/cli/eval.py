@@ -24,17 +24,14 @@ def _labels_or_fp_masks(cfg: DictConfig, trained: dict[str, Any], data_cfg: dict
     split held out), prompts (``auto``: from the FP model) and, without labels, the FP masks as ground
     truth (the FP evaluation comes from the run's FP cache entry when it is still there)."""
     from saq.data import verify_images
-    from saq.data.sources import dataset_from_config, prompts_from_config
+    from saq.data.sources import prompts_from_config, run_evaluation_dataset
     from saq.eval import evaluate
     from saq.eval.cache import cached_evaluation, fp_cache_key
     from saq.eval.pseudo_gt import pseudo_ground_truth
     from saq.models import build_model
 
     progress = bool(cfg.runtime.progress)
-    dataset = dataset_from_config(data_cfg)
-    if trained["calib"].get("exclude_from_eval") and not cfg.get("data"):
-        used = set(trained["calib"].get("selected", []))  # the images the run held out of evaluation
-        dataset = dataset.subset(i.id for i in dataset.images if str(i.path) not in used)
+    dataset = run_evaluation_dataset(trained, data_cfg if cfg.get("data") else None)
     verify_images(dataset, "data.images")
     labelled = bool(dataset.annotations)
     fp_model = None if labelled and prompts_cfg["source"] != "auto" else build_model(trained["model"]).to(device)

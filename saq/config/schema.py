@@ -8,9 +8,10 @@ with the valid choices in the message. Open-ended nodes (data sources, prompts, 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 from omegaconf import MISSING
 
@@ -20,6 +21,26 @@ class Choice(str, Enum):
 
     def __str__(self) -> str:
         return self.value
+
+
+def typed_node(cls: type, node: Mapping[str, Any], where: str):
+    """An instance of the schema dataclass ``cls`` from a config node (a dict or DictConfig): the node's
+    keys that are fields of ``cls``, choices turned into their enum (a value outside the choices raises
+    naming ``where.<field>`` and the choices), the schema's defaults for the rest."""
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in node:
+            continue
+        value = node[f.name]
+        choice_type = type(f.default) if isinstance(f.default, Choice) else None
+        if choice_type is not None and value is not None and not isinstance(value, choice_type):
+            try:
+                value = choice_type(value)
+            except ValueError:
+                raise ValueError(f"{where}.{f.name}={value!r}: choose one of "
+                                 f"{[c.value for c in choice_type]}") from None
+        values[f.name] = value
+    return cls(**values)
 
 
 class EvalBackend(Choice):

@@ -47,3 +47,13 @@ def prompts_from_config(cfg: Mapping[str, Any], dataset: CocoInstances, model: t
                             box_nms_thresh=float(cfg["box_nms_thresh"]), max_prompts=int(cfg["max_prompts"]),
                             min_area_frac=float(cfg["min_area_frac"]),
                             cache_dir=Path(cfg["cache_dir"]) if cfg.get("cache_dir") else None, show_progress=show_progress)
+
+
+def run_evaluation_dataset(trained: Mapping[str, Any], data_cfg: Mapping[str, Any] | None = None) -> CocoInstances:
+    """The images a ``saq.ptq`` run (its resolved config ``trained``) evaluated on: its ``data`` set without
+    the calibration images it held out. ``data_cfg``: another set to evaluate on instead (nothing held out)."""
+    dataset = dataset_from_config(data_cfg if data_cfg is not None else trained["data"])
+    if data_cfg is None and trained["calib"].get("exclude_from_eval"):
+        used = set(trained["calib"].get("selected", []))
+        dataset = dataset.subset(i.id for i in dataset.images if str(i.path) not in used)
+    return dataset

@@ -9,7 +9,8 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from tqdm.auto import tqdm
 
-from saq.engine.reconstruction import ReconSettings, UnitReconstruction
+from saq.config.schema import ReconConfig
+from saq.engine.reconstruction import UnitReconstruction
 
 PLOT_POINTS_PER_UNIT = 50
 
@@ -18,7 +19,7 @@ class LossWindows(Callback):
     """Window means of the reconstruction term: one logged point per ``best_window`` steps, about 50
     plotted points per unit (one per step on short runs), and a snapshot of the best window."""
 
-    def __init__(self, settings: ReconSettings, iters: int, step_offset: int) -> None:
+    def __init__(self, settings: ReconConfig, iters: int, step_offset: int) -> None:
         self.settings, self.step_offset = settings, step_offset
         self.plot_every = max(1, min(settings.best_window, iters // PLOT_POINTS_PER_UNIT))
         self.window: list[float] = []

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from dataclasses import dataclass, fields
 from typing import Any, Callable, Mapping
 
 import lightning as L
@@ -19,8 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from saq.config.schema import (ActivationStep, Choice, DecoderLoss, EncoderLoss, QDropDraws, ReconConfig,
-                              WeightRounding)
+from saq.config.schema import ActivationStep, ReconConfig, WeightRounding, typed_node
 from saq.engine.losses import lp_loss
 from saq.models.units import ReconUnit
 from saq.nn.modules import QuantizedModule
@@ -29,47 +27,10 @@ from saq.quant.qdrop import keep_fp_mask
 from saq.quant.quantizer import FakeQuantizer, Role
 
 
-@dataclass(frozen=True)
-class ReconSettings:
-    """The engine's view of ``ptq.recon``: the subset of saq.config.schema.ReconConfig the loop reads,
-    frozen, with the schema's defaults (one place to change a default)."""
-
-    iters: int = ReconConfig.iters
-    weights: WeightRounding = ReconConfig.weights
-    activations: ActivationStep = ReconConfig.activations
-    w_lr: float = ReconConfig.w_lr
-    a_lr: float = ReconConfig.a_lr
-    qdrop_prob: float = ReconConfig.qdrop_prob
-    qdrop_draws: QDropDraws = ReconConfig.qdrop_draws
-    reg_weight: float = ReconConfig.reg_weight
-    beta_start: float = ReconConfig.beta_start
-    beta_end: float = ReconConfig.beta_end
-    warmup: float = ReconConfig.warmup
-    p: float = ReconConfig.p
-    keep_best: bool = ReconConfig.keep_best
-    best_window: int = ReconConfig.best_window
-    encoder_loss: EncoderLoss = ReconConfig.encoder_loss
-    par_mse_weight: float = ReconConfig.par_mse_weight  # optional weight of the plain stage-output MSE next to PAR
-    decoder_loss: DecoderLoss = ReconConfig.decoder_loss
-    final_attn_iters: int | None = ReconConfig.final_attn_iters  # iterations of the final token-to-image attention unit
-
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> "ReconSettings":
-        """Typed settings from the config node; a value outside its choices raises with the choices listed."""
-        values = {}
-        for f in fields(cls):
-            if f.name not in cfg:
-                continue
-            value = cfg[f.name]
-            choice_type = type(f.default) if isinstance(f.default, Choice) else None
-            if choice_type is not None and not isinstance(value, choice_type):
-                try:
-                    value = choice_type(value)
-                except ValueError:
-                    raise ValueError(f"ptq.recon.{f.name}={value!r}: choose one of "
-                                     f"{[c.value for c in choice_type]}") from None
-            values[f.name] = value
-        return cls(**values)
+def recon_settings(cfg: Mapping[str, Any]) -> ReconConfig:
+    """The typed ``ptq.recon`` node the loop reads (schema defaults for keys it lacks); a value outside
+    its choices raises with the choices listed."""
+    return typed_node(ReconConfig, cfg, "ptq.recon")
 
 
 MIN_STEP_FRACTION = 1e-3  # learned activation steps never fall below this fraction of their calibrated value
@@ -127,7 +88,7 @@ class UnitBatches(Dataset):
 
 
 class UnitReconstruction(L.LightningModule):
-    def __init__(self, model: nn.Module, unit: ReconUnit, settings: ReconSettings,
+    def __init__(self, model: nn.Module, unit: ReconUnit, settings: ReconConfig,
                  head: Callable[[Any, int], Any] | None = None) -> None:
         """``head`` (optional) maps the unit output of item i to the space the loss compares in (PAR)."""
         super().__init__()

@@ -22,9 +22,9 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from saq.config.validate import RunDirHoldsOtherSettingsError
 from saq.data.calibration import CalibrationItem
-from saq.config.schema import CacheDtype, EncoderLoss
+from saq.config.schema import CacheDtype, EncoderLoss, ReconConfig
 from saq.engine.callbacks import LossWindows, UnitCheckpoint
-from saq.engine.reconstruction import ReconSettings, UnitBatches, UnitReconstruction, unit_quantizers
+from saq.engine.reconstruction import UnitBatches, UnitReconstruction, recon_settings, unit_quantizers
 from saq.engine.trainer import fit_quietly, unit_trainer
 from saq.models.units import ReconUnit, Run, reconstruction_units
 from saq.ptq.image_source import ImageSource
@@ -266,16 +266,16 @@ def encoder_fp_entries(training: list[ReconUnit]) -> list[str]:
 def planned_units(model: nn.Module, cfg: Mapping[str, Any]) -> list[ReconUnit]:
     """The units of a reconstruction with settings ``cfg``, in order, but those with nothing to learn (all FP)."""
     units = reconstruction_units(model, cfg.get("granularity", "block"), tuple(cfg.get("parts", ("encoder", "decoder"))),
-                                 ReconSettings.from_config(cfg).decoder_loss)
+                                 recon_settings(cfg).decoder_loss)
     return [u for u in units if unit_quantizers(model, u)]
 
 
-def training_units(units: list[ReconUnit], settings: ReconSettings) -> list[ReconUnit]:
+def training_units(units: list[ReconUnit], settings: ReconConfig) -> list[ReconUnit]:
     """The units that train (a unit with no iterations, ptq.recon.iters=0, is only frozen)."""
     return [u for u in units if _unit_settings(settings, u).iters > 0]
 
 
-def _unit_settings(settings: ReconSettings, unit: ReconUnit) -> ReconSettings:
+def _unit_settings(settings: ReconConfig, unit: ReconUnit) -> ReconConfig:
     """The decoder's final attention has its own iteration count (``final_attn_iters``, null = ``iters``)."""
     if unit.kind == "final_attn" and settings.final_attn_iters is not None:
         return dataclasses.replace(settings, iters=int(settings.final_attn_iters))
@@ -305,7 +305,7 @@ def reconstruct_(model: nn.Module, items: list[CalibrationItem], cfg: Mapping[st
     is the Trainer's (runtime.precision); ``fingerprint``: the run's settings, stored with the per-unit
     checkpoint so that a run with other settings does not resume it; ``kept``: FP encoder inputs kept
     from calibration's passes, used instead of a capture when they are the ones needed."""
-    settings = ReconSettings.from_config(cfg)
+    settings = recon_settings(cfg)
     images = images or ImageSource(model)
     device = next(model.parameters()).device
     cache_device, cache_dtype = cache_placement(cfg)

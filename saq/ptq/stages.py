@@ -122,7 +122,7 @@ def _inputs_reconstruction_reads(ctx: StageContext) -> KeptInputs | None:
     """What calibration should keep for the reconstruction right after it: the FP inputs of the encoder
     units it trains, cached as it caches them; None when no reconstruction follows it directly (a stage
     between them could change what the FP encoder computes)."""
-    from saq.engine.reconstruction import ReconSettings
+    from saq.engine.reconstruction import recon_settings
     from saq.ptq.capture import KeptInputs
     from saq.ptq.reconstruct import cache_placement, encoder_fp_entries, planned_units, training_units
 
@@ -130,7 +130,7 @@ def _inputs_reconstruction_reads(ctx: StageContext) -> KeptInputs | None:
     if Stage.reconstruct not in stages or stages.index(Stage.reconstruct) != stages.index(Stage.calibrate) + 1:
         return None
     cfg = ctx.config["ptq"]["recon"]
-    entries = encoder_fp_entries(training_units(planned_units(ctx.model, cfg), ReconSettings.from_config(cfg)))
+    entries = encoder_fp_entries(training_units(planned_units(ctx.model, cfg), recon_settings(cfg)))
     if not entries:
         return None
     return KeptInputs(entries, *cache_placement(cfg))
