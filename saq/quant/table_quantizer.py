@@ -64,6 +64,13 @@ def table_mse(u: torch.Tensor, table: torch.Tensor) -> float:
     return float((table.to(u.dtype)[nearest_levels(u, table)] - u).square().mean())
 
 
+def _storage_order(x: torch.Tensor) -> torch.Tensor:
+    """x's elements as a 1-D view in memory order (no copy for contiguous or channels-last tensors)."""
+    if x.is_contiguous() or (x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last)):
+        return x.as_strided((x.numel(),), (1,))
+    return x.reshape(-1)
+
+
 class HybridTableObserver(Observer):
     """Keeps a seeded sample of the observed values and their extremes; :meth:`best` searches the table."""
 
@@ -86,13 +93,16 @@ class HybridTableObserver(Observer):
         if not all_finite(x):
             raise CalibrationDataError(f"non-finite activations reached quantizer '{self.name}' during calibration; "
                                        "check the calibration images and the FP checkpoint")
-        flat = x.reshape(-1).float()
-        lo, hi = torch.aminmax(flat)
+        lo, hi = torch.aminmax(x)
         self.lo, self.hi = min(self.lo, float(lo)), max(self.hi, float(hi))
+        flat = _storage_order(x)
         if flat.numel() > SAMPLES_PER_UPDATE:
-            pick = torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(self.num_updates))
-            flat = flat[pick[:SAMPLES_PER_UPDATE].to(flat.device)]
-        self.kept.append(flat.cpu())
+            # Seeded draws with replacement: a permutation of the whole tensor (tens of MB of indices per
+            # forward) fragmented the heap until calibration ran out of memory.
+            pick = torch.randint(flat.numel(), (SAMPLES_PER_UPDATE,),
+                                 generator=torch.Generator().manual_seed(self.num_updates))
+            flat = flat[pick.to(flat.device)]
+        self.kept.append(flat.float().cpu().clone())
         self.num_updates += 1
 
     def sample(self) -> torch.Tensor:
