@@ -30,6 +30,7 @@ from saq.nn import quantize_
 from saq.ptq.capture import run_items
 from saq.ptq.recipe import rules_for_model
 from saq.quant import QuantMode, set_quant_mode
+from saq.quant.quantizer import Role
 
 from run_setup import compose_run, run_inputs, run_recipe_stages
 
@@ -133,7 +134,8 @@ def main() -> None:
         first = evaluate(model, eval_set, eval_prompts, "calibrated", int(cfg.eval.prompt_batch), False, 0)
         print(f"calibrated, before the probe: AP {first.metrics['mask_AP']:.2f}", flush=True)
     members = check_partition(model)
-    names = [n for g in args.groups for n in members[g]]
+    # activation quantizers only: the groups of the sensitivity study also hold weight quantizers
+    names = [n for g in args.groups for n in members[g] if model.get_submodule(n).role is Role.ACTIVATION]
     originals = {n: model.get_submodule(n) for n in names}
     samples: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     token_samples: dict[str, list[torch.Tensor]] = {n: [] for n in names}
