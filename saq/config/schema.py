@@ -282,6 +282,8 @@ class RecipeConfig:
     agq_max_maps: Optional[int] = None
     # null: post-GELU inputs get the activation quantizer like every other input
     post_gelu_quantizer: Optional[PostGeluQuantizerConfig] = None
+    # true: the inputs of the encoder's depthwise convs get one scale per channel (saq.ptq.depthwise)
+    depthwise_input_channels: bool = False
     recon: ReconConfig = field(default_factory=ReconConfig)
     pcc: PCCConfig = field(default_factory=PCCConfig)
     reparam: ReparamConfig = field(default_factory=ReparamConfig)

@@ -44,10 +44,15 @@ def rules_from_config(quant: Mapping[str, Any], ptq: Mapping[str, Any]) -> list[
 
 def rules_for_model(model: nn.Module, quant: Mapping[str, Any], ptq: Mapping[str, Any]) -> list[QuantRule]:
     """:func:`rules_from_config`, plus the post-GELU layers' own rules when the recipe sets
-    ``ptq.post_gelu_quantizer`` (they are found on ``model`` by data flow)."""
+    ``ptq.post_gelu_quantizer`` (found on ``model`` by data flow) and per-channel input scales for its
+    depthwise convolutions when it sets ``ptq.depthwise_input_channels``."""
     rules = rules_from_config(quant, ptq)
     if ptq.get("post_gelu_quantizer"):
         from saq.ptq.post_gelu import with_post_gelu_rules
 
         rules = with_post_gelu_rules(model, rules, ptq["post_gelu_quantizer"])
+    if ptq.get("depthwise_input_channels"):
+        from saq.ptq.depthwise import with_depthwise_channel_rules
+
+        rules = with_depthwise_channel_rules(model, rules)
     return rules

@@ -43,9 +43,12 @@ Granularity = Union[PerTensor, PerChannel]
 
 
 def granularity_from_str(name: str) -> Granularity:
-    """Parse the config spelling: ``tensor`` or ``channel`` (output channel, axis 0)."""
+    """Parse the spelling: ``tensor``, ``channel`` (output channel of a weight, axis 0) or ``channel<k>``
+    (one range per index of axis k, e.g. ``channel1`` for the channels of an (N, C, H, W) activation)."""
     if name == "tensor":
         return PerTensor()
     if name == "channel":
         return PerChannel(0)
-    raise ValueError(f"unknown granularity {name!r}: use 'tensor' or 'channel'")
+    if name.startswith("channel") and name[len("channel"):].isdigit():
+        return PerChannel(int(name[len("channel"):]))
+    raise ValueError(f"unknown granularity {name!r}: use 'tensor', 'channel' or 'channel<axis>'")
