@@ -77,6 +77,7 @@ def test_decoder_units_never_mix_the_image_embedding(model, items):
         unit = next(u for u in reconstruction_units(model, "block", ("decoder",), loss))
         assert unit.qdrop_input is False
         module = UnitReconstruction(model, unit, ReconConfig(qdrop_prob=1.0, iters=1))
+        module.make_trainable()  # what a fit's setup does
         seen = []
         module.run_unit = lambda args, kwargs: seen.append((args, kwargs)) or (torch.zeros(1),) * 3
         batch = _batch(model, unit, items)
@@ -100,6 +101,7 @@ def test_clm_final_token_term_is_computed_without_dropping(model, items):
         with quant_mode(model, QuantMode.OFF, where=lambda n, q: n.startswith(layer0) and q.role.value == "activation"):
             layer_fp = unit.run(model, args, kwargs)
     module = UnitReconstruction(model, unit, recon_settings({"qdrop_prob": 1.0, "iters": 1, "weights": "nearest"}))
+    module.make_trainable()  # what a fit's setup does
     with torch.no_grad():
         out = module.unit_output(batch)
     torch.testing.assert_close(out[0], layer_fp[0])  # dropped: its quantizers pass FP values
@@ -123,6 +125,7 @@ def test_encoder_units_mix_quantized_and_fp_inputs_and_target_the_fp_chain(model
     assert not _same(batch["q"], batch["fp"])
     for prob, expected in ((1.0, "fp"), (0.0, "q")):
         module = UnitReconstruction(model, unit, ReconConfig(qdrop_prob=prob, iters=1))
+        module.make_trainable()  # what a fit's setup does
         seen = []
         module.run_unit = lambda args, kwargs: seen.append((args, kwargs)) or torch.zeros(1)
         module.unit_output(batch)
@@ -183,10 +186,24 @@ def test_brecq_keeps_activations_quantized_with_fixed_ranges(model, items):
     unit = reconstruction_units(model, "block", ("encoder",))[0]
     set_quant_mode(model, QuantMode.QUANTIZE)
     module = UnitReconstruction(model, unit, ReconConfig(activations="fixed", iters=1))
+    module.make_trainable()  # what a fit's setup does
     acts = [q for _, q in module.quantizers if q.role.value == "activation"]
     assert acts and len(module.scales) == 0
     assert all(q.mode is QuantMode.QUANTIZE and not q.scale_is_learnable for q in acts)
     module.finalize()
+
+
+def test_a_unit_changes_the_model_only_inside_its_lifecycle(model):
+    """Constructing a unit's module leaves the model alone; Lightning's setup makes it trainable and its
+    on_train_end freezes it (the same finalize a unit without steps gets)."""
+    unit = reconstruction_units(model, "block", ("encoder",))[0]
+    module = UnitReconstruction(model, unit, ReconConfig(qdrop_prob=0.5, iters=1))
+    assert module.has_parameters
+    assert not any(q.soft_rounding or q.scale_is_learnable or q.drop_prob for _, q in module.quantizers)
+    module.setup("fit")
+    assert len(module.alphas) and len(module.scales) and any(q.drop_prob for _, q in module.quantizers)
+    module.on_train_end()
+    assert not any(q.soft_rounding or q.scale_is_learnable or q.drop_prob or q.training for _, q in module.quantizers)
 
 
 # 8: BIG -----------------------------------------------------------------------------------------------

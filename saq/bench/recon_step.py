@@ -90,6 +90,7 @@ def steps_agree(model: torch.nn.Module, unit: ReconUnit, batch: dict, steps: int
     runs = []
     for compiled in (False, True):
         module = UnitReconstruction(model, unit, ReconConfig(iters=steps, qdrop_prob=0.5, reg_weight=0.0, a_lr=2e-3))
+        module.make_trainable()  # what a fit's setup does
         start = module.snapshot()
         optimizers, _ = module.configure_optimizers()
         losses, grads = [], []
@@ -136,6 +137,7 @@ def time_unit(model: torch.nn.Module, unit: ReconUnit, batch: dict, rounds: int,
     runs on caches the other warmed); the unit's quantizers are finalized afterwards, whatever happens."""
     module = UnitReconstruction(model, unit, ReconConfig(iters=steps * rounds * 2, qdrop_prob=0.5,
                                                            reg_weight=0.0, a_lr=2e-3))
+    module.make_trainable()  # what a fit's setup does
     optimizers, _ = module.configure_optimizers()  # the run's optimizers: rounding and steps, own rates
 
     def step() -> None:

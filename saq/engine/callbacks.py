@@ -1,5 +1,5 @@
-"""Callbacks of a unit's Trainer: loss windows (logged curve, plotted curve, best window), the end of a
-unit (restore the best window, then freeze), and the per-unit checkpoint."""
+"""Callbacks of a unit's Trainer: loss windows (logged curve, plotted curve, best window, restored at the
+end of a unit before the module freezes itself), and the per-unit checkpoint."""
 
 from __future__ import annotations
 
@@ -53,19 +53,19 @@ class LossWindows(Callback):
                                 "recon/loss": mean}, on_step=True, on_epoch=False)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: UnitReconstruction) -> None:
+        # before the module's own on_train_end, which freezes the unit
         if self.settings.keep_best and self.best is not None:
             pl_module.restore(self.best)
-        pl_module.finalize()
 
 
 class UnitCheckpoint(Callback):
-    """Saves the model state once the unit is final (after LossWindows froze it): a killed run
-    resumes from the last finished unit."""
+    """Saves the model state once the unit is final (on_fit_end: after the module froze itself at
+    on_train_end): a killed run resumes from the last finished unit."""
 
     def __init__(self, save: Callable[[], None]) -> None:
         self.save = save
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: UnitReconstruction) -> None:
+    def on_fit_end(self, trainer: L.Trainer, pl_module: UnitReconstruction) -> None:
         self.save()
 
 

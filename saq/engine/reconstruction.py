@@ -99,6 +99,24 @@ class UnitReconstruction(L.LightningModule):
         self.schedule = BetaSchedule(settings.iters, settings.beta_start, settings.beta_end, settings.warmup)
         self.quantizers = unit_quantizers(model, unit)
         self.weight_modules = unit_weight_modules(model, unit)
+        self.alphas = nn.ParameterList()
+        self.scales = nn.ParameterList()
+        self.scale_floors: list[torch.Tensor] = []
+        self.trainable = False
+
+    # lifecycle: setup (Lightning's first hook of a fit) -> training steps -> on_train_end ------------
+    def setup(self, stage: str) -> None:
+        self.make_trainable()
+
+    def on_train_end(self) -> None:
+        self.finalize()  # after the callbacks' on_train_end (LossWindows restores the best window first)
+
+    def make_trainable(self) -> None:
+        """The unit's quantizers become trainable: AdaRound alphas, learnable (LSQ) activation steps, QDrop
+        on. Done once; a unit that never trains goes through it too, so finalize freezes every unit alike."""
+        if self.trainable:
+            return
+        settings = self.settings
         alphas, scales = [], []
         if settings.weights is WeightRounding.adaround:
             for _, module in self.weight_modules:
@@ -116,10 +134,15 @@ class UnitReconstruction(L.LightningModule):
         # and make the quantizer undeployable. Floor: a small fraction of the calibrated step.
         self.scale_floors = [s.detach().abs().clamp_min(torch.finfo(s.dtype).tiny) * MIN_STEP_FRACTION
                              for s in scales]
+        self.trainable = True
 
     @property
     def has_parameters(self) -> bool:
-        return len(self.alphas) + len(self.scales) > 0
+        """Whether the unit has anything to train (known before :meth:`make_trainable` changes the model)."""
+        rounds = self.settings.weights is WeightRounding.adaround and len(self.weight_modules) > 0
+        steps = self.settings.activations is ActivationStep.lsq and any(
+            q.role is Role.ACTIVATION for _, q in self.quantizers)
+        return rounds or steps
 
     def configure_optimizers(self):
         optimizers, schedulers = [], []
@@ -218,6 +241,7 @@ class UnitReconstruction(L.LightningModule):
     def finalize(self) -> None:
         """Fix rounding, freeze steps, stop dropping; then prove it. FP weights stay untouched so later
         units' FP targets are those of the real FP model; the pipeline hardens weights at the end."""
+        self.make_trainable()
         for _, module in self.weight_modules:
             module.weight_quantizer.fix_rounding_()
         for _, q in self.quantizers:
