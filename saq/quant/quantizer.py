@@ -183,15 +183,22 @@ class FakeQuantizer(nn.Module):
         return quantize_to_int(x, self.scale, self.zero_point, self.qmin, self.qmax)
 
     # forward ------------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, values: torch.Tensor | None = None) -> torch.Tensor:
-        """``values``: the V an attention map is applied to (used by output-aware quantizers only)."""
+    def passthrough(self, x: torch.Tensor) -> bool:
+        """True when this forward returns x unchanged (off, or observing: x goes to the observer); raises
+        when asked to quantize without qparams."""
         if self.mode is QuantMode.OFF:
-            return x
+            return True
         if self.mode is QuantMode.OBSERVE:
             self.observer.update(x)
-            return x
+            return True
         if not self.is_calibrated:
             raise RuntimeError(f"quantizer {self.extra_repr()} is in QUANTIZE mode but was never calibrated")
+        return False
+
+    def forward(self, x: torch.Tensor, values: torch.Tensor | None = None) -> torch.Tensor:
+        """``values``: the V an attention map is applied to (used by output-aware quantizers only)."""
+        if self.passthrough(x):
+            return x
         keep_fp = (keep_fp_mask(x, self.drop_prob, self.drop_draws)  # QDrop
                    if self.drop_prob > 0.0 and self.training else None)
         if self.alpha is not None:

@@ -207,13 +207,8 @@ class LevelTableQuantizer(FakeQuantizer):
         return []
 
     def forward(self, x: torch.Tensor, values: torch.Tensor | None = None) -> torch.Tensor:
-        if self.mode is QuantMode.OFF:
+        if self.passthrough(x):
             return x
-        if self.mode is QuantMode.OBSERVE:
-            self.observer.update(x)
-            return x
-        if not self.is_calibrated:
-            raise RuntimeError(f"quantizer {self.extra_repr()} is in QUANTIZE mode but was never calibrated")
         table = self.table.to(x.dtype)
         dropping = self.drop_prob > 0.0 and self.training
         if not dropping and not (torch.is_grad_enabled() and (x.requires_grad or self.scale.requires_grad)):
