@@ -324,7 +324,7 @@ class RuntimeConfig:
     device: str = "auto"
     num_threads: Optional[int] = None
     progress: bool = True
-    precision: str = "32-true"  # engine loops: see saq.engine.precision.PRECISIONS
+    precision: str = "32-true"  # the engine loops' Lightning precision: one of PRECISIONS
     compile: bool = False  # torch.compile the uniform fake quantization (same values, one kernel)
     keep_freed_memory: bool = True  # glibc keeps freed CPU memory for the next tensor (saq.utils.cpu_runtime)
 

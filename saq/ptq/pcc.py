@@ -18,11 +18,11 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from saq.data.calibration import CalibrationItem
+from saq.engine.search import StepProgress, run_search, search_trainer
 from saq.ptq.image_source import ImageSource
-from saq.models.predictor import EncodedImage, decode_boxes
+from saq.models.predictor import EncodedImage, decode_boxes, model_device
 from saq.nn.attention import QuantTwoWayAttention
 from saq.quant.granularity import PerTensor
 from saq.quant.observers import build_observer
@@ -348,17 +348,76 @@ def _search_point(record_base: dict[str, Any], attention: nn.Module, q: FakeQuan
 
 
 # search -------------------------------------------------------------------------------------------
+class _GreedySearch:
+    """The state of one search: the FP reference maps (captured once), and the current attention's inputs.
+
+    ``step((pass_index, module, point))`` searches one point. A module's inputs depend only on the
+    quantizers upstream of it, never on its own, so one capture per (pass, module) serves all its points
+    (it equals a fresh capture before each point).
+    """
+
+    def __init__(self, model: nn.Module, items: list[CalibrationItem], modules: list[str],
+                 quantizers: dict[tuple[str, str], FakeQuantizer], theta: float, percentiles: list[float],
+                 images: ImageSource) -> None:
+        self.model, self.items, self.modules, self.quantizers = model, items, modules, quantizers
+        self.theta, self.percentiles, self.images = theta, percentiles, images
+        # PCC normally runs before the observers (docs/method.md section 4): an uncalibrated point has no range
+        self.initial = {key: quantizer_range(q) if q.is_calibrated else None for key, q in quantizers.items()}
+        self.encoded: list[EncodedImage] = []
+        self.fp_maps: dict[str, list[torch.Tensor]] = {}
+        self.call_items: list[int] = []  # calibration item of each decoder call (boxes come in batches)
+        self.calls_of: tuple[int, str] | None = None
+        self.calls: list[tuple[tuple, dict]] = []
+
+    def capture_reference(self) -> None:
+        """FP maps of every decoder attention; the encoder runs once per image and its embedding is
+        reused by every later decoder run. Every quantizer is OFF at this point."""
+        self.encoded = [self.images.fp_embedding(item.image.path) for item in self.items]
+        with contextlib.ExitStack() as stack:
+            stores = {n: stack.enter_context(_first_inputs(self.model.get_submodule(n).softmax_quantizer))
+                      for n in self.modules}
+            first = self.modules[0]
+            for index, (enc, item) in enumerate(zip(self.encoded, self.items)):
+                before = len(stores[first])
+                decode_boxes(self.model, enc, _boxes(item), return_masks=False)
+                self.call_items.extend([index] * (len(stores[first]) - before))
+        self.fp_maps = {n: list(stores[n]) for n in self.modules}
+        for n in self.modules:
+            if len(self.fp_maps[n]) != len(self.call_items):
+                raise RuntimeError(f"{n} ran {len(self.fp_maps[n])} times for {len(self.call_items)} decoder calls")
+
+    def step(self, key: tuple[int, str, str]) -> PCCRecord:
+        pass_index, name, point = key
+        if not self.fp_maps:
+            self.capture_reference()
+        attention = self.model.get_submodule(name)
+        if self.calls_of != (pass_index, name):
+            self.calls = []  # free the previous module's inputs before capturing the next
+            with _call_inputs(attention) as calls:
+                _decode_all(self.model, self.encoded, self.items)
+            self.calls_of, self.calls = (pass_index, name), calls
+        base = {"module": name, "point": point, "pass_index": pass_index, "initial_range": self.initial[(name, point)]}
+        return _search_point(base, attention, self.quantizers[(name, point)], self.calls, self.fp_maps[name],
+                             self.call_items, len(self.items), self.theta, self.percentiles)
+
+
+def _progress_postfix(record: PCCRecord) -> dict[str, Any]:
+    return {"module": record.module.rsplit(".", 1)[-1], "p": record.chosen_p, "loss": f"{record.loss_chosen:.3f}"}
+
+
 @torch.no_grad()
 def pcc_search_(model: nn.Module, items: list[CalibrationItem], theta: float = 0.5,
                 percentiles: Sequence[float] = DEFAULT_PERCENTILES, passes: int = 2,
-                show_progress: bool = True, images: ImageSource | None = None) -> PCCResult:
+                show_progress: bool = True, images: ImageSource | None = None,
+                precision: str = "32-true") -> PCCResult:
     """Greedy PCC search over the decoder attentions' q/k quantizers; sets the chosen ranges in place.
 
     The model must be quantized; by the reference order PCC runs after the bimodal fold and before the
     observers (uncalibrated PCC points start from their min-max range; calibrate_ with
-    ``keep_calibrated=True`` then leaves the searched ranges alone). During the search every quantizer is OFF except the
-    PCC quantizers fixed so far (QUANTIZE); on return each quantizer has its previous mode back and
-    the searched ones keep their chosen range.
+    ``keep_calibrated=True`` then leaves the searched ranges alone). During the search every quantizer is
+    OFF except the PCC quantizers fixed so far (QUANTIZE); on return each quantizer has its previous mode
+    back and the searched ones keep their chosen range. The steps run in a Lightning predict loop
+    (``saq.engine.search``) on the model's device, every forward in ``precision``'s autocast.
     """
     if not items:
         raise ValueError("pcc_search_ needs at least one calibration item")
@@ -374,49 +433,13 @@ def pcc_search_(model: nn.Module, items: list[CalibrationItem], theta: float = 0
     quantizers = _pcc_quantizers(model, modules)
     if not quantizers:
         raise ValueError(f"none of the decoder attentions has a quantizer at {PCC_POINTS}")
-    # PCC normally runs before the observers (docs/method.md section 4): an uncalibrated point has no range yet
-    initial = {key: quantizer_range(q) if q.is_calibrated else None for key, q in quantizers.items()}
-    num_items = len(items)
-    result = PCCResult(theta=theta, passes=passes, num_items=num_items)
+    steps = [(pass_index, name, point) for pass_index in range(passes) for name in modules for point in PCC_POINTS
+             if (name, point) in quantizers]
+    search = _GreedySearch(model, items, modules, quantizers, theta, percentiles, images or ImageSource(model))
+    progress = [StepProgress("pcc", len(steps), _progress_postfix)] if show_progress else []
+    trainer = search_trainer(model_device(model), precision, progress)
     start = time.perf_counter()
-
     with quant_mode(model, QuantMode.OFF):
-        # FP reference: the encoder runs once per image; its embedding is reused by every decoder run.
-        images = images or ImageSource(model)
-        encoded = [images.fp_embedding(item.image.path) for item in items]
-        call_items: list[int] = []  # calibration item of each decoder call (boxes come in batches)
-        with contextlib.ExitStack() as stack:
-            stores = {n: stack.enter_context(_first_inputs(model.get_submodule(n).softmax_quantizer)) for n in modules}
-            first = modules[0]
-            for index, (enc, item) in enumerate(zip(encoded, items)):
-                before = len(stores[first])
-                decode_boxes(model, enc, _boxes(item), return_masks=False)
-                call_items.extend([index] * (len(stores[first]) - before))
-        fp_maps: dict[str, list[torch.Tensor]] = {n: list(stores[n]) for n in modules}
-        for n in modules:
-            if len(fp_maps[n]) != len(call_items):
-                raise RuntimeError(f"{n} ran {len(fp_maps[n])} times for {len(call_items)} decoder calls")
-
-        with tqdm(total=passes * len(quantizers), desc="pcc", disable=not show_progress, leave=False) as bar:
-            for pass_index in range(passes):
-                for name in modules:
-                    attention = model.get_submodule(name)
-                    # A module's inputs depend only on quantizers upstream of it, never on its own, so one
-                    # capture serves all its points (it equals a fresh capture before each point).
-                    with _call_inputs(attention) as calls:
-                        _decode_all(model, encoded, items)
-                    for point in PCC_POINTS:
-                        q = quantizers.get((name, point))
-                        if q is None:
-                            continue
-                        base = {"module": name, "point": point, "pass_index": pass_index,
-                                "initial_range": initial[(name, point)]}
-                        record = _search_point(base, attention, q, calls, fp_maps[name], call_items, num_items,
-                                               theta, percentiles)
-                        result.records.append(record)
-                        bar.update(1)
-                        bar.set_postfix(module=name.rsplit(".", 1)[-1], p=record.chosen_p,
-                                        loss=f"{record.loss_chosen:.3f}")
-                    del calls
-    result.time_s = time.perf_counter() - start
-    return result
+        records = run_search(trainer, search.step, steps)
+    return PCCResult(records=list(records), theta=theta, passes=passes, num_items=len(items),
+                     time_s=time.perf_counter() - start)

@@ -65,16 +65,11 @@ def pcc_stage(ctx: StageContext) -> Any:
     from saq.ptq.pcc import DEFAULT_PERCENTILES, pcc_search_
     from saq.ptq.pcc_plots import save_pcc_plots
 
-    from saq.engine.precision import forward_context
-    from saq.models.predictor import model_device
-
     pcc_cfg = ctx.config["ptq"]["pcc"]
-    # the engine's precision, as the reconstruction Trainer uses it
-    with forward_context(ctx.config["runtime"]["precision"], model_device(ctx.model)):
-        result = pcc_search_(ctx.model, ctx.calib_items[: int(pcc_cfg["num_images"])],
-                             theta=float(pcc_cfg["theta"]),
-                             percentiles=tuple(pcc_cfg.get("percentiles") or DEFAULT_PERCENTILES),
-                             passes=int(pcc_cfg["passes"]), show_progress=ctx.progress, images=ctx.images)
+    result = pcc_search_(ctx.model, ctx.calib_items[: int(pcc_cfg["num_images"])], theta=float(pcc_cfg["theta"]),
+                         percentiles=tuple(pcc_cfg.get("percentiles") or DEFAULT_PERCENTILES),
+                         passes=int(pcc_cfg["passes"]), show_progress=ctx.progress, images=ctx.images,
+                         precision=ctx.config["runtime"]["precision"])  # as the reconstruction Trainer
     ctx.logger.log_table("pcc/records", result.table_rows())
     write_json(ctx.run_dir / "pcc" / "search.json", result.to_json())
     for path in save_pcc_plots(result, ctx.run_dir / "pcc"):
