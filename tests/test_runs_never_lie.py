@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +20,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from PIL import Image
 
+from helpers import cli
+from helpers.cli import ROOT, read
 from saq.cli.task import (RunDirInUseError, claim_run_dir, config_dir, expand_resume, register_resolvers,
                           release_run_dir)
 from saq.data.coco import DatasetError, build_dataset, verify_images
@@ -33,23 +34,13 @@ from saq.export import load_quantized, save_quantized
 from saq.models import CheckpointError, build_model, build_tiny_sam
 from saq.utils.run_files import write_json
 
-ROOT = Path(__file__).resolve().parents[1]
 # An unlabelled set that ships with scikit-image (no shared assets), prompts from the FP model's own masks.
 UNLABELLED = ["debug=fast", "data=skimage", "data.photos=[coffee,rocket,camera]", "prompts=auto",
               "prompts.pred_iou_thresh=-100", "prompts.stability_thresh=0", "prompts.points_per_side=2"]
 
 
 def run(module, *overrides, check=True, env=None):
-    env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "1", **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", module, *overrides, "runtime.progress=false"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{module} {overrides} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
-
-
-def read(path):
-    return json.loads(Path(path).read_text())
+    return cli.run(module, *overrides, check=check, env=env, timeout=300)  # these runs are small: fail fast
 
 
 def _images(folder, count=3, size=(64, 48)):
