@@ -15,10 +15,10 @@ from saq.config.schema import DecoderLoss, quant_label
 from saq.engine.reconstruction import recon_settings
 
 
-def _compose(overrides):
+def _compose(overrides, config="ptq"):
     register_resolvers()
     with initialize_config_dir(config_dir(), version_base="1.3"):
-        return compose("ptq", overrides=overrides)
+        return compose(config, overrides=overrides)
 
 
 @pytest.mark.parametrize("key,bad,valid", [
@@ -36,6 +36,25 @@ def test_a_bad_choice_fails_at_composition_with_the_choices(key, bad, valid):
         _compose([f"{key}={bad}"])
     message = str(err.value.__cause__ or err.value)
     assert f"Invalid value '{bad}'" in message and valid in message
+
+
+@pytest.mark.parametrize("config,key,bad,valid", [
+    ("eval", "eval.backend", "onnx", "[torch, onnxruntime, openvino]"),
+    ("eval", "eval.runtime_precision", "fp16", "[fp32, bf16]"),
+    ("eval", "runtime.num_threads", "two", "num_threads"),
+    ("export", "format", "onnxx", "[onnx, onnx_fp]"),
+    ("export", "weight_layout", "int9", "[auto, symmetric, int8, uint8]"),
+    ("export", "opset", "seventeen", "opset"),
+])
+def test_eval_and_export_have_schemas_too(config, key, bad, valid):
+    with pytest.raises(ConfigCompositionException) as err:
+        _compose(["ckpt_path=run/quantized.pt", f"{key}={bad}"], config)
+    message = str(err.value.__cause__ or err.value)
+    assert bad in message and valid in message
+    with pytest.raises(ConfigCompositionException):  # a misspelt key
+        _compose(["ckpt_path=run/quantized.pt", f"{key}x={bad}"], config)
+    cfg = _compose(["ckpt_path=run/quantized.pt"], config)
+    assert cfg.ckpt_path == "run/quantized.pt"
 
 
 def test_a_misspelt_key_fails():

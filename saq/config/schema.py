@@ -1,7 +1,8 @@
-"""Typed schema of the ``saq.ptq`` config: every key, its type and its valid choices.
+"""Typed schemas of the ``saq.ptq``, ``saq.eval`` and ``saq.export`` configs: every key, its type and
+its valid choices.
 
-Registered in Hydra's ConfigStore (``saq.config.store``) and named first in ``conf/ptq.yaml``'s
-defaults, so a misspelt key or a value outside a choice fails at composition, before anything runs,
+Registered in Hydra's ConfigStore (``saq.config.store``) and named first in the defaults of
+``conf/ptq.yaml``, ``conf/eval.yaml`` and ``conf/export.yaml``, so a misspelt key or a value outside a choice fails at composition, before anything runs,
 with the valid choices in the message. Open-ended nodes (data sources, prompts, loggers, paths) stay
 ``Any``: each has its own builder that names bad keys.
 """
@@ -346,6 +347,46 @@ class PTQRunConfig:
     cluster: Any = None
     task_name: str = "ptq"
     seed: int = 0
+
+
+@dataclass
+class EvalRunConfig:
+    """The whole ``saq.eval`` config: a saved checkpoint, evaluated on its run's data unless
+    ``data`` / ``prompts`` are given."""
+
+    paths: Any = MISSING
+    data: Any = None
+    prompts: Any = None
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    logger: Any = MISSING
+    cluster: Any = None
+    task_name: str = "eval"
+    ckpt_path: str = MISSING
+
+
+class ExportFormat(Choice):
+    onnx = "onnx"  # QDQ with the checkpoint's scales and zero points
+    onnx_fp = "onnx_fp"  # the FP model of the same run
+
+
+class WeightLayout(Choice):
+    auto = "auto"
+    symmetric = "symmetric"
+    int8 = "int8"
+    uint8 = "uint8"
+
+
+@dataclass
+class ExportRunConfig:
+    """The whole ``saq.export`` config."""
+
+    paths: Any = MISSING
+    ckpt_path: str = MISSING
+    format: ExportFormat = ExportFormat.onnx
+    out_dir: Optional[str] = None
+    opset: int = 17
+    weight_layout: WeightLayout = WeightLayout.auto
 
 
 def bits_label(w_bits: Optional[int], a_bits: Optional[int]) -> str:
