@@ -67,6 +67,7 @@ def tiny_w4a4_checkpoint(tmp_path_factory):
         "ptq": {"name": "minmax"}})
 
 
+@pytest.mark.slow
 def test_bench_recon_step_times_every_unit_type_eager_and_compiled(tiny_w4a4_checkpoint):
     """python -m saq.bench recon-step on a tiny quantized checkpoint: the CLM decoder layer and every
     encoder stage timed in both modes, the quantizers left final (no QDrop, no soft rounding)."""

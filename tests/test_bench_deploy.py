@@ -13,6 +13,7 @@ pytest.importorskip("openvino", reason='the deploy extra: pip install -e ".[depl
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_bench_deploy_writes_every_configuration(tmp_path, coco8):
     run = tmp_path / "run"
     data = [f"data.images={coco8['images']}", f"data.annotations={coco8['annotations']}"]

@@ -77,6 +77,7 @@ def _run(*args):
     return proc
 
 
+@pytest.mark.slow
 def test_eval_compare_fake_quant_reports_the_agreement_references(tmp_path):
     run_dir = tmp_path / "run"
     _run("saq.ptq", "debug=fast", "quant=w8a8", "ptq=minmax", "logger=none", "runtime.progress=false", f"hydra.run.dir={run_dir}")

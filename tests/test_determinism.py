@@ -1,8 +1,11 @@
 """Two independent CLI runs with the same seed give the same numbers and the same quantized weights."""
 
+import pytest
+
 from recon_cli import checkpoint_tensors, comparable_metrics, predictions, run_ptq, tensor_differences
 
 
+@pytest.mark.slow
 def test_two_runs_with_one_seed_are_identical(tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
     run_ptq(first, tmp_path / "cache_first")

@@ -1,5 +1,6 @@
 """The stages of a run share one image source: each calibration image is read once and FP-encoded once."""
 
+import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
@@ -17,6 +18,7 @@ from saq.quant import QuantMode, quant_mode
 from saq.utils.loggers import RunLogger
 
 
+@pytest.mark.slow
 def test_every_stage_reads_each_image_once(coco8, tmp_path, monkeypatch):
     register_resolvers()
     with initialize_config_dir(config_dir(), version_base="1.3"):
@@ -52,6 +54,7 @@ def test_fp_embedding_is_the_fp_models_own(coco8):
     assert source.fp_embedding(item.image.path) is source.fp_embedding(item.image.path)
 
 
+@pytest.mark.slow
 def test_saq_sam_at_zero_iterations_is_saq_star(coco8, tmp_path):
     """At ptq.recon.iters=0 a reconstruction recipe is its calibration alone, frozen: saq_sam's stages
     give saq_star's model tensor for tensor (and so saq_base/saq_par give ptq4sam_s's: the same stages

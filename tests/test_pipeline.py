@@ -14,6 +14,7 @@ from saq.nn.deploy import deployment_check
 from helpers.cli import read, run
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_outputs_and_eval_reproduces(tmp_path):
     run_dir, eval_dir = tmp_path / "run", tmp_path / "eval"
     proc = run("saq.ptq", "debug=fast", "quant=w6a6", "ptq=percentile", f"hydra.run.dir={run_dir}")
@@ -55,6 +56,7 @@ def test_failed_run_reports_status(tmp_path):
     assert status["state"] == "failed" and "checkpoint not found" in status["error"]
 
 
+@pytest.mark.slow
 def test_sweep_prints_and_writes_summary(tmp_path):
     sweep = tmp_path / "sweep"
     proc = run("saq.ptq", "-m", "debug=fast", "quant=w8a8,w4a4", f"hydra.sweep.dir={sweep}")

@@ -8,6 +8,7 @@ from helpers.cli import read, run
 FAST_RECON = ["ptq.recon.iters=4", "ptq.recon.best_window=2"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe,extra", [
     ("ptq4sam_s", ["runtime.compile=true"]),  # compiled fake quantization through the CLI
     ("brecq", FAST_RECON),
@@ -80,6 +81,7 @@ def test_default_demo_job_end_to_end(tmp_path, vit_t_checkpoint):
     assert (sweep / "0" / "side_by_side.png").is_file()
 
 
+@pytest.mark.slow
 def test_a_resumed_saq_sam_run_skips_the_stages_before_reconstruction(tmp_path):
     """Run again in its dir, a saq_sam run whose reconstruction had begun takes the bimodal fold, PCC's
     clipping and the observers' ranges from the reconstruction checkpoint instead of recomputing them,
@@ -102,6 +104,7 @@ def test_a_resumed_saq_sam_run_skips_the_stages_before_reconstruction(tmp_path):
     assert [again["stages"]["seconds"][k] for k in before] == [first["stages"]["seconds"][k] for k in before]
 
 
+@pytest.mark.slow
 def test_a_run_dir_resumed_with_other_settings_is_refused(tmp_path):
     """A reconstruction checkpoint made under one recipe setting is not resumed under another: the
     second command stops with a message naming the file and the way out, and reports no numbers."""

@@ -87,6 +87,7 @@ def test_layer_units_follow_the_forward_order(architecture, items):
     assert "image_encoder.neck.0" in called
 
 
+@pytest.mark.slow
 def test_full_pipeline_leaves_no_soft_or_dropping_quantizer(items, tmp_path):
     model = calibrated_tiny(items[:3])
     reconstruct_(model, items[:3], RECON, tmp_path, RunLogger(tmp_path), show_progress=False)
@@ -109,6 +110,7 @@ def test_soft_rounding_is_refused_by_the_gate(items):
         assert_deployable(model)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("decoder_loss, killed_after", [("mse", 2), ("clm", None)])
 def test_killed_run_resumes_identically(items, tmp_path, decoder_loss, killed_after):
     """Killed after a unit, resumed in a new process: the same model bit for bit. With CLM the kill falls
@@ -450,6 +452,7 @@ def test_zero_iterations_freeze_the_calibration_without_any_capture(items, monke
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_compiled_fake_quantization_reconstructs_the_same_model(items, tmp_path):
     """runtime.compile=true: reconstruction (QDrop, LSQ steps, AdaRound) with the compiled uniform fake
     quantization ends in the eager run's model, tensor for tensor."""

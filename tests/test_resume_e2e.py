@@ -6,6 +6,7 @@ import signal
 import subprocess
 import time
 
+import pytest
 import torch
 
 from recon_cli import (ROOT, checkpoint_tensors, comparable_metrics, env, predictions, ptq_command, run_ptq,
@@ -44,6 +45,7 @@ def _recon_time_entries(run_dir) -> list[str]:
     return [k.split("/")[1] for line in lines for k in line if k.startswith("recon/") and k.endswith("/time_s")]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
     run_ptq(reference, tmp_path / "cache_reference")

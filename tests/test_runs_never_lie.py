@@ -186,6 +186,7 @@ def test_a_failed_sweep_job_costs_no_other_job_and_fails_the_sweep(tmp_path):
 
 # 3. saq.eval reproduces an unlabelled run -----------------------------------------------------------
 
+@pytest.mark.slow
 def test_eval_of_unlabelled_run_reproduces_its_numbers(tmp_path):
     run_dir, eval_dir = tmp_path / "run", tmp_path / "eval"
     run("saq.ptq", *UNLABELLED, "quant=w4a4", f"hydra.run.dir={run_dir}")
@@ -287,6 +288,7 @@ def test_sigterm_that_surfaces_as_another_error_still_marks_the_run_interrupted(
     assert not (tmp_path / "run.lock").exists()
 
 
+@pytest.mark.slow
 def test_ctrl_c_inside_a_reconstruction_unit_ends_interrupted_with_rc_130(tmp_path):
     """Lightning turns a KeyboardInterrupt inside a fit into sys.exit(1); Ctrl-C must still read as an
     interrupt: rc 130, status interrupted with the resume command, no traceback."""

@@ -35,6 +35,7 @@ def _eval(checkpoint, out, *overrides):
     return json.loads((out / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("data", [[], UNLABELLED], ids=["labels", "fp_masks"])
 def test_merged_shards_equal_the_unsharded_evaluation(checkpoint, tmp_path, data):
     whole = _eval(checkpoint, tmp_path / "whole", *data)["quantized"]
@@ -49,6 +50,7 @@ def test_merged_shards_equal_the_unsharded_evaluation(checkpoint, tmp_path, data
     assert ("fidelity_mIoU" in whole) == bool(data)
 
 
+@pytest.mark.slow
 def test_incomplete_or_bad_shards_are_refused(checkpoint, tmp_path):
     _eval(checkpoint, tmp_path / "s0", "eval.num_shards=2", "eval.shard=0")
     proc = run("-m", "saq.eval.merge", str(tmp_path / "m"), str(tmp_path / "s0"), check=False)
@@ -58,6 +60,7 @@ def test_incomplete_or_bad_shards_are_refused(checkpoint, tmp_path):
     assert proc.returncode != 0 and "eval.shard=2" in proc.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_shards_of_different_evaluations_are_refused(checkpoint, tmp_path):
     """Shards over other image sets, other weights under the same path, or holding images twice."""
     import copy
