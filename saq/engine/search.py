@@ -8,7 +8,6 @@ loop provides exactly that; each step returns its record and ``run_search`` retu
 from __future__ import annotations
 
 import logging
-import warnings
 from typing import Any, Callable, Sequence
 
 import lightning as L
@@ -17,7 +16,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from saq.engine.trainer import accelerator_and_devices
+from saq.engine.trainer import accelerator_and_devices, quiet_lightning
 
 
 class SearchSteps(L.LightningModule):
@@ -71,8 +70,6 @@ def run_search(trainer: L.Trainer, do_step: Callable[[Any], Any], steps: Sequenc
     """Runs ``do_step`` on every step, in order, inside ``trainer``'s predict loop; returns the records."""
     steps = list(steps)
     loader = DataLoader(range(len(steps)), batch_size=None, shuffle=False)  # indices: nothing to collate
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", ".*does not have many workers.*")  # the steps live in memory
-        warnings.filterwarnings("ignore", ".*LeafSpec.*")  # lightning's own use of a deprecated torch API
+    with quiet_lightning():
         return trainer.predict(SearchSteps(lambda index: do_step(steps[index])), dataloaders=loader,
                                return_predictions=True)

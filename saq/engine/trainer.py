@@ -7,10 +7,11 @@ CSVLogger writes the reconstruction metrics of every unit as CSV next to it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import lightning as L
 import torch
@@ -67,10 +68,17 @@ def unit_trainer(unit_name: str, device: torch.device, precision: str, run_dir: 
                      default_root_dir=str(run_dir))
 
 
-def fit_quietly(trainer: L.Trainer, module: L.LightningModule, loader) -> None:
+@contextlib.contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Without the Lightning warnings that do not apply to the engine's loops."""
     with warnings.catch_warnings():
-        # the cached items live in memory: worker processes would only copy them
+        # the cached items and search steps live in memory: worker processes would only copy them
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         warnings.filterwarnings("ignore", ".*LightningModule.*without a `validation_step`.*")
         warnings.filterwarnings("ignore", ".*LeafSpec.*")  # lightning's own use of a deprecated torch API
+        yield
+
+
+def fit_quietly(trainer: L.Trainer, module: L.LightningModule, loader) -> None:
+    with quiet_lightning():
         trainer.fit(module, train_dataloaders=loader)
