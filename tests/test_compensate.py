@@ -59,6 +59,24 @@ def test_gptq_round_is_on_grid_and_beats_nearest_rounding():
     assert torch.equal(gptq_round(w, torch.eye(32, dtype=torch.float64), scale, zero, 0, 15, damp=0.0), nearest)
 
 
+def test_gptq_round_in_blocks_matches_column_by_column():
+    """block=1 is the plain column-by-column update; larger blocks defer the update of later columns and
+    must give the same rounding up to float order (a layer-sized problem, correlated inputs)."""
+    torch.manual_seed(3)
+    w = torch.randn(48, 300, dtype=torch.float64)
+    scale, zero = _grid(w)
+    x = torch.randn(3000, 300, dtype=torch.float64) @ torch.randn(300, 300, dtype=torch.float64)
+    h = x.T @ x
+    reference = gptq_round(w, h, scale, zero, 0, 15, block=1)
+    for block in (7, 128, 1000):
+        blocked = gptq_round(w, h, scale, zero, 0, 15, block=block)
+        codes_differ = ((blocked - reference).abs() > 1e-9).sum().item()
+        assert codes_differ <= w.numel() // 1000, f"block={block}: {codes_differ} weights rounded differently"
+        assert torch.allclose(x @ blocked.T, x @ reference.T, rtol=1e-3, atol=1e-6 * x.abs().max().item())
+    with pytest.raises(ValueError, match="block=0"):
+        gptq_round(w, h, scale, zero, 0, 15, block=0)
+
+
 def test_relative_output_error_from_moments():
     torch.manual_seed(2)
     x_fp = torch.randn(300, 5, dtype=torch.float64)
