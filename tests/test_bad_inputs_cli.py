@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -87,14 +88,32 @@ CASES = {
 REFUSED_BY_HYDRA = {"misspelt key"}
 
 
+def _command(case: str, root: Path) -> tuple[list[str], Path]:
+    overrides = CASES[case][0](root / "inputs")
+    run_dir = root / "run"
+    return [sys.executable, "-m", "saq.ptq", "debug=fast", "ptq=minmax", "runtime.progress=false", *overrides,
+            f"hydra.run.dir={run_dir}"], run_dir
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
+    """Every case run once, three at a time: they are independent processes that spend most of their
+    time starting Python and importing torch, so running them side by side keeps the table cheap."""
+    commands = {case: _command(case, tmp_path_factory.mktemp("case")) for case in CASES}
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+
+    def run(case: str) -> tuple[subprocess.CompletedProcess, Path]:
+        command, run_dir = commands[case]
+        return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env), run_dir
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        return dict(zip(CASES, pool.map(run, CASES)))
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_a_bad_input_fails_in_one_line_and_leaves_no_result(case, tmp_path):
-    build, named = CASES[case]
-    run_dir = tmp_path / "run"
-    overrides = build(tmp_path / "inputs")
-    proc = subprocess.run([sys.executable, "-m", "saq.ptq", "debug=fast", "ptq=minmax", "runtime.progress=false",
-                           *overrides, f"hydra.run.dir={run_dir}"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "WANDB_MODE": "disabled"})
+def test_a_bad_input_fails_in_one_line_and_leaves_no_result(case, outcomes):
+    named = CASES[case][1]
+    proc, run_dir = outcomes[case]
     assert proc.returncode != 0, proc.stdout[-1500:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]

@@ -17,13 +17,14 @@ register_resolvers()
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="ptq")
 def main(cfg: DictConfig) -> float:
     from saq.config import ConfigError, validate_ptq_config
-    from saq.ptq.pipeline import run_ptq  # heavy imports after Hydra has parsed the command line
 
     def body() -> float:
         try:
             validate_ptq_config(cfg)  # before the run dir is claimed or anything is computed
         except ConfigError as exc:
             raise SystemExit(f"config error: {exc}") from None
+        from saq.ptq.pipeline import run_ptq  # torch and the models: seconds, after the config is known good
+
         device_or_exit(cfg)
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         name = f"{cfg.model.name}-{cfg.quant.name}-{cfg.ptq.name}"

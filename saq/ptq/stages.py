@@ -117,13 +117,14 @@ def _inputs_reconstruction_reads(ctx: StageContext) -> KeptInputs | None:
     """What calibration should keep for the reconstruction right after it: the FP inputs of the encoder
     units it trains, cached as it caches them; None when no reconstruction follows it directly (a stage
     between them could change what the FP encoder computes)."""
+    stages = [Stage(name) for name in ctx.config["ptq"]["stages"]]
+    if Stage.reconstruct not in stages or stages.index(Stage.reconstruct) != stages.index(Stage.calibrate) + 1:
+        return None
+    # Imported here: the reconstruction engine loads Lightning (seconds), which recipes without it skip.
     from saq.engine.reconstruction import recon_settings
     from saq.ptq.capture import KeptInputs
     from saq.ptq.reconstruct import cache_placement, encoder_fp_entries, planned_units, training_units
 
-    stages = [Stage(name) for name in ctx.config["ptq"]["stages"]]
-    if Stage.reconstruct not in stages or stages.index(Stage.reconstruct) != stages.index(Stage.calibrate) + 1:
-        return None
     cfg = ctx.config["ptq"]["recon"]
     entries = encoder_fp_entries(training_units(planned_units(ctx.model, cfg), recon_settings(cfg)))
     if not entries:
@@ -172,10 +173,10 @@ def _fingerprint(config: dict[str, Any], with_recon: bool = False) -> str:
 def _resume_before_reconstruction(ctx: StageContext, stages: list[Stage]) -> dict[str, Any] | None:
     """What the stages before reconstruction reported, with their model state loaded, when this run dir
     holds a reconstruction checkpoint made after them; None when they have to run."""
-    from saq.ptq.reconstruct import ReconState
-
     if Stage.reconstruct not in stages:
         return None
+    from saq.ptq.reconstruct import ReconState
+
     if ReconState.exists(ctx.run_dir):  # refuse another run's checkpoint now, not after the stages
         ReconState(ctx.run_dir, [], _fingerprint(ctx.config, with_recon=True)).check_fingerprint(
             ReconState.stored_fingerprint(ctx.run_dir))
