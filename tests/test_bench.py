@@ -18,6 +18,7 @@ def test_random_checkpoint_builds_the_architecture_without_weights():
     assert not model.training and sum(p.numel() for p in model.parameters()) > 0
 
 
+@pytest.mark.slow
 def test_bench_writes_json_and_markdown(tmp_path):
     out = tmp_path / "bench"
     proc = subprocess.run([sys.executable, "-m", "saq.bench", "recipe", "model=tiny", "model.checkpoint=random", "debug=fast",

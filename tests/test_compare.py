@@ -119,6 +119,7 @@ def test_compare_groups_pairs_and_marks_wins(sweep):
     assert "ΔAP vs ptq4sam_l" in markdown and "| win |" in markdown
 
 
+@pytest.mark.slow
 def test_compare_and_collect_commands(sweep, tmp_path):
     root, _, _ = sweep
     results = tmp_path / "results"
@@ -176,6 +177,7 @@ def test_vit_t_coco_calibrates_on_train_and_evaluates_on_val():
     assert len({i.image.path for i in items}) == 32 and max(len(i.prompts) for i in items) == 16
 
 
+@pytest.mark.slow
 def test_a_run_writes_predictions_that_reproduce_its_ap(tmp_path):
     """Through the real entry point (tiny model): predictions.json.gz next to metrics.json."""
     from test_pipeline import read, run

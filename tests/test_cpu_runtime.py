@@ -41,6 +41,7 @@ def _steady_state_faults(mode: str) -> str:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+@pytest.mark.slow
 def test_kept_memory_serves_repeated_steps_without_most_page_faults():
     kept = _steady_state_faults("keep")
     if kept == "unsupported":

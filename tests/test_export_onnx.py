@@ -329,6 +329,7 @@ def test_bad_inputs_are_named(tmp_path, w8a8):
         Predictor(w8a8[1].out_dir, "tensorrt")
 
 
+@pytest.mark.slow
 def test_export_cli_writes_files_and_refuses_bad_paths(tmp_path, w8a8):
     ckpt, _ = w8a8
     out = tmp_path / "cli_onnx"
@@ -431,6 +432,7 @@ def test_on_this_cpu_the_warned_export_disagrees_and_the_auto_export_agrees(w8a8
     assert agreement(ckpt, auto.out_dir)["mask_iou_mean"] >= 0.99
 
 
+@pytest.mark.slow
 def test_openvino_profile_names_the_int8_kernels(w8a8, tmp_path):
     """python -m saq.bench profile: per-kernel times of the exported encoder, int8 layers visible."""
     pytest.importorskip("openvino", reason='the deploy extra: pip install -e ".[deploy]"')
@@ -447,6 +449,7 @@ def test_openvino_profile_names_the_int8_kernels(w8a8, tmp_path):
     assert missing.returncode != 0 and "ONNX file not found" in missing.stderr
 
 
+@pytest.mark.slow
 def test_bf16_rest_warns_on_folded_zero_points_only(w8a8, tmp_path):
     """Folded zero points need fp32 for their correction terms: bf16 warns (vit_t: 58.2 -> 51.6 AP measured)."""
     from saq.deploy.predictor import bf16_warning

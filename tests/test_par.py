@@ -1,5 +1,6 @@
 """PAR's layer-skipping target is exactly what the FP decoder makes of a stage output."""
 
+import pytest
 import torch
 
 from saq.data import dataset_from_config, gt_prompts, select_calibration
@@ -35,6 +36,7 @@ def test_par_target_equals_fp_decoder_tokens(coco8):
         torch.testing.assert_close(tokens, captured["keys"], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_vit_t_layer_skipping_only_where_the_stage_output_fits_the_neck(coco8):
     """TinyViT layers 2 and 3 end at 320 channels on the 64 x 64 grid (the neck's input); 0 and 1 do not.
     Through the last layer, layer skipping is the encoder itself: the head must give the decoder's tokens."""

@@ -40,6 +40,7 @@ def test_tiny_run_writes_outputs_and_eval_reproduces(tmp_path):
         (True, [], metrics["quantizers_checked"])
 
 
+@pytest.mark.slow
 def test_wandb_offline_by_default(tmp_path):
     run_dir = tmp_path / "run"
     run("saq.ptq", "debug=fast", "logger=wandb", f"hydra.run.dir={run_dir}", wandb_mode="offline")

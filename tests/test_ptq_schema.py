@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pytest
 from hydra import compose, initialize_config_dir
 
 from saq.cli.task import config_dir, register_resolvers
@@ -24,6 +25,7 @@ def test_every_recipe_has_the_recon_and_pcc_keys():
     assert set(ReconConfig.__dataclass_fields__) <= recon_keys  # every schema key is in every recipe
 
 
+@pytest.mark.slow
 def test_sweep_over_recipes_with_a_recon_override(tmp_path):
     """Hydra composes a multirun's base config with the default recipe: the override must fit it too."""
     import subprocess

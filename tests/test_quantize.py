@@ -38,6 +38,7 @@ def test_tiny_quantizers_off_bit_identical(image):
             assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 def test_vit_t_quantizers_off_match_upstream_mobile_sam(vit_t_checkpoint):
     mobile_sam = pytest.importorskip("mobile_sam")
     upstream = mobile_sam.build_sam_vit_t(checkpoint=str(vit_t_checkpoint)).eval()

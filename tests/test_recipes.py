@@ -50,6 +50,7 @@ def test_recipe_runs_and_deploys(recipe, extra, tmp_path):
         assert set(ref) >= {"mask_AP", "mIoU"} and "QDrop" in ref["note"]
 
 
+@pytest.mark.slow
 def test_unlabeled_folder_with_auto_prompts(tmp_path):
     from PIL import Image
     import numpy as np

@@ -226,6 +226,7 @@ def test_clm_units_give_local_outputs_and_the_final_tokens_with_later_layers_fp(
         assert all(torch.equal(handed[1][k], fa_input[1][k]) for k in ("q", "k", "v"))
 
 
+@pytest.mark.slow
 def test_clm_steps_do_not_rerun_the_frozen_decoder_layers_before_them(items, monkeypatch, tmp_path):
     """A CLM layer's steps start at its own input: the first layer, final once its unit is done, runs in
     the first unit's steps only, never in the steps of the units after it."""
@@ -256,6 +257,7 @@ def test_clm_steps_do_not_rerun_the_frozen_decoder_layers_before_them(items, mon
         .isdisjoint(runs_in)
 
 
+@pytest.mark.slow
 def test_fp_targets_of_chained_units_are_the_next_units_captured_inputs(items, monkeypatch, tmp_path):
     """An encoder unit that feeds the next one takes its FP targets from the FP capture (no second FP
     pass); they equal what the unit computes with its quantizers off, and only the other units compute."""
@@ -289,6 +291,7 @@ def test_fp_targets_of_chained_units_are_the_next_units_captured_inputs(items, m
     assert computed == [u.name for u in units if u not in chained]
 
 
+@pytest.mark.slow
 def test_targets_are_computed_for_the_drawn_items_only(items, monkeypatch, tmp_path):
     """A unit trains on ``iters`` items drawn with replacement; the items it never draws get no FP target
     (at 20 steps over 32 images about half of them), the drawn ones the FP outputs, and the draws are
@@ -318,6 +321,7 @@ def test_targets_are_computed_for_the_drawn_items_only(items, monkeypatch, tmp_p
     assert any(len(set(d)) < len(items) for _, d, _ in computed)  # some items were left out
 
 
+@pytest.mark.slow
 def test_the_neck_and_the_decoder_take_their_quantized_inputs_from_the_chain(items, monkeypatch, tmp_path):
     """The last encoder unit hands its output to the neck through the encoder's reshape, and the final
     neck hands the quantized image embeddings to the decoder units: the same tensors a quantized
@@ -394,6 +398,7 @@ def test_encoder_captures_stop_at_the_last_entry(items):
         assert all(torch.equal(args[0], x) for (args, _), x in zip(early[name], full[name]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("decoder", ["subblock", "clm"])
 def test_decoder_fp_inputs_are_captured_one_unit_at_a_time_and_only_when_used(items, monkeypatch, tmp_path,
                                                                               decoder):
@@ -489,6 +494,7 @@ def test_decoder_captures_store_per_prompt_repeats_once_and_give_the_same_output
     assert share_repeated_rows(torch.arange(6.0).view(3, 2)).stride(0) == 2  # distinct rows stay as they are
 
 
+@pytest.mark.slow
 def test_calibration_keeps_the_fp_encoder_inputs_reconstruction_reads(items, monkeypatch, tmp_path):
     """Calibration's FP passes keep the FP inputs of the encoder units reconstruction trains: the same
     tensors a capture with every quantizer off gives; reconstruction then runs no encoder capture of its

@@ -86,6 +86,7 @@ def square_item(tmp_path_factory):
                            [Prompt((10.0, 12.0, 90.0, 80.0), 1.0, 1)])
 
 
+@pytest.mark.slow
 def test_tinyvit_encoder_pairs_and_fp_model_unchanged(square_item):
     torch.manual_seed(0)
     model = build_vit_t_architecture().eval()

@@ -160,6 +160,7 @@ def test_a_turned_away_run_cannot_leave_its_config_in_the_dir(tmp_path):
     assert read(tmp_path / "status.json")["state"] == "completed" and not (tmp_path / "run.lock").exists()
 
 
+@pytest.mark.slow
 def test_sweep_jobs_share_one_unique_sweep_dir(tmp_path):
     proc = run("saq.ptq", "-m", *UNLABELLED, "ptq=fp", "seed=0,1", f"paths.output_dir={tmp_path}")
     assert "2/2 jobs completed" in proc.stdout
@@ -330,6 +331,7 @@ def test_the_resume_override_keeps_any_run_dir_literal(name):
     assert OverridesParser.create().parse_override(f"hydra.run.dir={hydra_quote(path)}").value() == path
 
 
+@pytest.mark.slow
 def test_a_run_in_a_dir_with_spaces_and_accents_resumes(tmp_path):
     from saq.cli.task import hydra_quote
 

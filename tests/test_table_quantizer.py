@@ -52,10 +52,10 @@ def test_forward_is_the_nearest_level_and_the_gradient_is_straight_through():
 
 
 def test_the_search_beats_a_uniform_grid_on_post_gelu_values():
-    x = torch.nn.functional.gelu(torch.randn(64, 4096, generator=torch.Generator().manual_seed(0)) * 1.5)
-    obs = HybridTableObserver(4)
+    x = torch.nn.functional.gelu(torch.randn(16, 4096, generator=torch.Generator().manual_seed(0)) * 1.5)
+    obs = HybridTableObserver(4, samples=16384)  # a smaller sample than calibration's: the same search, faster
     obs.name = "test"
-    for chunk in x.split(16):
+    for chunk in x.split(4):
         obs.update(chunk)
     scale, table, err = obs.best()
     assert table.numel() == 16 and bool((table.diff() > 0).all()) and 0.0 in table.tolist()
