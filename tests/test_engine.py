@@ -1,10 +1,13 @@
-"""The engine's loops: the PCC search is a Lightning predict loop that runs in the engine's precision."""
+"""The engine's loops: the PCC search is a Lightning predict loop that runs in the engine's precision;
+one progress bar serves it and the reconstruction's fit loop."""
 
 import pytest
 import torch
 
 from helpers.rules import w4a4
+from saq.engine.progress import LoopProgress
 from saq.engine.search import run_search, search_trainer
+from saq.engine.trainer import engine_trainer, fit_quietly
 from saq.models import build_tiny_sam
 from saq.nn import quantize_
 from saq.ptq import stages
@@ -24,6 +27,37 @@ def test_a_search_runs_its_steps_in_order_and_returns_their_records():
     assert records == [{"key": k} for k in steps]
     # no gradients, and no inference tensors: the ranges a search writes are trained later
     assert seen == [(k, False, False) for k in steps]
+
+
+def _fit_module():
+    import lightning as L
+
+    class Fit(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            return {"rec": torch.tensor(float(batch_idx))}
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    return Fit()
+
+
+def test_one_progress_bar_follows_a_search_and_a_fit():
+    seen = []
+    search_bar = LoopProgress("search", 3, lambda record: seen.append(("search", record)) or {})
+    run_search(search_trainer(torch.device("cpu"), "32-true", [search_bar]), lambda k: k, ["a", "b", "c"])
+    assert seen == [("search", "a"), ("search", "b"), ("search", "c")] and search_bar.bar is None
+
+    fit_bar = LoopProgress("recon unit", 25, lambda out: seen.append(("fit", float(out["rec"]))) or {}, every=10)
+    trainer = engine_trainer(torch.device("cpu"), "32-true", max_epochs=1, logger=False, callbacks=[fit_bar],
+                             num_sanity_val_steps=0)
+    fit_quietly(trainer, _fit_module(), torch.utils.data.DataLoader(range(25), batch_size=None))
+    assert seen[3:] == [("fit", 0.0), ("fit", 10.0), ("fit", 20.0)] and fit_bar.bar is None
 
 
 def test_a_search_trainer_refuses_an_unknown_precision():

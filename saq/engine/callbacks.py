@@ -7,7 +7,6 @@ from typing import Any, Callable
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
-from tqdm.auto import tqdm
 
 from saq.config.schema import ReconConfig
 from saq.engine.reconstruction import UnitReconstruction
@@ -67,24 +66,3 @@ class UnitCheckpoint(Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: UnitReconstruction) -> None:
         self.save()
-
-
-class UnitProgress(Callback):
-    """One progress bar per unit, named after it, with the running loss (Lightning's own bar names
-    epochs, which a unit does not have)."""
-
-    def __init__(self, unit_name: str, iters: int) -> None:
-        self.unit_name, self.iters = unit_name, iters
-        self.bar = None
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: UnitReconstruction) -> None:
-        self.bar = tqdm(total=self.iters, desc=f"recon {self.unit_name}", leave=False)
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: UnitReconstruction, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        self.bar.update(1)
-        if batch_idx % 10 == 0:
-            self.bar.set_postfix(rec=f"{float(outputs['rec']):.4g}")
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: UnitReconstruction) -> None:
-        self.bar.close()

@@ -7,16 +7,14 @@ loop provides exactly that; each step returns its record and ``run_search`` retu
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Callable, Sequence
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
-from saq.engine.trainer import accelerator_and_devices, quiet_lightning
+from saq.engine.trainer import engine_trainer, quiet_lightning
 
 
 class SearchSteps(L.LightningModule):
@@ -34,36 +32,13 @@ class SearchSteps(L.LightningModule):
         return self.do_step(batch)
 
 
-class StepProgress(Callback):
-    """A progress bar over the search steps, with a postfix computed from each step's record."""
-
-    def __init__(self, desc: str, total: int, postfix: Callable[[Any], dict[str, Any]]) -> None:
-        self.desc, self.total, self.postfix = desc, total, postfix
-        self.bar = None
-
-    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.bar = tqdm(total=self.total, desc=self.desc, leave=False)
-
-    def on_predict_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                             batch_idx: int, dataloader_idx: int = 0) -> None:
-        self.bar.update(1)
-        self.bar.set_postfix(**self.postfix(outputs))
-
-    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.bar.close()
-
-
 def search_trainer(device: torch.device, precision: str, callbacks: Sequence[Callback] = ()) -> L.Trainer:
     """The Trainer of a search: the reconstruction's device and precision handling, no logger, no files.
 
     ``inference_mode=False``: a search sets quantizer ranges in place, and tensors made under inference
     mode could not take part in the reconstruction's autograd later.
     """
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    accelerator, devices = accelerator_and_devices(device)
-    return L.Trainer(accelerator=accelerator, devices=devices, precision=precision, logger=False,
-                     callbacks=list(callbacks), enable_checkpointing=False, enable_model_summary=False,
-                     enable_progress_bar=False, inference_mode=False)
+    return engine_trainer(device, precision, logger=False, callbacks=list(callbacks), inference_mode=False)
 
 
 def run_search(trainer: L.Trainer, do_step: Callable[[Any], Any], steps: Sequence[Any]) -> list[Any]:

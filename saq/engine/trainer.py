@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.utilities import rank_zero_only
 
-from saq.engine.callbacks import UnitProgress
+from saq.engine.progress import LoopProgress
 from saq.utils.loggers import RunLogger
 
 
@@ -53,19 +53,25 @@ def accelerator_and_devices(device: torch.device) -> tuple[str, Any]:
     return device.type, 1
 
 
+def engine_trainer(device: torch.device, precision: str, **kwargs: Any) -> L.Trainer:
+    """A Trainer on ``device`` in ``precision`` with what every engine loop leaves out: Lightning's progress
+    bar, checkpoints, model summary and its per-Trainer "GPU available" banner."""
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    accelerator, devices = accelerator_and_devices(device)
+    return L.Trainer(accelerator=accelerator, devices=devices, precision=precision, enable_checkpointing=False,
+                     enable_model_summary=False, enable_progress_bar=False, **kwargs)
+
+
 def unit_trainer(unit_name: str, device: torch.device, precision: str, run_dir: Path, run_logger: RunLogger,
                  step_offset: int, iters: int, callbacks: list, progress: bool) -> L.Trainer:
     """One epoch over the unit's sampled items; the module's manual optimisation steps once per item."""
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no per-unit "GPU available" banner
-    accelerator, devices = accelerator_and_devices(device)
     loggers = [RunLoggerBridge(run_logger, step_offset),
                CSVLogger(str(run_dir), name="recon_csv", version=unit_name)]  # recon_csv/<unit>/metrics.csv
     if progress:
-        callbacks = [*callbacks, UnitProgress(unit_name, iters)]
-    return L.Trainer(accelerator=accelerator, devices=devices, precision=precision, max_epochs=1, logger=loggers,
-                     callbacks=callbacks, log_every_n_steps=1, enable_checkpointing=False,
-                     enable_model_summary=False, enable_progress_bar=False, num_sanity_val_steps=0,
-                     default_root_dir=str(run_dir))
+        callbacks = [*callbacks, LoopProgress(f"recon {unit_name}", iters,
+                                              lambda out: {"rec": f"{float(out['rec']):.4g}"}, every=10)]
+    return engine_trainer(device, precision, max_epochs=1, logger=loggers, callbacks=callbacks, log_every_n_steps=1,
+                          num_sanity_val_steps=0, default_root_dir=str(run_dir))
 
 
 @contextlib.contextmanager

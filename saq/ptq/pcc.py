@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from saq.data.calibration import CalibrationItem
-from saq.engine.search import StepProgress, run_search, search_trainer
+from saq.engine.progress import LoopProgress
+from saq.engine.search import run_search, search_trainer
 from saq.ptq.image_source import ImageSource
 from saq.models.predictor import EncodedImage, decode_boxes, model_device
 from saq.nn.attention import QuantTwoWayAttention
@@ -436,7 +437,7 @@ def pcc_search_(model: nn.Module, items: list[CalibrationItem], theta: float = 0
     steps = [(pass_index, name, point) for pass_index in range(passes) for name in modules for point in PCC_POINTS
              if (name, point) in quantizers]
     search = _GreedySearch(model, items, modules, quantizers, theta, percentiles, images or ImageSource(model))
-    progress = [StepProgress("pcc", len(steps), _progress_postfix)] if show_progress else []
+    progress = [LoopProgress("pcc", len(steps), _progress_postfix)] if show_progress else []
     trainer = search_trainer(model_device(model), precision, progress)
     start = time.perf_counter()
     with quant_mode(model, QuantMode.OFF):
