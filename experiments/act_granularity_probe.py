@@ -6,8 +6,13 @@ the chosen sensitivity groups, a sample of its FP inputs on the calibration set 
 replaces those quantizers by a fake quantizer with one range per channel (``channel``), per channel
 group (``groupG``: channels sorted by their range, G groups of equal size, one clipped range each), with
 dynamic per-token ranges (``token``: the min/max of each row of the last axis, shrunk by one searched
-factor), or keeps them (``tensor``). Ranges are searched per channel / group for the least squared error. The
-replaced quantizers are a measurement device, not a deployable model: nothing here is exported.
+factor), or keeps them (``tensor``). Ranges are searched per channel / group for the least squared error.
+``search`` is one range per tensor searched the same way; ``hadamard`` rotates the quantizer's input by a
+block-diagonal random Hadamard matrix R (one block per attention head for q, k, v and the output projection's
+input, where the rotation folds into the projection weights offline; one block over all channels for a
+projection's input, where it would be an extra op), quantizes with one searched range and rotates back:
+q(x R) R^T, the exact arithmetic of the rotated model. The replaced quantizers are a measurement device, not
+a deployable model: nothing here is exported.
 
     python experiments/act_granularity_probe.py --out /tmp/probe.json --groups dec_attn_in,dec_qkv_out \
         --variants tensor,channel,group4,group8 \
@@ -96,6 +101,39 @@ class TokenQuantizer(nn.Module):
         return fake_quant(x, lo, hi, self.bits)
 
 
+def random_hadamard(size: int, seed: int = 0) -> torch.Tensor:
+    """An orthogonal size x size matrix: random signs times the normalised Sylvester Hadamard matrix."""
+    if size & (size - 1):
+        raise ValueError(f"hadamard: {size} channels is not a power of two")
+    h = torch.ones(1, 1)
+    while h.shape[0] < size:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    signs = torch.randint(0, 2, (size,), generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    return signs[:, None].float() * h / size ** 0.5
+
+
+def head_rotation(model: nn.Module, name: str, channels: int) -> torch.Tensor:
+    """Block-diagonal rotation of a quantizer's channels: per head for an attention's q/k/v quantizers and
+    its output projection's input, one block otherwise."""
+    parent = model.get_submodule(name.rsplit(".", 1)[0])
+    if name.endswith(".out_proj.input_quantizer"):
+        parent = model.get_submodule(name.rsplit(".", 2)[0])
+    heads = getattr(parent, "num_heads", 1)
+    block = random_hadamard(channels // heads)
+    return torch.block_diag(*[block] * heads)
+
+
+class RotatedQuantizer(nn.Module):
+    """q(x R) R^T: quantization in a rotated basis, returned in the original one."""
+
+    def __init__(self, inner: nn.Module, rotation: torch.Tensor) -> None:
+        super().__init__()
+        self.inner, self.rotation = inner, rotation
+
+    def forward(self, x: torch.Tensor, values: torch.Tensor | None = None) -> torch.Tensor:
+        return self.inner(x @ self.rotation) @ self.rotation.T
+
+
 class ProbeQuantizer(nn.Module):
     def __init__(self, lo: torch.Tensor, hi: torch.Tensor, bits: int) -> None:
         super().__init__()
@@ -168,6 +206,12 @@ def main() -> None:
             parent, attr = n.rsplit(".", 1)
             if variant == "tensor":
                 replacement = originals[n]
+            elif variant in ("search", "hadamard"):
+                channels = rows[n].shape[1]
+                rotation = head_rotation(model, n, channels) if variant == "hadamard" else torch.eye(channels)
+                rotated = rows[n] @ rotation
+                lo, hi = search_ranges(rotated, torch.zeros(channels, dtype=torch.long), 1, originals[n].spec.bits)
+                replacement = RotatedQuantizer(ProbeQuantizer(lo, hi, originals[n].spec.bits), rotation)
             elif variant == "token":
                 bits = originals[n].spec.bits
                 replacement = TokenQuantizer(search_token_shrink(token_rows[n], bits), bits)
