@@ -74,7 +74,7 @@ def test_quantiles_from_one_sort_equal_quantile_one_by_one():
         quantiles(x, [0.5, 1.5])
 
 
-@pytest.mark.parametrize("name", ["mse", "omse"])
+@pytest.mark.parametrize("name", ["mse", "mse_pooled", "omse"])
 def test_error_search_clips_outliers(name):
     torch.manual_seed(0)
     x = torch.randn(200000)
@@ -85,7 +85,7 @@ def test_error_search_clips_outliers(name):
     assert -60 < lo.item() < -1 and 1 < hi.item() < 70
 
 
-@pytest.mark.parametrize("name", ["minmax", "ema_minmax", "percentile", "mse", "omse"])
+@pytest.mark.parametrize("name", ["minmax", "ema_minmax", "percentile", "mse", "mse_pooled", "omse"])
 def test_every_observer_per_channel_shape(name):
     obs = build_observer(name, 4, False, PerChannel(0))
     obs.update(torch.randn(8, 3, 3, 3))
@@ -199,3 +199,39 @@ def test_a_tensor_repeating_one_slice_gets_the_range_of_its_full_histogram(name,
     full = build_observer(name, 4, False, PerTensor())
     full.update(repeated)
     assert all(torch.equal(a, b) for a, b in zip(fast.compute_range(), full.compute_range()))
+
+
+def test_pooled_mse_is_the_least_error_range_over_all_batches():
+    """The pooled search's range is the candidate of least total Lp error over the concatenated batches,
+    computed directly (up to the histogram's bin width); a batch that repeats one slice counts it once per
+    copy; the averaged MSE observer gives a different (per-batch) answer on batches of different spread."""
+    from saq.quant.functional import compute_qparams, fake_quantize
+
+    g = torch.Generator().manual_seed(2)
+    batches = [torch.randn(3, 500, generator=g) * s for s in (1.0, 1.0, 6.0)]
+    pooled = build_observer("mse_pooled", 4, False, PerTensor())
+    for b in batches:
+        pooled.update(b)
+    values = torch.cat([b.reshape(-1) for b in batches])
+    lo, hi = values.min(), values.max()
+    factors = torch.linspace(0.01, 1.0, 100)
+
+    def error(f):
+        qp = compute_qparams(lo * f, hi * f, 4, False)
+        return float((fake_quantize(values, qp.scale, qp.zero_point, qp.qmin, qp.qmax) - values).abs().pow(2.4).sum())
+
+    best = min(factors, key=error)
+    got = pooled.compute_range()
+    assert torch.allclose(torch.stack(got), torch.stack([lo * best, hi * best]), atol=0.02 * float(hi - lo))
+    averaged = build_observer("mse", 4, False, PerTensor())
+    for b in batches:
+        averaged.update(b)
+    assert not torch.allclose(torch.stack(averaged.compute_range()), torch.stack(got), rtol=0.05)
+
+    repeated = build_observer("mse_pooled", 4, False, PerTensor())
+    for b in batches:
+        repeated.update(b[:1].expand(4, -1))
+    once = build_observer("mse_pooled", 4, False, PerTensor())
+    for b in batches:
+        once.update(b[:1])
+    assert torch.equal(torch.stack(repeated.compute_range()), torch.stack(once.compute_range()))

@@ -82,6 +82,7 @@ class ObserverName(Choice):
     ema_minmax = "ema_minmax"
     percentile = "percentile"
     mse = "mse"
+    mse_pooled = "mse_pooled"  # the MSE search on all calibration batches at once
     omse = "omse"
     agq = "agq"  # the log softmax quantizer's own search
     hybrid_log_uniform = "hybrid_log_uniform"  # the level-table quantizer's own search

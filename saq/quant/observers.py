@@ -286,6 +286,43 @@ class MSEObserver(LpSearchObserver):
                          zero_point_search=zero_point_search)
 
 
+class PooledMSEObserver(LpSearchObserver):
+    """The MSE observer's search (Lp error, p = 2.4, one shrink factor of [min, max]) run once on all
+    calibration batches together instead of per batch and averaged: the range of least error over the
+    calibration distribution, not the mean of each batch's best range. Per tensor it keeps each batch's
+    histogram (``bins`` bins over the batch's own range) and scores every candidate on all of them; per
+    channel it is the MSE observer."""
+
+    def __init__(self, bits, symmetric, granularity, p: float = 2.4, grid: int = 100, bins: int = 2048,
+                 zero_point_search: bool = True) -> None:
+        super().__init__(bits, symmetric, granularity, p=p, grid=grid, bins=bins, zero_point_search=zero_point_search)
+        self.histograms: list[tuple[torch.Tensor, torch.Tensor]] = []  # (counts, centres) per batch
+        self.lo: torch.Tensor | None = None
+        self.hi: torch.Tensor | None = None
+
+    def _observe(self, x):
+        if not isinstance(self.granularity, PerTensor):
+            return super()._observe(x)
+        sample, repeats = repeated_slice(x.float())
+        x_min, x_max = torch.aminmax(sample)
+        counts, centres = stats.histogram(sample, self.bins, x_min, x_max)
+        self.histograms.append((counts * repeats, centres))
+        self.lo = x_min if self.lo is None else torch.minimum(self.lo, x_min)
+        self.hi = x_max if self.hi is None else torch.maximum(self.hi, x_max)
+
+    def compute_range(self):
+        self._require_updates()
+        if not isinstance(self.granularity, PerTensor):
+            return super().compute_range()
+        counts = torch.cat([c for c, _ in self.histograms])
+        centres = torch.cat([c for _, c in self.histograms])
+        lo, hi = self.lo.clamp(max=0.0), self.hi.clamp(min=0.0)
+        cand_lo, cand_hi = self._candidates(lo, hi, lo.device)
+        err = _histogram_errors(counts, centres, cand_lo, cand_hi, self.bits, self.symmetric, self.p)
+        best = int(err.argmin())
+        return cand_lo[best], cand_hi[best]
+
+
 class OMSEObserver(LpSearchObserver):
     """OMSE: the L2-optimal clipping range with lower and upper bounds searched independently."""
 
@@ -298,6 +335,7 @@ OBSERVERS: dict[str, type[Observer]] = {
     "ema_minmax": EMAMinMaxObserver,
     "percentile": PercentileObserver,
     "mse": MSEObserver,
+    "mse_pooled": PooledMSEObserver,
     "omse": OMSEObserver,
 }
 
