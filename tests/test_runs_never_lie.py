@@ -133,6 +133,7 @@ def test_stale_lock_of_a_dead_run_is_taken_over(tmp_path):
     release_run_dir(lock)
 
 
+@pytest.mark.slow
 def test_second_run_into_a_claimed_dir_fails_and_leaves_it_alone(tmp_path):
     run_dir = tmp_path / "run"
     lock = claim_run_dir(run_dir)  # held by this (live) test process
@@ -170,6 +171,7 @@ def test_sweep_jobs_share_one_unique_sweep_dir(tmp_path):
     assert not list(sweep.glob("*/run.lock"))
 
 
+@pytest.mark.slow
 def test_a_failed_sweep_job_costs_no_other_job_and_fails_the_sweep(tmp_path):
     """The first job is refused (no such device) before it claims its dir; the second still runs, the
     summary lists the failure with its one-line error, and the sweep exits non-zero."""
@@ -229,6 +231,7 @@ def test_nan_result_is_never_cached(tmp_path):
 
 # 5. deployable is the check's result ----------------------------------------------------------------
 
+@pytest.mark.slow
 def test_failed_deployability_check_is_recorded_not_assumed(tmp_path):
     run_dir = tmp_path / "run"
     proc = run("saq.ptq", *UNLABELLED, "ptq.stages=[bimodal]", f"hydra.run.dir={run_dir}", check=False)
@@ -242,6 +245,7 @@ def test_failed_deployability_check_is_recorded_not_assumed(tmp_path):
 
 # 6. SIGTERM ends in "interrupted" with the command that resumes -------------------------------------
 
+@pytest.mark.slow
 def test_sigterm_marks_the_run_interrupted_with_its_resume_command(tmp_path):
     run_dir = tmp_path / "run"
     env = {**os.environ, "WANDB_MODE": "disabled"}
