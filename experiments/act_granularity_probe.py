@@ -207,11 +207,13 @@ def main() -> None:
             if variant == "tensor":
                 replacement = originals[n]
             elif variant in ("search", "hadamard"):
-                channels = rows[n].shape[1]
-                rotation = head_rotation(model, n, channels) if variant == "hadamard" else torch.eye(channels)
-                rotated = rows[n] @ rotation
-                lo, hi = search_ranges(rotated, torch.zeros(channels, dtype=torch.long), 1, originals[n].spec.bits)
-                replacement = RotatedQuantizer(ProbeQuantizer(lo, hi, originals[n].spec.bits), rotation)
+                channels, bits = rows[n].shape[1], originals[n].spec.bits
+                rotation = head_rotation(model, n, channels) if variant == "hadamard" else None
+                sample = rows[n] if rotation is None else rows[n] @ rotation
+                replacement = ProbeQuantizer(*search_ranges(sample, torch.zeros(channels, dtype=torch.long), 1, bits),
+                                             bits)
+                if rotation is not None:
+                    replacement = RotatedQuantizer(replacement, rotation)
             elif variant == "token":
                 bits = originals[n].spec.bits
                 replacement = TokenQuantizer(search_token_shrink(token_rows[n], bits), bits)

@@ -194,19 +194,29 @@ class LpSearchObserver(_AveragingObserver):
             return lo * fl.reshape(-1), hi * fh.reshape(-1)
         return lo * f, hi * f
 
+    def _histogram(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(counts, centres, min, max) of one per-tensor batch; a slice the batch repeats is counted once
+        per copy."""
+        sample, repeats = repeated_slice(x)
+        x_min, x_max = torch.aminmax(sample)
+        counts, centres = stats.histogram(sample, self.bins, x_min, x_max)
+        if repeats > 1:
+            counts = counts * repeats
+        return counts, centres, x_min, x_max
+
+    def _best_range(self, counts: torch.Tensor, centres: torch.Tensor, x_min: torch.Tensor, x_max: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The candidate range of [x_min, x_max] with the least Lp error over the histogram."""
+        lo, hi = torch.clamp(x_min, max=0.0), torch.clamp(x_max, min=0.0)
+        cand_lo, cand_hi = self._candidates(lo, hi, counts.device)
+        err = _histogram_errors(counts, centres, cand_lo, cand_hi, self.bits, self.symmetric, self.p)
+        best = int(err.argmin())
+        return cand_lo[best], cand_hi[best]
+
     def _batch_range(self, x):
         x = x.float()
         if isinstance(self.granularity, PerTensor):
-            sample, repeats = repeated_slice(x)
-            x_min, x_max = torch.aminmax(sample)
-            counts, centres = stats.histogram(sample, self.bins, x_min, x_max)
-            if repeats > 1:
-                counts = counts * repeats
-            lo, hi = torch.clamp(x_min, max=0.0), torch.clamp(x_max, min=0.0)
-            cand_lo, cand_hi = self._candidates(lo, hi, x.device)
-            err = _histogram_errors(counts, centres, cand_lo, cand_hi, self.bits, self.symmetric, self.p)
-            best = int(err.argmin())
-            return cand_lo[best], cand_hi[best]
+            return self._best_range(*self._histogram(x))
         return self._per_channel_range(x)
 
     def _per_channel_range(self, x):
@@ -303,10 +313,8 @@ class PooledMSEObserver(LpSearchObserver):
     def _observe(self, x):
         if not isinstance(self.granularity, PerTensor):
             return super()._observe(x)
-        sample, repeats = repeated_slice(x.float())
-        x_min, x_max = torch.aminmax(sample)
-        counts, centres = stats.histogram(sample, self.bins, x_min, x_max)
-        self.histograms.append((counts * repeats, centres))
+        counts, centres, x_min, x_max = self._histogram(x.float())
+        self.histograms.append((counts, centres))
         self.lo = x_min if self.lo is None else torch.minimum(self.lo, x_min)
         self.hi = x_max if self.hi is None else torch.maximum(self.hi, x_max)
 
@@ -316,11 +324,7 @@ class PooledMSEObserver(LpSearchObserver):
             return super().compute_range()
         counts = torch.cat([c for c, _ in self.histograms])
         centres = torch.cat([c for _, c in self.histograms])
-        lo, hi = self.lo.clamp(max=0.0), self.hi.clamp(min=0.0)
-        cand_lo, cand_hi = self._candidates(lo, hi, lo.device)
-        err = _histogram_errors(counts, centres, cand_lo, cand_hi, self.bits, self.symmetric, self.p)
-        best = int(err.argmin())
-        return cand_lo[best], cand_hi[best]
+        return self._best_range(counts, centres, self.lo, self.hi)
 
 
 class OMSEObserver(LpSearchObserver):
