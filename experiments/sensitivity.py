@@ -9,6 +9,11 @@ Each row is appended to the JSON as it finishes; a rerun with the same --out ski
 
     python experiments/sensitivity.py --out results/vit_t_coco/sensitivity.json \
         experiment=vit_t_coco quant=w4a4 ptq=ptq4sam_s seed=0 data.max_images=32
+
+With --from-run <run dir>, the model is the run's finished ``quantized.pt`` (after reconstruction and
+compensation) instead of a fresh calibration, and only the "all but" rows are measured: where the loss
+sits in the model a recipe delivers. Its weights are stored on their grid, so switching a weight
+quantizer off changes nothing; groups of weight quantizers alone are left out.
 """
 
 from __future__ import annotations
@@ -45,6 +50,19 @@ def sensitivity_rules(config: dict) -> list[QuantRule]:
     return extra + [r for r in rules if r.pattern not in EXTRA_PATTERNS]
 
 
+def finished_model(run_dir: Path, config: dict) -> torch.nn.Module:
+    """The quantized model a run saved, after checking it is the model and bits this study composes."""
+    from saq.export.checkpoint import load_quantized
+
+    model, payload = load_quantized(run_dir / "quantized.pt")
+    saved = payload["config"]
+    for key in ("model", "quant"):
+        if saved[key].get("name") != config[key].get("name"):
+            raise SystemExit(f"{run_dir} holds {key}={saved[key].get('name')} but the overrides compose "
+                             f"{key}={config[key].get('name')}: pass the run's own {key}")
+    return model
+
+
 def plot(record: dict, path: Path) -> Path:
     """Two bar charts per group: AP lost when only it is quantized, AP regained when only it is FP."""
     import matplotlib
@@ -54,8 +72,8 @@ def plot(record: dict, path: Path) -> Path:
 
     rows, fp_ap = record["rows"], record["fp"]["mask_AP"]
     all_ap = rows["all (protocol)"]["mask_AP"]
-    groups = [g for g in record["groups"] if f"only {g}" in rows]
-    lost = [fp_ap - rows[f"only {g}"]["mask_AP"] for g in groups]
+    groups = [g for g in record["groups"] if f"only {g}" in rows or f"all but {g}" in rows]
+    lost = [fp_ap - rows[f"only {g}"]["mask_AP"] if f"only {g}" in rows else float("nan") for g in groups]
     regained = [rows[f"all but {g}"]["mask_AP"] - all_ap if f"all but {g}" in rows else float("nan") for g in groups]
     fig, axes = plt.subplots(1, 2, figsize=(11, 0.32 * len(groups) + 1.5), sharey=True)
     axes[0].barh(groups, lost, color="tab:red")
@@ -74,6 +92,7 @@ def plot(record: dict, path: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="JSON file (rows are appended; reruns resume)")
+    parser.add_argument("--from-run", type=Path, help="a finished run dir: study its quantized.pt (no calibration)")
     parser.add_argument("--plot-only", action="store_true", help="redraw <out>.png from the JSON and stop")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/ptq.yaml")
     args = parser.parse_args()
@@ -101,20 +120,28 @@ def main() -> None:
     record["fp"] = {"mask_AP": fp.metrics["mask_AP"], "mIoU": fp.metrics["mIoU"]}
     record["eval_images"] = len(eval_set.images)
 
-    quantize_(model, sensitivity_rules(config))
-    start = time.perf_counter()
-    with torch.no_grad():
-        run_recipe_stages(inputs, cfg, config, recon_items=calib_items, progress=True)
-    record["calibration_s"] = round(time.perf_counter() - start, 1)
+    if args.from_run:
+        model = finished_model(args.from_run, config)
+        record["from_run"] = args.from_run.as_posix()
+    else:
+        quantize_(model, sensitivity_rules(config))
+        start = time.perf_counter()
+        with torch.no_grad():
+            run_recipe_stages(inputs, cfg, config, recon_items=calib_items, progress=True)
+        record["calibration_s"] = round(time.perf_counter() - start, 1)
     members = check_partition(model)
+    if args.from_run:  # weights already on their grid: a group of weight quantizers alone has nothing to switch
+        members = {g: names for g, names in members.items()
+                   if any(not n.endswith("weight_quantizer") for n in names)}
     record["groups"] = {g.name: {"description": g.description, "quantizers": len(members[g.name])}
-                        for g in SAM_GROUPS if members[g.name]}
+                        for g in SAM_GROUPS if members.get(g.name)}
     present = [g for g in record["groups"] if g != "other"]
     protocol = {g for g in present if g not in PROTOCOL_FP_GROUPS}
     model.eval()
 
     plan = [("all (protocol)", protocol)]
-    plan += [(f"only {g}", {g}) for g in present]
+    if not args.from_run:
+        plan += [(f"only {g}", {g}) for g in present]
     plan += [(f"all but {g}", protocol - {g}) for g in sorted(protocol)]
     for label, groups in plan:
         if label in record["rows"]:
