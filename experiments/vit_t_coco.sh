@@ -14,10 +14,16 @@ COMMON="experiment=vit_t_coco seed=0,1,2 runtime.num_threads=1 logger=none"
 run $PY -m saq.ptq -m $COMMON quant=w6a6,w4a4 ptq=minmax,omse,ptq4sam_s,saq_star hydra.sweep.dir=$OUT/calibration
 run $PY -m saq.ptq -m $COMMON quant=w6a6,w4a4 ptq=brecq,qdrop,ptq4sam_l,saq_base,saq_par,saq_pcc,saq_sam \
   ptq.recon.iters=20 hydra.sweep.dir=$OUT/recon20
-run $PY -m saq.ptq -m $COMMON quant=w4a4 ptq=saq_rc,saq_rc_gelu ptq.recon.iters=0 hydra.sweep.dir=$OUT/new0
-run $PY -m saq.ptq -m $COMMON quant=w4a4 ptq=saq_rc ptq.recon.iters=20 hydra.sweep.dir=$OUT/new20
-run $PY -m saq.ptq -m $COMMON quant=w4a4 ptq=saq_base,saq_sam,ptq4sam_l ptq.recon.iters=100 runtime.compile=true \
+run $PY -m saq.ptq -m $COMMON quant=w6a6,w4a4 ptq=saq_rc,saq_rc_gelu ptq.recon.iters=0 hydra.sweep.dir=$OUT/new0
+run $PY -m saq.ptq -m $COMMON quant=w4a4 ptq=saq_rc,saq_rc_gelu ptq.recon.iters=20 hydra.sweep.dir=$OUT/new20
+# saq_rc_gelu's ablations at 0 steps: without reparameterization, without compensation (saq_rc above: without tables)
+run $PY -m saq.ptq -m $COMMON quant=w4a4 ptq=saq_rc_gelu ptq.recon.iters=0 "ptq.stages=[bimodal,calibrate,reconstruct,compensate]" \
+  hydra.sweep.dir=$OUT/ablation_noreparam
+run $PY -m saq.ptq -m $COMMON quant=w4a4 ptq=saq_rc_gelu ptq.recon.iters=0 "ptq.stages=[bimodal,reparam,calibrate,reconstruct]" \
+  hydra.sweep.dir=$OUT/ablation_nocomp
+run $PY -m saq.ptq -m $COMMON quant=w4a4 ptq=saq_base,saq_sam,ptq4sam_l,saq_rc_gelu ptq.recon.iters=100 runtime.compile=true \
   hydra.sweep.dir=$OUT/recon100
-run $PY -m saq.results collect $OUT/calibration $OUT/recon20 $OUT/new0 $OUT/new20 $OUT/recon100 --results results
+run $PY -m saq.results collect $OUT/calibration $OUT/recon20 $OUT/new0 $OUT/new20 $OUT/ablation_noreparam \
+  $OUT/ablation_nocomp $OUT/recon100 --results results
 run $PY -m saq.results compare results/vit_t_coco --baseline ptq4sam_l --baseline-iters 20
 run $PY -m saq.results cost results/vit_t_coco

@@ -25,7 +25,7 @@ def first_jobs(script: str) -> list[list[str]]:
     return jobs
 
 
-@pytest.mark.parametrize("script,count", [("vit_t_coco.sh", 5), ("paper_tables.sh", 3)])
+@pytest.mark.parametrize("script,count", [("vit_t_coco.sh", 7), ("paper_tables.sh", 3)])
 def test_table_scripts_compose(script, count):
     jobs = first_jobs(script)
     assert len(jobs) == count
