@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 import time
 from pathlib import Path
 
@@ -73,16 +74,20 @@ def plot(record: dict, path: Path) -> Path:
     rows, fp_ap = record["rows"], record["fp"]["mask_AP"]
     all_ap = rows["all (protocol)"]["mask_AP"]
     groups = [g for g in record["groups"] if f"only {g}" in rows or f"all but {g}" in rows]
-    lost = [fp_ap - rows[f"only {g}"]["mask_AP"] if f"only {g}" in rows else float("nan") for g in groups]
-    regained = [rows[f"all but {g}"]["mask_AP"] - all_ap if f"all but {g}" in rows else float("nan") for g in groups]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 0.32 * len(groups) + 1.5), sharey=True)
-    axes[0].barh(groups, lost, color="tab:red")
-    axes[0].set_xlabel("AP lost: only this group quantized")
-    axes[1].barh(groups, regained, color="tab:green")
-    axes[1].set_xlabel("AP regained: only this group FP")
-    axes[0].invert_yaxis()
-    fig.suptitle(f"{record['eval_images']} images: FP {fp_ap:.1f} AP, all quantized {all_ap:.1f} AP "
-                 f"({' '.join(record['overrides'])})", fontsize=8)
+    panels = []  # (label, color, AP per group); a study of a finished run has no "only" rows
+    if any(f"only {g}" in rows for g in groups):
+        panels.append(("AP lost: only this group quantized", "tab:red",
+                       [fp_ap - rows[f"only {g}"]["mask_AP"] if f"only {g}" in rows else float("nan") for g in groups]))
+    panels.append(("AP regained: only this group FP", "tab:green",
+                   [rows[f"all but {g}"]["mask_AP"] - all_ap if f"all but {g}" in rows else float("nan") for g in groups]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 0.32 * len(groups) + 1.5), sharey=True,
+                             squeeze=False)
+    for ax, (label, color, values) in zip(axes[0], panels):
+        ax.barh(groups, values, color=color)
+        ax.set_xlabel(label)
+    axes[0][0].invert_yaxis()
+    fig.suptitle(f"{record['eval_images']} images: FP {fp_ap:.1f} AP, all quantized {all_ap:.1f} AP\n"
+                 + "\n".join(textwrap.wrap(" ".join(record["overrides"]), 90 * len(panels))), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
