@@ -293,6 +293,31 @@ def test_sigterm_that_surfaces_as_another_error_still_marks_the_run_interrupted(
     assert not (tmp_path / "run.lock").exists()
 
 
+def test_an_interrupt_swallowed_by_library_code_is_raised_again(tmp_path):
+    """Code that catches every exception (an import guard) can swallow the first RunInterrupted: it is
+    raised again until the run ends interrupted, instead of running on to the end."""
+    from saq.cli.task import run_task
+
+    def job(cfg, run_dir, logger):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises here
+        except BaseException:  # noqa: BLE001 - what the library code does
+            pass
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            time.sleep(0.05)
+        return "ran on"
+
+    cfg = OmegaConf.create({"task_name": "ptq", "logger": {"name": "none"}})
+    start = time.time()
+    with pytest.raises(SystemExit) as exit_info:
+        run_task(cfg, tmp_path, job, "t")
+    assert exit_info.value.code == 128 + signal.SIGTERM and time.time() - start < 15
+    assert read(tmp_path / "status.json")["state"] == "interrupted"
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)  # nothing left armed for the caller
+
+
 @pytest.mark.slow
 def test_ctrl_c_inside_a_reconstruction_unit_ends_interrupted_with_rc_130(tmp_path):
     """Lightning turns a KeyboardInterrupt inside a fit into sys.exit(1); Ctrl-C must still read as an

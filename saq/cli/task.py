@@ -196,6 +196,7 @@ def _restore_hydra_files(run_dir: Path, saved: dict[Path, bytes], whose: str = "
 # --- SIGTERM and resuming ---------------------------------------------------------------------------
 
 INTERRUPTING_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+INTERRUPT_REPEAT_S = 2.0  # how often a swallowed interrupt is raised again
 
 
 @contextlib.contextmanager
@@ -215,14 +216,28 @@ def interrupts_raise() -> Iterator[list[int]]:
     def handler(signum: int, frame: Any) -> None:
         if not received:
             received.append(signum)
+            # Code that catches every exception (an import guard, a __del__) can swallow this one: raise
+            # it again every few seconds until the run starts writing its final status.
+            signal.setitimer(signal.ITIMER_REAL, INTERRUPT_REPEAT_S, INTERRUPT_REPEAT_S)
             raise RunInterrupted(signum)
 
+    def repeat(signum: int, frame: Any) -> None:
+        raise RunInterrupted(received[0])
+
     previous = {sig: signal.signal(sig, handler) for sig in INTERRUPTING_SIGNALS}
+    previous[signal.SIGALRM] = signal.signal(signal.SIGALRM, repeat)
     try:
         yield received
     finally:
+        stop_repeating_interrupt()
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+def stop_repeating_interrupt() -> None:
+    """The run is writing its final status: no further RunInterrupted."""
+    if threading.current_thread() is threading.main_thread():
+        signal.setitimer(signal.ITIMER_REAL, 0)
 
 
 def resume_command(cfg: DictConfig, run_dir: Path) -> str:
@@ -301,6 +316,7 @@ def mark_interrupted(cfg: DictConfig, run_dir: Path, logger: RunLogger | None, r
 
 def raise_interrupted(cfg: DictConfig, run_dir: Path, logger: RunLogger | None, interrupt: RunInterrupted,
                       surfaced_as: str | None = None) -> NoReturn:
+    stop_repeating_interrupt()
     reason = f"RunInterrupted: {interrupt}" + (f" (surfaced as {surfaced_as})" if surfaced_as else "")
     mark_interrupted(cfg, run_dir, logger, reason)
     raise SystemExit(interrupt.exit_code) from None  # a clean exit, not a traceback
