@@ -301,6 +301,7 @@ def _run_claimed(cfg: DictConfig, run_dir: Path, job: Callable[[DictConfig, Path
             log.error("%s: %s", type(exc).__name__, exc)
             raise SystemExit(f"error: {exc}") from None
         raise
+    stop_repeating_interrupt()  # a signal the job swallowed must not interrupt the writing of its results
     write_status(run_dir, "completed")
     logger.finish()
     return result
