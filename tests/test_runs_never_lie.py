@@ -318,6 +318,30 @@ def test_an_interrupt_swallowed_by_library_code_is_raised_again(tmp_path):
     assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)  # nothing left armed for the caller
 
 
+class _ProcessEnded(Exception):
+    pass
+
+
+@pytest.mark.parametrize("code, ends_at_once", [(128 + signal.SIGTERM, True), (128 + signal.SIGINT, True),
+                                                 (1, False), ("error: a refusal", False), (0, False)])
+def test_only_an_interrupted_command_skips_the_interpreters_finalization(monkeypatch, code, ends_at_once):
+    """An interrupted run's process ends at once with the interrupt's exit code (a run stopped at an
+    arbitrary point can crash the interpreter's finalization and exit with SIGABRT instead); any other
+    exit goes through the normal SystemExit."""
+    from saq.cli.task import end_at_once_when_interrupted
+
+    def os_exit(status):
+        raise _ProcessEnded(status)
+
+    def main():
+        raise SystemExit(code)
+
+    monkeypatch.setattr(os, "_exit", os_exit)
+    with pytest.raises(_ProcessEnded if ends_at_once else SystemExit) as info:
+        end_at_once_when_interrupted(main)
+    assert (info.value.args[0] if ends_at_once else info.value.code) == code
+
+
 @pytest.mark.slow
 def test_ctrl_c_inside_a_reconstruction_unit_ends_interrupted_with_rc_130(tmp_path):
     """Lightning turns a KeyboardInterrupt inside a fit into sys.exit(1); Ctrl-C must still read as an

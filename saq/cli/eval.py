@@ -11,7 +11,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from saq.cli.task import config_dir, device_or_exit, expand_resume, job_of_a_sweep, register_resolvers, run_task
+from saq.cli.task import (config_dir, device_or_exit, end_at_once_when_interrupted, expand_resume, job_of_a_sweep,
+                          register_resolvers, run_task)
 from saq.utils.cpu_runtime import apply_cpu_runtime
 from saq.utils.loggers import RunLogger
 
@@ -255,7 +256,7 @@ def _main(cfg: DictConfig) -> float:
 def main() -> None:
     """``python -m saq.eval``; ``resume=<run dir>`` reruns an interrupted evaluation in its own dir."""
     sys.argv = expand_resume(sys.argv)
-    _main()
+    end_at_once_when_interrupted(_main)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from saq.cli.task import config_dir, device_or_exit, expand_resume, job_of_a_sweep, register_resolvers, run_task
+from saq.cli.task import (config_dir, device_or_exit, end_at_once_when_interrupted, expand_resume, job_of_a_sweep,
+                          register_resolvers, run_task)
 
 register_resolvers()
 
@@ -54,7 +55,7 @@ def demo_or_main() -> None:
     if len(sys.argv) == 1:
         print("[saq] no arguments: running the offline demo (python -m saq.ptq -m experiment=demo)")
         sys.argv += ["-m", "experiment=demo"]
-    main()
+    end_at_once_when_interrupted(main)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import secrets
 import shlex
 import signal
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -240,6 +241,22 @@ def stop_repeating_interrupt() -> None:
         signal.setitimer(signal.ITIMER_REAL, 0)
 
 
+def end_at_once_when_interrupted(main: Callable[[], Any]) -> None:
+    """Run a command-line main; once an interrupted run has written its status and released its dir, its
+    process ends without the interpreter's finalization. A run stopped at an arbitrary point (inside a C
+    extension's import, a library's half-built state) can crash there with a fatal error and SIGABRT,
+    which would hide the interrupt's exit code from a scheduler that requeues on it."""
+    try:
+        main()
+    except SystemExit as exc:
+        if exc.code not in {128 + int(sig) for sig in INTERRUPTING_SIGNALS}:
+            raise
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exc.code)
+
+
 def resume_command(cfg: DictConfig, run_dir: Path) -> str:
     """The command that continues this run in its own dir (reconstruction resumes from recon_state.pt)."""
     return f"python -m saq.{cfg.get('task_name', 'ptq')} resume={shlex.quote(str(run_dir))}"
@@ -380,5 +397,5 @@ def run_task(cfg: DictConfig, run_dir: Path, job: Callable[[DictConfig, Path, Ru
         release_run_dir(lock)
 
 
-__all__ = ["RunDirInUseError", "RunInterrupted", "claim_run_dir", "config_dir", "expand_resume",
-           "project_root", "register_resolvers", "release_run_dir", "resume_command", "run_task"]
+__all__ = ["RunDirInUseError", "RunInterrupted", "claim_run_dir", "config_dir", "end_at_once_when_interrupted",
+           "expand_resume", "project_root", "register_resolvers", "release_run_dir", "resume_command", "run_task"]
