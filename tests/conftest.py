@@ -11,8 +11,8 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def pytest_configure(config):
-    """Under pytest-xdist (the README's test command) each worker is one process per core: one thread
-    each, for the subprocesses it starts too, so that workers do not oversubscribe the cores."""
+    """Under pytest-xdist (``-n 2`` in the inner loop; CI runs serially) each worker is one process per
+    core: one thread each, for the subprocesses it starts too, so that workers do not oversubscribe."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
         import torch
 
