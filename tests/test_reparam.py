@@ -11,7 +11,8 @@ from saq.ptq.image_source import ImageSource
 from saq.models.predictor import encode_image
 from saq.nn import QuantRule, quantize_
 from saq.ptq.calibrate import calibrate_
-from saq.ptq.reparam import channel_ranges, fold_pair_, norm_linear_pairs, reparam_, reparam_factors
+from saq.ptq.reparam import (channel_ranges, fold_pair_, fold_values_, norm_linear_pairs, reparam_, reparam_factors,
+                             value_projections, value_ranges)
 from saq.quant import QuantSpec
 
 W4A4 = [QuantRule("prompt_encoder*"), QuantRule("image_encoder.patch_embed*"),
@@ -136,3 +137,41 @@ def test_decoder_attention_balance_keeps_fp_and_equalizes(random_calibration_ite
         assert torch.allclose(peaks[f"{name}.q_proj"], peaks[f"{name}.k_proj"], rtol=1e-3)
         v = peaks[f"{name}.v_proj"]
         assert torch.allclose(v, v.mean().expand_as(v), rtol=1e-3)
+
+
+def test_tinyvit_value_fold_matches_direct_computation():
+    """TinyViT lays qkv's output out per head as [q, k, v]; v~ = (v - o) / r in those rows, undone in the
+    output projection, leaves the attention's output unchanged and gives exactly the rescaled v."""
+    from mobile_sam.modeling.tiny_vit_sam import Attention
+
+    torch.manual_seed(0)
+    attention = Attention(dim=16, key_dim=4, num_heads=2, attn_ratio=2, resolution=(3, 3))  # d = 8
+    attention.eval()  # (its train() returns None)
+    root = nn.Module()
+    root.encoder = attention
+    (pair,) = value_projections(root, prefix="encoder")
+    assert pair.value_rows == tuple(range(8, 16)) + tuple(range(24, 32))  # head h: rows h*16 + [8, 16)
+    x = torch.randn(2, 9, 16)
+    before = attention(x)
+    v_before = attention.qkv(attention.norm(x)).view(2, 9, 2, -1)[..., 8:].reshape(2, 9, 16)
+    r, o = torch.rand(16) + 0.5, torch.randn(16)
+    fold_values_(attention.qkv, attention.proj, pair.value_rows, r, o)
+    v_after = attention.qkv(attention.norm(x)).view(2, 9, 2, -1)[..., 8:].reshape(2, 9, 16)
+    assert torch.allclose(v_after, (v_before - o) / r, atol=1e-5)
+    assert torch.allclose(attention(x), before, atol=1e-5)
+
+
+def test_vit_value_equalization_keeps_fp_and_equalizes(random_calibration_items):
+    """SAM ViT blocks ([q, k, v] of C channels each): with ``values`` every attention's v channels end with
+    one range on the calibration data and the FP embedding is unchanged."""
+    model = build_tiny_sam(seed=3).eval()
+    pairs = value_projections(model)
+    assert len(pairs) == 2 and all(p.value_rows[0] == 2 * len(p.value_rows) for p in pairs)
+    image = ImageSource(model).image(random_calibration_items[0].image.path)
+    before = _embedding(model, image).clone()
+    info = reparam_(model, random_calibration_items, values=True)
+    assert info["value_projections"] == 2 and info["fp_embedding_relative_error"] < 1e-5
+    assert torch.allclose(_embedding(model, image), before, atol=1e-4, rtol=1e-4)
+    for lo, hi in value_ranges(model, pairs, random_calibration_items, ImageSource(model)).values():
+        assert torch.allclose(hi - lo, (hi - lo).mean().expand_as(lo), rtol=1e-3)
+        assert torch.allclose(lo, lo.mean().expand_as(lo), atol=1e-3)

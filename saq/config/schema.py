@@ -252,6 +252,7 @@ class ReparamConfig:
     shift: bool = True  # also align the channels' offsets (left out by itself where padding forbids it)
     num_images: Optional[int] = None  # calibration images for the channel ranges (null: all)
     attention: bool = False  # also balance q/k and v/out channels of the decoder's attentions
+    values: bool = False  # also equalize the encoder attentions' value channels (their output projection's input)
 
 
 class CompensateInputs(Choice):

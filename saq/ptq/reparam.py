@@ -116,6 +116,77 @@ def fold_pair_(norm: nn.LayerNorm, linear: nn.Linear, r: torch.Tensor, o: torch.
     norm.bias.sub_(o).div_(r)
 
 
+@dataclass(frozen=True)
+class ValueProjection:
+    attention: str  # an encoder attention whose ``qkv`` Linear computes v and whose ``proj`` Linear reads attn @ v
+    value_rows: tuple[int, ...]  # the rows of qkv's output that hold v, in the order of proj's input channels
+
+
+def value_projections(model: nn.Module, prefix: str = "image_encoder") -> list[ValueProjection]:
+    """The encoder attentions whose value channels can be rescaled: TinyViT's (qkv output laid out per
+    head as [q, k, v] of key_dim, key_dim and d channels) and SAM ViT's ([q, k, v] of C channels each)."""
+    found = []
+    for name, module in model.get_submodule(prefix).named_modules():
+        qkv, proj = getattr(module, "qkv", None), getattr(module, "proj", None)
+        if not (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear)):
+            continue
+        heads = int(getattr(module, "num_heads", 0))
+        if all(hasattr(module, a) for a in ("key_dim", "d")):  # TinyViT
+            kd, d = int(module.key_dim), int(module.d)
+            rows = tuple(h * (2 * kd + d) + 2 * kd + j for h in range(heads) for j in range(d))
+        elif heads and qkv.out_features == 3 * proj.in_features:  # SAM ViT
+            rows = tuple(range(2 * proj.in_features, 3 * proj.in_features))
+        else:
+            continue
+        if len(rows) == proj.in_features and max(rows) < qkv.out_features:
+            found.append(ValueProjection(f"{prefix}.{name}" if name else prefix, rows))
+    return found
+
+
+@torch.no_grad()
+def value_ranges(model: nn.Module, pairs: list[ValueProjection], items: list[CalibrationItem],
+                 images: ImageSource) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-channel min and max of every attention's v over the calibration images (FP model)."""
+    ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def hook(pair):
+        rows = torch.tensor(pair.value_rows)
+
+        def record(_module, _args, out):
+            flat = out.detach().reshape(-1, out.shape[-1])[:, rows.to(out.device)].float()
+            lo, hi = flat.amin(0), flat.amax(0)
+            if pair.attention in ranges:
+                lo, hi = torch.minimum(ranges[pair.attention][0], lo), torch.maximum(ranges[pair.attention][1], hi)
+            ranges[pair.attention] = (lo, hi)
+        return record
+
+    handles = [model.get_submodule(f"{p.attention}.qkv").register_forward_hook(hook(p)) for p in pairs]
+    try:
+        with quant_mode(model, QuantMode.OFF):
+            for item in items:
+                encode_image(model, images.image(item.image.path))
+    finally:
+        for h in handles:
+            h.remove()
+    return ranges
+
+
+@torch.no_grad()
+def fold_values_(qkv: nn.Linear, proj: nn.Linear, rows: tuple[int, ...], r: torch.Tensor, o: torch.Tensor) -> None:
+    """v~ = (v - o) / r in qkv's value rows, undone in proj: attention weights sum to 1 over the keys, so
+    attn @ v~ = (attn @ v - o) / r, and proj(W diag(r), b + W o) gives back the same output."""
+    index = torch.tensor(rows, device=qkv.weight.device)
+    r, o = r.to(qkv.weight), o.to(qkv.weight)
+    if qkv.bias is None:
+        qkv.bias = nn.Parameter(torch.zeros(qkv.out_features, dtype=qkv.weight.dtype, device=qkv.weight.device))
+    qkv.weight[index] = qkv.weight[index] / r[:, None]
+    qkv.bias[index] = (qkv.bias[index] - o) / r
+    if proj.bias is None:
+        proj.bias = nn.Parameter(torch.zeros(proj.out_features, dtype=proj.weight.dtype, device=proj.weight.device))
+    proj.bias.add_(proj.weight @ o)
+    proj.weight.mul_(r)
+
+
 def decoder_attentions(model: nn.Module) -> list[str]:
     """The mask decoder's attentions with q/k/v/out projections (segment-anything's two-way ``Attention``)."""
     return [name for name, m in model.named_modules() if name.startswith("mask_decoder.")
@@ -172,9 +243,11 @@ def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @torch.no_grad()
 def reparam_(model: nn.Module, items: list[CalibrationItem], strength: float = 1.0, shift: bool = True,
-             images: ImageSource | None = None, tolerance: float = 1e-3, attention: bool = False) -> dict:
-    """Reparameterize every LayerNorm -> Linear pair of the encoder (and, with ``attention``, balance the
-    q/k and v/out channels of the decoder's attentions); returns what was folded.
+             images: ImageSource | None = None, tolerance: float = 1e-3, attention: bool = False,
+             values: bool = False) -> dict:
+    """Reparameterize every LayerNorm -> Linear pair of the encoder (with ``values``, also the value
+    channels of the encoder's attentions, the input of their output projection; with ``attention``,
+    balance the q/k and v/out channels of the decoder's attentions); returns what was folded.
 
     Checks on the first calibration image that the FP image embedding did not change (relative error
     below ``tolerance``, float32 rounding only) and raises otherwise: a fold that changes the FP model
@@ -185,7 +258,8 @@ def reparam_(model: nn.Module, items: list[CalibrationItem], strength: float = 1
     images = images or ImageSource(model)
     pairs = norm_linear_pairs(model)
     attentions = decoder_attentions(model) if attention else []
-    if not pairs and not attentions:
+    value_pairs = value_projections(model) if values else []
+    if not pairs and not attentions and not value_pairs:
         log.warning("channel reparameterization: no LayerNorm -> Linear pair in the image encoder; nothing folded")
         return {"pairs": 0}
     probe_item = items[0]
@@ -201,6 +275,16 @@ def reparam_(model: nn.Module, items: list[CalibrationItem], strength: float = 1
         fold_pair_(model.get_submodule(pair.norm), model.get_submodule(pair.linear), r, o)
         width = hi - lo
         spreads.append(float(width.max() / width.clamp_min(1e-8).median()))
+    value_spreads = []
+    if value_pairs:
+        v_ranges = value_ranges(model, value_pairs, items, images)
+        for pair in value_pairs:
+            lo, hi = v_ranges[pair.attention]
+            r, o = reparam_factors(lo, hi, strength, shift)
+            fold_values_(model.get_submodule(f"{pair.attention}.qkv"), model.get_submodule(f"{pair.attention}.proj"),
+                         pair.value_rows, r, o)
+            width = hi - lo
+            value_spreads.append(float(width.max() / width.clamp_min(1e-8).median()))
     balanced = {}
     if attentions:
         peaks = projection_ranges(model, attentions, items, images)
@@ -218,6 +302,9 @@ def reparam_(model: nn.Module, items: list[CalibrationItem], strength: float = 1
                            "a LayerNorm -> Linear pair is not what saq.ptq.reparam assumes")
     info = {"pairs": len(pairs), "strength": strength, "shift": shift, "fp_embedding_relative_error": error,
             "max_over_median_channel_width": round(max(spreads), 2) if spreads else None}
+    if value_pairs:
+        info.update(value_projections=len(value_pairs),
+                    max_over_median_value_width=round(max(value_spreads), 2))
     if attentions:
         logit_error = _relative_error(after_masks, before_masks)
         if logit_error > tolerance:

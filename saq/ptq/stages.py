@@ -88,7 +88,7 @@ def reparam_stage(ctx: StageContext) -> Any:
     cfg = ctx.config["ptq"]["reparam"]
     return reparam_(ctx.model, _first(ctx.calib_items, cfg.get("num_images")), strength=float(cfg["strength"]),
                     shift=bool(cfg["shift"]), images=ctx.images,
-                    attention=bool(cfg.get("attention", False)))
+                    attention=bool(cfg.get("attention", False)), values=bool(cfg.get("values", False)))
 
 
 def compensate_stage(ctx: StageContext) -> Any:
