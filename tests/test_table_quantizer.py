@@ -10,7 +10,8 @@ from saq.nn.deploy import deployment_problems
 from saq.ptq.post_gelu import NoPostGeluInputsError, post_gelu_inputs, with_post_gelu_rules
 from saq.ptq.recipe import rules_from_config
 from saq.quant.quantizer import QuantMode, QuantSpec, Role, iter_quantizers, set_quant_mode
-from saq.quant.table_quantizer import HybridTableObserver, LevelTableQuantizer, hybrid_table, table_mse, uniform_table
+from saq.quant.table_quantizer import (HybridTableObserver, LevelTableQuantizer, hybrid_table, nearest_levels,
+                                      rounded_to_table, table_mse, uniform_table)
 
 SPEC = QuantSpec(bits=4, observer="hybrid_log_uniform", quantizer="table")
 
@@ -49,6 +50,22 @@ def test_forward_is_the_nearest_level_and_the_gradient_is_straight_through():
     g = 1.0 / (x.numel() * 15) ** 0.5  # LSQ's gradient scale
     expected_ds = torch.where(inside, direct / 2.0 - x / 2.0, direct / 2.0).sum() * g
     assert torch.allclose(q.scale.grad, expected_ds, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("table", [
+    hybrid_table(16, negative=-0.2, n_neg=2, n_log=4, split=0.3),
+    hybrid_table(16, negative=-0.17, n_neg=1, n_log=6, split=0.05),
+    uniform_table(16, -0.1),
+    # a table whose running sum of steps misses a level by an ulp in float32: the index path
+    torch.tensor([-0.9187023639678955, 4.2310919761657715, 4.423362731933594, 6.297989845275879]),
+])
+def test_rounding_by_steps_gives_exactly_the_nearest_level(table):
+    midpoints = (table[1:] + table[:-1]) / 2  # ties: the upper level, as nearest_levels
+    u = torch.cat([torch.randn(20000, generator=torch.Generator().manual_seed(1)) * 3, midpoints,
+                   torch.tensor([-1e9, 1e9, 0.0])])
+    expected = table[nearest_levels(u, table)]
+    assert torch.equal(rounded_to_table(u, table), expected)
+    assert torch.equal(rounded_to_table(u.reshape(2, -1).t(), table), expected.reshape(2, -1).t())  # not contiguous
 
 
 def test_the_search_beats_a_uniform_grid_on_post_gelu_values():
