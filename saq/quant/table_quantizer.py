@@ -82,7 +82,7 @@ def rounded_to_table(u: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 
 def table_mse(u: torch.Tensor, table: torch.Tensor) -> float:
     """Mean squared error of rounding ``u`` to its nearest level of ``table``."""
-    return float((table.to(u.dtype)[nearest_levels(u, table)] - u).square().mean())
+    return float((rounded_to_table(u, table) - u).square().mean())
 
 
 def _storage_order(x: torch.Tensor) -> torch.Tensor:
