@@ -62,22 +62,27 @@ def norm_linear_pairs(model: nn.Module, prefix: str = "image_encoder") -> list[N
 
 
 @torch.no_grad()
-def channel_ranges(model: nn.Module, norms: list[str], items: list[CalibrationItem],
-                   images: ImageSource | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per-channel min and max of each LayerNorm's output over the calibration images (FP model)."""
-    images = images or ImageSource(model)
+def output_channel_ranges(model: nn.Module, outputs: dict[str, tuple[str, tuple[int, ...] | None]],
+                          items: list[CalibrationItem], images: ImageSource
+                          ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-channel min and max of module outputs over the calibration images (FP model). ``outputs``:
+    key -> (module name, the output channels to keep, or None for all)."""
     ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def hook(name):
+    def hook(key, channels):
+        index = None if channels is None else torch.tensor(channels)
+
         def record(_module, _args, out):
-            flat = out.detach().reshape(-1, out.shape[-1]).float()
+            flat = out.detach().reshape(-1, out.shape[-1])
+            flat = (flat if index is None else flat[:, index.to(out.device)]).float()
             lo, hi = flat.amin(0), flat.amax(0)
-            if name in ranges:
-                lo, hi = torch.minimum(ranges[name][0], lo), torch.maximum(ranges[name][1], hi)
-            ranges[name] = (lo, hi)
+            if key in ranges:
+                lo, hi = torch.minimum(ranges[key][0], lo), torch.maximum(ranges[key][1], hi)
+            ranges[key] = (lo, hi)
         return record
 
-    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in norms]
+    handles = [model.get_submodule(name).register_forward_hook(hook(key, channels))
+               for key, (name, channels) in outputs.items()]
     try:
         with quant_mode(model, QuantMode.OFF):
             for item in items:
@@ -86,6 +91,18 @@ def channel_ranges(model: nn.Module, norms: list[str], items: list[CalibrationIt
         for h in handles:
             h.remove()
     return ranges
+
+
+def channel_ranges(model: nn.Module, norms: list[str], items: list[CalibrationItem],
+                   images: ImageSource | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-channel min and max of each LayerNorm's output over the calibration images (FP model)."""
+    return output_channel_ranges(model, {n: (n, None) for n in norms}, items, images or ImageSource(model))
+
+
+def _spread(lo: torch.Tensor, hi: torch.Tensor) -> float:
+    """The widest channel's range over the median channel's."""
+    width = hi - lo
+    return float(width.max() / width.clamp_min(1e-8).median())
 
 
 def reparam_factors(lo: torch.Tensor, hi: torch.Tensor, strength: float, shift: bool
@@ -143,32 +160,11 @@ def value_projections(model: nn.Module, prefix: str = "image_encoder") -> list[V
     return found
 
 
-@torch.no_grad()
 def value_ranges(model: nn.Module, pairs: list[ValueProjection], items: list[CalibrationItem],
                  images: ImageSource) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per-channel min and max of every attention's v over the calibration images (FP model)."""
-    ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def hook(pair):
-        rows = torch.tensor(pair.value_rows)
-
-        def record(_module, _args, out):
-            flat = out.detach().reshape(-1, out.shape[-1])[:, rows.to(out.device)].float()
-            lo, hi = flat.amin(0), flat.amax(0)
-            if pair.attention in ranges:
-                lo, hi = torch.minimum(ranges[pair.attention][0], lo), torch.maximum(ranges[pair.attention][1], hi)
-            ranges[pair.attention] = (lo, hi)
-        return record
-
-    handles = [model.get_submodule(f"{p.attention}.qkv").register_forward_hook(hook(p)) for p in pairs]
-    try:
-        with quant_mode(model, QuantMode.OFF):
-            for item in items:
-                encode_image(model, images.image(item.image.path))
-    finally:
-        for h in handles:
-            h.remove()
-    return ranges
+    return output_channel_ranges(model, {p.attention: (f"{p.attention}.qkv", p.value_rows) for p in pairs},
+                                 items, images)
 
 
 @torch.no_grad()
@@ -273,8 +269,7 @@ def reparam_(model: nn.Module, items: list[CalibrationItem], strength: float = 1
         lo, hi = ranges[pair.norm]
         r, o = reparam_factors(lo, hi, strength, shift and pair.shift)
         fold_pair_(model.get_submodule(pair.norm), model.get_submodule(pair.linear), r, o)
-        width = hi - lo
-        spreads.append(float(width.max() / width.clamp_min(1e-8).median()))
+        spreads.append(_spread(lo, hi))
     value_spreads = []
     if value_pairs:
         v_ranges = value_ranges(model, value_pairs, items, images)
@@ -283,8 +278,7 @@ def reparam_(model: nn.Module, items: list[CalibrationItem], strength: float = 1
             r, o = reparam_factors(lo, hi, strength, shift)
             fold_values_(model.get_submodule(f"{pair.attention}.qkv"), model.get_submodule(f"{pair.attention}.proj"),
                          pair.value_rows, r, o)
-            width = hi - lo
-            value_spreads.append(float(width.max() / width.clamp_min(1e-8).median()))
+            value_spreads.append(_spread(lo, hi))
     balanced = {}
     if attentions:
         peaks = projection_ranges(model, attentions, items, images)

@@ -230,10 +230,10 @@ class LevelTableQuantizer(FakeQuantizer):
     def forward(self, x: torch.Tensor, values: torch.Tensor | None = None) -> torch.Tensor:
         if self.passthrough(x):
             return x
-        table = self.table.to(x.dtype)
         dropping = self.drop_prob > 0.0 and self.training
         if not dropping and not (torch.is_grad_enabled() and (x.requires_grad or self.scale.requires_grad)):
             return rounded_to_table(x / self.scale.to(x.dtype), self.table).mul_(self.scale.to(x.dtype))
+        table = self.table.to(x.dtype)
         scale = self._effective_scale(x.numel()).to(x.dtype)
         u = (x / scale).detach()
         level = rounded_to_table(u, self.table)
