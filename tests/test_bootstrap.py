@@ -80,3 +80,27 @@ def test_bootstrap_is_fast_at_benchmark_scale():
     samples = ap_samples(table, weights)
     assert time.perf_counter() - start < 5.0 and samples.shape == (1000,)
     assert abs(np.mean(samples) - coco_ap(table)) < 5.0
+
+
+def test_dev_split_ap_is_the_ap_of_its_first_images_by_id():
+    """experiments/dev_split.py scores a run on the images data.max_images=N would evaluate."""
+    import importlib.util
+
+    from helpers.cli import ROOT
+
+    spec = importlib.util.spec_from_file_location("dev_split", ROOT / "experiments" / "dev_split.py")
+    dev_split = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dev_split)
+    gt, dets = synthetic_coco(4, tie_scores=False)
+    gt = {**gt, "images": gt["images"][::-1]}  # pool order must not matter, only the ids
+    stored = json.loads(json.dumps(match_table(evaluated_coco(gt, dets))))
+    table = match_table_from_json(stored, tuple(img["id"] for img in gt["images"]))
+    first = 5
+    kept = sorted(img["id"] for img in gt["images"])[:first]
+    split_gt = {**gt, "images": [i for i in gt["images"] if i["id"] in kept],
+                "annotations": [a for a in gt["annotations"] if a["image_id"] in kept]}
+    reference = coco_mask_ap(split_gt, [d for d in dets if d["image_id"] in kept])["mask_AP"]
+    weights = dev_split.split_weights(table, first, samples=4)
+    assert weights.shape == (5, table.num_images) and weights[0].sum() == first
+    assert ap_samples(table, weights[:1])[0] == pytest.approx(reference, abs=1e-9)
+    assert reference != pytest.approx(coco_ap(table), abs=1e-6)  # the split is not the whole set
