@@ -588,3 +588,22 @@ def test_decoder_captures_stop_at_the_last_entry(items):
         for (args, kwargs), (want_args, want_kwargs) in zip(early[name], full[name]):
             assert len(args) == len(want_args) and all(torch.equal(a, b) for a, b in zip(args, want_args))
             assert kwargs.keys() == want_kwargs.keys() and all(torch.equal(kwargs[k], want_kwargs[k]) for k in kwargs)
+
+
+def test_decoder_and_final_attention_units_can_have_their_own_iteration_counts(items, tmp_path):
+    """decoder_iters sets the decoder's units, final_attn_iters the final attention over it; the encoder
+    keeps iters. Checked on the steps each unit actually ran."""
+    from saq.engine.reconstruction import recon_settings
+    import saq.ptq.reconstruct as recon
+
+    model = calibrated_tiny(items)
+    cfg = {**RECON, "iters": 2, "decoder_iters": 3, "final_attn_iters": 1, "qdrop_prob": 0.0}
+    planned = {u.name: (u.part, u.kind) for u in recon.planned_units(model, cfg)}
+    stats = reconstruct_(model, items[:2], cfg, tmp_path, RunLogger(tmp_path), show_progress=False)
+    ran = {row["unit"]: row["iters"] for row in stats}
+    expected = {name: 1 if kind == "final_attn" else 3 if part == "decoder" else 2
+                for name, (part, kind) in planned.items()}
+    assert ran == expected and {1, 2, 3} <= set(ran.values())
+    encoder_only = {**cfg, "decoder_iters": 0, "final_attn_iters": 0}
+    training = recon.training_units(recon.planned_units(model, encoder_only), recon_settings(encoder_only))
+    assert training and {u.part for u in training} == {"encoder"}

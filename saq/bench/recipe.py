@@ -37,12 +37,13 @@ RANDOM_NOTE = "random weights, not for accuracy"
 
 
 def measured_overrides(overrides: list[str], cfg) -> list[str]:
-    """A shortened ``ptq.recon.iters`` also shortens the final attention unit, which has its own count."""
+    """A shortened ``ptq.recon.iters`` also shortens the decoder units that have their own count."""
     keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
-    if "ptq.recon.iters" in keys and "ptq.recon.final_attn_iters" not in keys \
-            and cfg.ptq.recon.get("final_attn_iters") is not None:
-        return [*overrides, f"ptq.recon.final_attn_iters={cfg.ptq.recon.iters}"]
-    return overrides
+    if "ptq.recon.iters" not in keys:
+        return overrides
+    own_counts = [k for k in ("final_attn_iters", "decoder_iters")
+                  if f"ptq.recon.{k}" not in keys and cfg.ptq.recon.get(k) is not None]
+    return [*overrides, *(f"ptq.recon.{k}={cfg.ptq.recon.iters}" for k in own_counts)]
 
 
 def compose_config(overrides: list[str]):
@@ -223,6 +224,8 @@ def run_bench(overrides: list[str], run_dir: Path) -> dict[str, Any]:
     def full_iters(unit: str) -> int:
         if unit in final_kind and full.get("final_attn_iters") is not None:
             return int(full["final_attn_iters"])
+        if kinds.get(unit, "").startswith("decoder/") and full.get("decoder_iters") is not None:
+            return int(full["decoder_iters"])
         return int(full["iters"])
 
     unit_rows, recon_full_s = unit_table(recon_stats, steps, kinds, full_iters)
@@ -240,6 +243,7 @@ def run_bench(overrides: list[str], run_dir: Path) -> dict[str, Any]:
         "recon_units": unit_rows,
         "eval": {"fp": fp, "quantized": quantized},
         "full_schedule": {"iters": full.get("iters"), "final_attn_iters": full.get("final_attn_iters"),
+                          "decoder_iters": full.get("decoder_iters"),
                           "reconstruction_s": recon_full_s, "total_s": other_s + recon_full_s,
                           "note": "BIG + PCC + calibration + hardening as measured, reconstruction extrapolated "
                                   "from ms/iteration at the full iteration count (evaluation not included)"},

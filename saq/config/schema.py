@@ -216,6 +216,7 @@ class ReconConfig:
     parts: List[Part] = field(default_factory=lambda: [Part.encoder, Part.decoder])
     iters: int = 20000
     final_attn_iters: Optional[int] = None
+    decoder_iters: Optional[int] = None
     weights: WeightRounding = WeightRounding.adaround
     activations: ActivationStep = ActivationStep.lsq
     w_lr: float = 1e-3

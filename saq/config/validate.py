@@ -78,7 +78,7 @@ def validate_ptq_config(cfg: DictConfig) -> None:
     _check_range(cfg, "ptq.pcc.theta", 0.0, 1.0, low_open=True)
     for key in ("ptq.recon.w_lr", "ptq.recon.a_lr", "ptq.recon.p"):
         _check_range(cfg, key, 0.0, float("inf"), low_open=True)
-    for key in ("ptq.recon.iters", "ptq.recon.final_attn_iters", "ptq.recon.reg_weight", "ptq.recon.par_mse_weight",
+    for key in ("ptq.recon.iters", "ptq.recon.final_attn_iters", "ptq.recon.decoder_iters", "ptq.recon.reg_weight", "ptq.recon.par_mse_weight",
                 "eval.side_by_side", "eval.num_workers"):
         _check_range(cfg, key, 0, float("inf"))
     for key in ("ptq.recon.best_window", "ptq.agq_max_maps", "ptq.pcc.passes", "ptq.pcc.num_images", "calib.num_images",

@@ -276,9 +276,12 @@ def training_units(units: list[ReconUnit], settings: ReconConfig) -> list[ReconU
 
 
 def _unit_settings(settings: ReconConfig, unit: ReconUnit) -> ReconConfig:
-    """The decoder's final attention has its own iteration count (``final_attn_iters``, null = ``iters``)."""
+    """The decoder's units may have their own iteration count (``decoder_iters``) and its final attention
+    its own again (``final_attn_iters``); null = ``iters``."""
     if unit.kind == "final_attn" and settings.final_attn_iters is not None:
         return dataclasses.replace(settings, iters=int(settings.final_attn_iters))
+    if unit.part == "decoder" and settings.decoder_iters is not None:
+        return dataclasses.replace(settings, iters=int(settings.decoder_iters))
     return settings
 
 
